@@ -1,0 +1,155 @@
+//! The `tlb` command line.
+
+mod bench;
+mod local;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::engine::backend::DeviceSpec;
+use crate::engine::data::DatasetFormat;
+use crate::engine::model::Readout;
+
+#[derive(Parser, Debug)]
+#[command(name = "tlb", version, about = "Train and serve the Temporal Latent Bottleneck classifier")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Train a model offline (no server), with a progress bar and a metrics JSONL file.
+    TrainLocal(TrainLocalArgs),
+    /// Accuracy and loss of a checkpoint on a dataset split.
+    Eval(EvalArgs),
+    /// Plot loss/accuracy curves of a run as PNG.
+    Plot(PlotArgs),
+    /// Render a checkpoint's per-chunk bottleneck attention over an image as PNG.
+    AttentionLocal(AttentionArgs),
+    /// Export a checkpoint's weights as safetensors (PyTorch names and layouts).
+    Export(ExportArgs),
+    /// Measure training and inference throughput; prints one JSON line.
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct DataArgs {
+    /// Dataset directory (CIFAR binaries or an image folder).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Dataset format; detected from the directory when omitted.
+    #[arg(long)]
+    pub format: Option<DatasetFormat>,
+}
+
+#[derive(Args, Debug)]
+pub struct TrainLocalArgs {
+    /// Recipe to start from: reference, cpu-small or tiny.
+    #[arg(long, default_value = "cpu-small")]
+    pub preset: String,
+    /// A JSON file with a full training config (replaces the preset).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Run directory: metrics.jsonl, config.json, checkpoints/.
+    #[arg(long, default_value = "runs/latest")]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    #[arg(long)]
+    pub micro_batch: Option<usize>,
+    #[arg(long)]
+    pub lr: Option<f64>,
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Dropout for both attention and FFN.
+    #[arg(long)]
+    pub dropout: Option<f64>,
+    #[arg(long)]
+    pub readout: Option<Readout>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop after this many minutes, then validate, checkpoint and test.
+    #[arg(long)]
+    pub max_minutes: Option<f64>,
+    /// Continue from the newest checkpoint in --out.
+    #[arg(long)]
+    pub resume: bool,
+    #[arg(long, default_value = "cpu", env = "TLB_DEVICE")]
+    pub device: DeviceSpec,
+    /// No progress bar (for logs).
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Which split: val or test.
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    #[arg(long, default_value = "cpu", env = "TLB_DEVICE")]
+    pub device: DeviceSpec,
+}
+
+#[derive(Args, Debug)]
+pub struct PlotArgs {
+    /// A run directory or its metrics.jsonl.
+    #[arg(long)]
+    pub metrics: PathBuf,
+    #[arg(long, default_value = "curves.png")]
+    pub out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct AttentionArgs {
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// A PNG or JPEG image.
+    #[arg(long)]
+    pub image: PathBuf,
+    #[arg(long, default_value = "overlay.png")]
+    pub out: PathBuf,
+    /// Side of the rendered overlay in pixels.
+    #[arg(long, default_value_t = 384)]
+    pub size: u32,
+}
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    #[arg(long, default_value = "model.safetensors")]
+    pub out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[arg(long, default_value = "cpu-small")]
+    pub preset: String,
+    #[arg(long, default_value_t = 256)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    #[arg(long, default_value = "cpu", env = "TLB_DEVICE")]
+    pub device: DeviceSpec,
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::TrainLocal(a) => local::train_local(a),
+        Command::Eval(a) => local::eval(a),
+        Command::Plot(a) => local::plot(a),
+        Command::AttentionLocal(a) => local::attention(a),
+        Command::Export(a) => local::export(a),
+        Command::Bench(a) => bench::bench(a),
+    }
+}

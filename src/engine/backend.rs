@@ -1,0 +1,70 @@
+//! Backend choice. The CPU backend is `flex` by default (fastest here by measurement) or
+//! `ndarray`; the `cuda` feature adds burn-cuda.
+
+use burn::backend::Autodiff;
+
+#[cfg(feature = "flex")]
+pub type Cpu = burn::backend::Flex;
+#[cfg(all(not(feature = "flex"), feature = "ndarray"))]
+pub type Cpu = burn::backend::NdArray<f32>;
+#[cfg(not(any(feature = "flex", feature = "ndarray")))]
+compile_error!("enable a CPU backend feature: `flex` (default) or `ndarray`");
+
+pub type CpuAutodiff = Autodiff<Cpu>;
+
+pub fn cpu_device() -> <Cpu as burn::tensor::backend::BackendTypes>::Device {
+    Default::default()
+}
+
+#[cfg(feature = "cuda")]
+pub type Cuda = burn::backend::Cuda<f32, i32>;
+#[cfg(feature = "cuda")]
+pub type CudaAutodiff = Autodiff<Cuda>;
+
+/// A device named on the command line: `cpu` or (with the `cuda` feature) `cuda:N`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "cpu" {
+            return Ok(Self::Cpu);
+        }
+        let n = s
+            .strip_prefix("cuda:")
+            .or_else(|| (s == "cuda").then_some("0"))
+            .ok_or_else(|| format!("unknown device '{s}' (expected cpu or cuda:N)"))?;
+        if !cfg!(feature = "cuda") {
+            return Err(format!("device '{s}' needs a build with `--features cuda`"));
+        }
+        n.parse()
+            .map(Self::Cuda)
+            .map_err(|_| format!("bad CUDA device index in '{s}'"))
+    }
+}
+
+/// Runs `$body` with `$B` bound to the autodiff backend of `$spec` and `$device` to its device.
+#[macro_export]
+macro_rules! with_backend {
+    ($spec:expr, |$B:ident, $device:ident| $body:expr) => {{
+        match $spec {
+            $crate::engine::backend::DeviceSpec::Cpu => {
+                type $B = $crate::engine::backend::CpuAutodiff;
+                let $device = $crate::engine::backend::cpu_device();
+                $body
+            }
+            #[cfg(feature = "cuda")]
+            $crate::engine::backend::DeviceSpec::Cuda(n) => {
+                type $B = $crate::engine::backend::CudaAutodiff;
+                let $device = burn::backend::cuda::CudaDevice::new(n);
+                $body
+            }
+            #[cfg(not(feature = "cuda"))]
+            $crate::engine::backend::DeviceSpec::Cuda(_) => unreachable!("parsed only with cuda"),
+        }
+    }};
+}

@@ -1,0 +1,201 @@
+//! The one attention block the whole model is built from (pre-norm attention + FFN).
+//!
+//! Every LayerNorm here feeds straight into a linear projection, so its affine part is folded
+//! into that projection: `LN(x)·W + b = x̂·(diag(γ)·W) + (β·W + b)` with `x̂` the standardised
+//! input. The maths (and the parameters, which stay separate) is exactly the paper's block;
+//! the fold saves one full pass over the activations per norm, computes the normalisation
+//! statistics once for key and value, and lets Q, K and V come out of one matmul.
+
+use burn::module::{Module, Param};
+use burn::nn::{Dropout, DropoutConfig, Initializer, LayerNorm, LayerNormConfig};
+use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::{backend::Backend, Tensor};
+
+pub const LN_EPS: f64 = 1e-5;
+
+/// Projection without its own normalisation: `x·W + b`, weights stored `[d_in, d_out]`.
+#[derive(Module, Debug)]
+pub struct Projection<B: Backend> {
+    pub weight: Param<Tensor<B, 2>>,
+    pub bias: Param<Tensor<B, 1>>,
+}
+
+impl<B: Backend> Projection<B> {
+    /// Glorot-uniform weights (as Keras, which the reference results come from), zero bias.
+    pub fn new(d_in: usize, d_out: usize, device: &B::Device) -> Self {
+        let weight = Initializer::XavierUniform { gain: 1.0 }.init_with(
+            [d_in, d_out],
+            Some(d_in),
+            Some(d_out),
+            device,
+        );
+        Self {
+            weight,
+            bias: Param::from_tensor(Tensor::zeros([d_out], device)),
+        }
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        burn::tensor::module::linear(x, self.weight.val(), Some(self.bias.val()))
+    }
+
+    /// `(W', b')` such that `x̂·W' + b' = LN(x)·W + b`, optionally scaled by `scale`.
+    fn folded(&self, norm: &LayerNorm<B>, scale: f64) -> (Tensor<B, 2>, Tensor<B, 1>) {
+        let w = self.weight.val();
+        let gamma = norm.gamma.val();
+        let beta = norm.beta.as_ref().expect("layer norms are built with a bias").val();
+        let w_eff = gamma.unsqueeze_dim::<2>(1) * w.clone();
+        let b_eff = beta.unsqueeze_dim::<2>(0).matmul(w).squeeze_dim::<1>(0) + self.bias.val();
+        if scale == 1.0 {
+            (w_eff, b_eff)
+        } else {
+            (w_eff * scale, b_eff * scale)
+        }
+    }
+}
+
+/// Zero-mean, unit-variance over the last dimension (LayerNorm without its affine part).
+pub fn standardize<B: Backend>(x: Tensor<B, 3>) -> Tensor<B, 3> {
+    let (var, mean) = x.clone().var_mean_bias(2);
+    (x - mean) * (var + LN_EPS).sqrt().recip()
+}
+
+fn layer_norm<B: Backend>(d: usize, device: &B::Device) -> LayerNorm<B> {
+    LayerNormConfig::new(d).with_epsilon(LN_EPS).init(device)
+}
+
+/// Pre-norm block: `h = q + MHA(LN_q(q), LN_k(c), LN_v(c))`, `out = h + FFN(LN(h))`.
+#[derive(Module, Debug)]
+pub struct Block<B: Backend> {
+    pub norm_query: LayerNorm<B>,
+    pub norm_key: LayerNorm<B>,
+    pub norm_value: LayerNorm<B>,
+    pub query: Projection<B>,
+    pub key: Projection<B>,
+    pub value: Projection<B>,
+    pub output: Projection<B>,
+    pub norm_ffn: LayerNorm<B>,
+    pub ffn_in: Projection<B>,
+    pub ffn_out: Projection<B>,
+    attn_dropout: Dropout,
+    ffn_dropout: Dropout,
+    num_heads: usize,
+}
+
+impl<B: Backend> Block<B> {
+    pub fn new(
+        dim: usize,
+        num_heads: usize,
+        attn_dropout: f64,
+        ffn_dropout: f64,
+        device: &B::Device,
+    ) -> Self {
+        Self {
+            norm_query: layer_norm(dim, device),
+            norm_key: layer_norm(dim, device),
+            norm_value: layer_norm(dim, device),
+            query: Projection::new(dim, dim, device),
+            key: Projection::new(dim, dim, device),
+            value: Projection::new(dim, dim, device),
+            output: Projection::new(dim, dim, device),
+            norm_ffn: layer_norm(dim, device),
+            ffn_in: Projection::new(dim, 4 * dim, device),
+            ffn_out: Projection::new(4 * dim, dim, device),
+            attn_dropout: DropoutConfig::new(attn_dropout).init(),
+            ffn_dropout: DropoutConfig::new(ffn_dropout).init(),
+            num_heads,
+        }
+    }
+
+    /// Self-attention block: query, key and value all come from `x`.
+    pub fn forward_self(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let dim = x.dims()[2];
+        let x_hat = standardize(x.clone());
+        let (q, k, v) = self.project_qkv(x_hat, dim);
+        let (h, _) = self.attend_and_ffn(x, q, k, v, false);
+        h
+    }
+
+    /// Cross-attention block: the query comes from `x`, key and value from `context`.
+    /// Also returns the attention weights `[batch, heads, queries, keys]` before dropout
+    /// when `want_weights` is set.
+    pub fn forward_cross(
+        &self,
+        x: Tensor<B, 3>,
+        context: Tensor<B, 3>,
+        want_weights: bool,
+    ) -> (Tensor<B, 3>, Option<Tensor<B, 4>>) {
+        let dim = x.dims()[2];
+        let scale = self.scale(dim);
+        let (wq, bq) = self.query.folded(&self.norm_query, scale);
+        let q = burn::tensor::module::linear(standardize(x.clone()), wq, Some(bq));
+        let (wk, bk) = self.key.folded(&self.norm_key, 1.0);
+        let (wv, bv) = self.value.folded(&self.norm_value, 1.0);
+        let kv = burn::tensor::module::linear(
+            standardize(context),
+            Tensor::cat(vec![wk, wv], 1),
+            Some(Tensor::cat(vec![bk, bv], 0)),
+        );
+        let k = kv.clone().narrow(2, 0, dim);
+        let v = kv.narrow(2, dim, dim);
+        self.attend_and_ffn(x, q, k, v, want_weights)
+    }
+
+    fn scale(&self, dim: usize) -> f64 {
+        1.0 / ((dim / self.num_heads) as f64).sqrt()
+    }
+
+    fn project_qkv(
+        &self,
+        x_hat: Tensor<B, 3>,
+        dim: usize,
+    ) -> (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) {
+        let (wq, bq) = self.query.folded(&self.norm_query, self.scale(dim));
+        let (wk, bk) = self.key.folded(&self.norm_key, 1.0);
+        let (wv, bv) = self.value.folded(&self.norm_value, 1.0);
+        let qkv = burn::tensor::module::linear(
+            x_hat,
+            Tensor::cat(vec![wq, wk, wv], 1),
+            Some(Tensor::cat(vec![bq, bk, bv], 0)),
+        );
+        (
+            qkv.clone().narrow(2, 0, dim),
+            qkv.clone().narrow(2, dim, dim),
+            qkv.narrow(2, 2 * dim, dim),
+        )
+    }
+
+    /// Scaled dot-product attention (the scale is already in `q`), output projection,
+    /// residual, then the feed-forward half of the block.
+    fn attend_and_ffn(
+        &self,
+        residual: Tensor<B, 3>,
+        q: Tensor<B, 3>,
+        k: Tensor<B, 3>,
+        v: Tensor<B, 3>,
+        want_weights: bool,
+    ) -> (Tensor<B, 3>, Option<Tensor<B, 4>>) {
+        let [batch, n_q, dim] = q.dims();
+        let n_k = k.dims()[1];
+        let (context, weights) = if self.num_heads == 1 {
+            let weights = softmax(q.matmul(k.swap_dims(1, 2)), 2);
+            let context = self.attn_dropout.forward(weights.clone()).matmul(v);
+            (context, weights.unsqueeze_dim::<4>(1))
+        } else {
+            let h = self.num_heads;
+            let split = |t: Tensor<B, 3>, n: usize| t.reshape([batch, n, h, dim / h]).swap_dims(1, 2);
+            let (q, k, v) = (split(q, n_q), split(k, n_k), split(v, n_k));
+            let weights = softmax(q.matmul(k.swap_dims(2, 3)), 3);
+            let context = self.attn_dropout.forward(weights.clone()).matmul(v);
+            (
+                context.swap_dims(1, 2).reshape([batch, n_q, dim]),
+                weights,
+            )
+        };
+        let h = residual + self.output.forward(context);
+        let (w1, b1) = self.ffn_in.folded(&self.norm_ffn, 1.0);
+        let hidden = gelu(burn::tensor::module::linear(standardize(h.clone()), w1, Some(b1)));
+        let out = h + self.ffn_dropout.forward(self.ffn_out.forward(hidden));
+        (out, want_weights.then_some(weights))
+    }
+}

@@ -1,0 +1,9 @@
+//! The TLB model: configuration, the attention block and the chunked recurrence.
+
+mod block;
+mod config;
+mod tlb;
+
+pub use block::{standardize, Block, Projection, LN_EPS};
+pub use config::{ConfigError, Readout, TlbConfig};
+pub use tlb::{Tlb, TlbAttention, TlbOutput};

@@ -1,0 +1,90 @@
+//! What a training run reports while it runs, and how it is told to stop.
+
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// Per-epoch figures (also one line of the metrics JSONL file).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EpochMetrics {
+    pub epoch: usize,
+    pub train_loss: f64,
+    pub train_accuracy: f64,
+    pub val_loss: f64,
+    pub val_accuracy: f64,
+    pub lr: f64,
+    pub seconds: f64,
+    pub images_per_sec: f64,
+    /// Share of the epoch the step waited for the data loader.
+    pub data_wait_fraction: f64,
+}
+
+/// Figures at the end of a run (the last line of the metrics JSONL file).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FinalMetrics {
+    pub epochs_completed: usize,
+    pub best_epoch: Option<usize>,
+    pub best_val_accuracy: Option<f64>,
+    /// Test accuracy of the best-by-validation model; absent without a test split.
+    pub test_accuracy: Option<f64>,
+    pub test_loss: Option<f64>,
+    pub train_seconds: f64,
+    pub stopped_early: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    pub epoch: usize,
+    pub step_in_epoch: usize,
+    pub steps_per_epoch: usize,
+    pub global_step: usize,
+    pub total_steps: usize,
+    pub loss: f64,
+    pub accuracy: f64,
+    pub lr: f64,
+    pub images_per_sec: f64,
+    pub eta_seconds: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum TrainEvent {
+    Started { resumed_from_step: usize, total_steps: usize },
+    Progress(Progress),
+    Epoch(EpochMetrics),
+    CheckpointSaved {
+        path: PathBuf,
+        epoch: usize,
+        val_accuracy: Option<f64>,
+        best: bool,
+    },
+    Finished(FinalMetrics),
+}
+
+/// Why a run ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Completed,
+    /// Stopped on request; the last checkpoint resumes it.
+    Interrupted,
+}
+
+/// Receives a run's events, and can stop it (checked between steps).
+pub trait TrainObserver<B: burn::tensor::backend::AutodiffBackend> {
+    fn event(&mut self, event: &TrainEvent);
+    /// True when the run should checkpoint and stop.
+    fn should_stop(&mut self) -> bool {
+        false
+    }
+    /// Called between optimiser steps with the current weights: a place to serve inference.
+    fn between_steps(&mut self, _model: &crate::engine::model::Tlb<B>) {}
+}
+
+/// An observer that passes events to a closure and never stops the run.
+pub struct FnObserver<F>(pub F);
+
+impl<B: burn::tensor::backend::AutodiffBackend, F: FnMut(&TrainEvent)> TrainObserver<B>
+    for FnObserver<F>
+{
+    fn event(&mut self, event: &TrainEvent) {
+        (self.0)(event)
+    }
+}

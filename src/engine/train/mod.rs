@@ -1,0 +1,17 @@
+//! Training: recipes, the loop, evaluation, checkpoints and export.
+
+mod checkpoint;
+mod config;
+mod eval;
+mod events;
+mod export;
+mod trainer;
+
+pub use checkpoint::{write_atomic, write_json, Checkpoint, CheckpointDir, CheckpointMeta};
+pub use config::{Preset, Schedule, TrainConfig};
+pub use eval::{batch_tensors, evaluate, loss_and_correct};
+pub use events::{
+    EpochMetrics, FinalMetrics, FnObserver, Outcome, Progress, TrainEvent, TrainObserver,
+};
+pub use export::{export_safetensors, named_tensors};
+pub use trainer::{train, RunDir};

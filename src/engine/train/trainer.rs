@@ -1,0 +1,303 @@
+//! The training loop: AdamW steps over prefetched batches, per-epoch validation, atomic
+//! checkpoints, exact resume, and the test figure of the best-by-validation model.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use burn::module::{AutodiffModule, Module};
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::ElementConversion;
+
+use super::checkpoint::{
+    load_record, record_bytes, write_json, Checkpoint, CheckpointDir, CheckpointMeta,
+};
+use super::config::TrainConfig;
+use super::events::{EpochMetrics, FinalMetrics, Outcome, Progress, TrainEvent, TrainObserver};
+use super::eval::{batch_tensors, evaluate, loss_and_correct};
+use crate::engine::data::{EpochPlan, Loader, Splits};
+use crate::engine::model::Tlb;
+
+/// Files of one run: `config.json`, `metrics.jsonl`, `checkpoints/`.
+#[derive(Debug, Clone)]
+pub struct RunDir(pub PathBuf);
+
+impl RunDir {
+    pub fn checkpoints(&self) -> CheckpointDir {
+        CheckpointDir(self.0.join("checkpoints"))
+    }
+    pub fn metrics_path(&self) -> PathBuf {
+        self.0.join("metrics.jsonl")
+    }
+    fn append_metrics(&self, line: &impl serde::Serialize) -> Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.metrics_path())?;
+        writeln!(f, "{}", serde_json::to_string(line)?)?;
+        f.sync_data()?;
+        Ok(())
+    }
+}
+
+/// Mixes the run seed with a step number into a backend seed for that step's dropout.
+fn step_seed(seed: u64, step: usize) -> u64 {
+    let mut z = seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Trains `config` on `splits`, writing into `out`. With `resume`, continues from the newest
+/// checkpoint in `out` (its weights, optimiser moments, position and RNG state), so the
+/// result equals that of an uninterrupted run. `config.epochs` may be raised on resume.
+pub fn train<B: AutodiffBackend>(
+    config: &TrainConfig,
+    splits: &Splits,
+    out: &Path,
+    device: &B::Device,
+    resume: bool,
+    observer: &mut dyn TrainObserver<B>,
+) -> Result<(Outcome, FinalMetrics)> {
+    config.validate()?;
+    let classes = splits.class_names().len();
+    if config.model.num_classes != classes {
+        bail!(
+            "model.num_classes is {} but the dataset has {classes} classes",
+            config.model.num_classes
+        );
+    }
+    if splits.train.is_empty() || splits.val.is_empty() {
+        bail!("the dataset needs at least one training and one validation image");
+    }
+    let run = RunDir(out.to_path_buf());
+    let ckpts = run.checkpoints();
+    std::fs::create_dir_all(&ckpts.0).with_context(|| format!("creating {}", ckpts.0.display()))?;
+
+    let mut model: Tlb<B> = config.model.init(device)?;
+    let mut optim = AdamWConfig::new()
+        .with_weight_decay(config.weight_decay as f32)
+        .with_epsilon(1e-7)
+        .init::<B, Tlb<B>>();
+    let mut meta = CheckpointMeta {
+        config: config.clone(),
+        class_names: splits.class_names().to_vec(),
+        epoch: 0,
+        step_in_epoch: 0,
+        global_step: 0,
+        val_accuracy: None,
+        best_val_accuracy: None,
+        best_epoch: None,
+    };
+    let latest = if resume { ckpts.latest()? } else { None };
+    if let Some(ckpt) = latest {
+        let mut saved = ckpt.meta.config.clone();
+        (saved.epochs, saved.max_minutes) = (config.epochs, config.max_minutes);
+        if &saved != config {
+            bail!("cannot resume: the checkpoint in {} was trained with another config", out.display());
+        }
+        model = model.load_record(load_record::<B, _>(ckpt.model, device)?);
+        optim = optim.load_record(load_record::<B, _>(ckpt.optimizer, device)?);
+        meta = CheckpointMeta {
+            config: config.clone(),
+            ..ckpt.meta
+        };
+    } else if !resume {
+        // A fresh run in a used directory must not mix with an older run's files.
+        for (_, p) in ckpts.epochs() {
+            std::fs::remove_file(p)?;
+        }
+        for p in [ckpts.best_path(), ckpts.interrupted_path(), run.metrics_path()] {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+    write_json(&out.join("config.json"), config)?;
+
+    let micro = config.micro_batch_size();
+    let steps_per_epoch = splits.train.len().div_ceil(config.batch_size);
+    let total_steps = steps_per_epoch * config.epochs;
+    let image_size = config.model.image_size;
+    let mut best_model = match ckpts.best_path().exists() && meta.best_epoch.is_some() {
+        true => Some(Checkpoint::read(&ckpts.best_path())?.load_model::<B::InnerBackend>(device)?),
+        false => None,
+    };
+    observer.event(&TrainEvent::Started {
+        resumed_from_step: meta.global_step,
+        total_steps,
+    });
+
+    let started = Instant::now();
+    let budget = (config.max_minutes > 0.0).then(|| config.max_minutes * 60.0);
+    let mut outcome = Outcome::Completed;
+    let mut stopped_early = false;
+    'epochs: while meta.epoch < config.epochs {
+        let epoch = meta.epoch;
+        let plan = EpochPlan {
+            batch_size: config.batch_size,
+            image_size,
+            train: true,
+            seed: config.seed,
+            epoch: epoch as u64,
+        };
+        let loader = Loader::new(splits.train.clone(), plan, meta.step_in_epoch, config.data_workers, 4);
+        let epoch_start = Instant::now();
+        let (mut loss_sum, mut correct, mut seen, mut wait) = (0.0f64, 0usize, 0usize, 0.0f64);
+        let mut lr = config.lr_at(meta.global_step, steps_per_epoch);
+        let mut loader = loader.peekable();
+        loop {
+            let t_wait = Instant::now();
+            let Some(batch) = loader.next() else { break };
+            wait += t_wait.elapsed().as_secs_f64();
+            if observer.should_stop() {
+                outcome = Outcome::Interrupted;
+                break 'epochs;
+            }
+            if budget.is_some_and(|b| started.elapsed().as_secs_f64() > b) {
+                stopped_early = true;
+                break 'epochs;
+            }
+            B::seed(device, step_seed(config.seed, meta.global_step));
+            lr = config.lr_at(meta.global_step, steps_per_epoch);
+            let n = batch.len();
+            let (all_images, all_labels) = batch_tensors::<B>(batch, device);
+            let mut accumulator = GradientsAccumulator::<Tlb<B>>::new();
+            let (mut step_loss, mut step_correct) = (0.0f64, 0usize);
+            for start in (0..n).step_by(micro) {
+                let len = micro.min(n - start);
+                let (images, labels) = if len == n {
+                    (all_images.clone(), all_labels.clone())
+                } else {
+                    (
+                        all_images.clone().narrow(0, start, len),
+                        all_labels.clone().narrow(0, start, len),
+                    )
+                };
+                let logits = model.forward(images);
+                let (loss, hits) = loss_and_correct(logits, labels, config.label_smoothing);
+                let weighted = loss.clone() * (len as f64 / n as f64);
+                let grads = GradientsParams::from_grads(weighted.backward(), &model);
+                accumulator.accumulate(&model, grads);
+                step_loss += loss.into_scalar().elem::<f64>() * len as f64;
+                step_correct += hits;
+            }
+            model = optim.step(lr, model, accumulator.grads());
+            meta.global_step += 1;
+            meta.step_in_epoch += 1;
+            loss_sum += step_loss;
+            correct += step_correct;
+            seen += n;
+            let elapsed = epoch_start.elapsed().as_secs_f64();
+            let ips = seen as f64 / elapsed.max(1e-9);
+            let remaining = total_steps.saturating_sub(meta.global_step) as f64;
+            observer.event(&TrainEvent::Progress(Progress {
+                epoch,
+                step_in_epoch: meta.step_in_epoch,
+                steps_per_epoch,
+                global_step: meta.global_step,
+                total_steps,
+                loss: step_loss / n as f64,
+                accuracy: step_correct as f64 / n as f64,
+                lr,
+                images_per_sec: ips,
+                eta_seconds: remaining * config.batch_size as f64 / ips.max(1e-9),
+            }));
+            observer.between_steps(&model);
+        }
+        drop(loader);
+
+        let valid = model.valid();
+        let (val_loss, val_accuracy) = evaluate(&valid, &splits.val, image_size, micro, device);
+        let metrics = EpochMetrics {
+            epoch: epoch + 1,
+            train_loss: loss_sum / seen.max(1) as f64,
+            train_accuracy: correct as f64 / seen.max(1) as f64,
+            val_loss,
+            val_accuracy,
+            lr,
+            seconds: epoch_start.elapsed().as_secs_f64(),
+            images_per_sec: seen as f64 / epoch_start.elapsed().as_secs_f64().max(1e-9),
+            data_wait_fraction: wait / epoch_start.elapsed().as_secs_f64().max(1e-9),
+        };
+        run.append_metrics(&metrics)?;
+        observer.event(&TrainEvent::Epoch(metrics));
+        meta.epoch += 1;
+        meta.step_in_epoch = 0;
+        meta.val_accuracy = Some(val_accuracy);
+        let is_best = meta.best_val_accuracy.is_none_or(|b| val_accuracy > b);
+        if is_best {
+            meta.best_val_accuracy = Some(val_accuracy);
+            meta.best_epoch = Some(meta.epoch);
+            best_model = Some(valid);
+        }
+        let ckpt = snapshot(&model, &optim, &meta)?;
+        let path = ckpts.epoch_path(meta.epoch);
+        ckpt.write(&path)?;
+        if is_best {
+            ckpt.write(&ckpts.best_path())?;
+        }
+        let _ = std::fs::remove_file(ckpts.interrupted_path());
+        ckpts.prune(config.keep_last);
+        observer.event(&TrainEvent::CheckpointSaved {
+            path,
+            epoch: meta.epoch,
+            val_accuracy: Some(val_accuracy),
+            best: is_best,
+        });
+    }
+
+    if outcome == Outcome::Interrupted || stopped_early {
+        // Keep the exact position so the run can be resumed (or extended) later.
+        let path = ckpts.interrupted_path();
+        snapshot(&model, &optim, &meta)?.write(&path)?;
+        observer.event(&TrainEvent::CheckpointSaved {
+            path,
+            epoch: meta.epoch,
+            val_accuracy: meta.val_accuracy,
+            best: false,
+        });
+        if outcome == Outcome::Interrupted {
+            let partial = FinalMetrics {
+                epochs_completed: meta.epoch,
+                best_epoch: meta.best_epoch,
+                best_val_accuracy: meta.best_val_accuracy,
+                test_accuracy: None,
+                test_loss: None,
+                train_seconds: started.elapsed().as_secs_f64(),
+                stopped_early: true,
+            };
+            return Ok((outcome, partial));
+        }
+    }
+
+    let best = best_model.unwrap_or_else(|| model.valid());
+    let test = splits
+        .test
+        .as_ref()
+        .map(|t| evaluate(&best, t, image_size, micro, device));
+    let summary = FinalMetrics {
+        epochs_completed: meta.epoch,
+        best_epoch: meta.best_epoch,
+        best_val_accuracy: meta.best_val_accuracy,
+        test_accuracy: test.map(|t| t.1),
+        test_loss: test.map(|t| t.0),
+        train_seconds: started.elapsed().as_secs_f64(),
+        stopped_early,
+    };
+    run.append_metrics(&summary)?;
+    observer.event(&TrainEvent::Finished(summary.clone()));
+    Ok((Outcome::Completed, summary))
+}
+
+fn snapshot<B: AutodiffBackend, O: Optimizer<Tlb<B>, B>>(
+    model: &Tlb<B>,
+    optim: &O,
+    meta: &CheckpointMeta,
+) -> Result<Checkpoint> {
+    Ok(Checkpoint {
+        meta: meta.clone(),
+        model: record_bytes::<B, _>(model.clone().into_record())?,
+        optimizer: record_bytes::<B, _>(optim.to_record())?,
+    })
+}
