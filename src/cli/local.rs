@@ -87,6 +87,13 @@ pub fn train_local(a: TrainLocalArgs) -> Result<()> {
         )?
         .progress_chars("=> "),
     );
+    let say = |line: String| {
+        if a.quiet {
+            eprintln!("{line}");
+        } else {
+            bar.println(line);
+        }
+    };
     let mut observer = FnObserver(|e: &TrainEvent| match e {
         TrainEvent::Started {
             resumed_from_step,
@@ -105,7 +112,7 @@ pub fn train_local(a: TrainLocalArgs) -> Result<()> {
                 p.images_per_sec
             ));
         }
-        TrainEvent::Epoch(m) => bar.println(format!(
+        TrainEvent::Epoch(m) => say(format!(
             "epoch {:>3}: train loss {:.4} acc {:.2}% | val loss {:.4} acc {:.2}% | {:.0} img/s, {:.0}s, data wait {:.1}%",
             m.epoch,
             m.train_loss,
@@ -119,7 +126,7 @@ pub fn train_local(a: TrainLocalArgs) -> Result<()> {
         TrainEvent::CheckpointSaved { path, best, .. } => {
             tracing::debug!(path = %path.display(), best, "checkpoint saved")
         }
-        TrainEvent::Finished(f) => bar.println(format!(
+        TrainEvent::Finished(f) => say(format!(
             "done: {} epochs, best validation {:.2}% (epoch {}), test {}",
             f.epochs_completed,
             f.best_val_accuracy.unwrap_or(0.0) * 100.0,

@@ -3,8 +3,10 @@
 //! Every LayerNorm here feeds straight into a linear projection, so its affine part is folded
 //! into that projection: `LN(x)·W + b = x̂·(diag(γ)·W) + (β·W + b)` with `x̂` the standardised
 //! input. The maths (and the parameters, which stay separate) is exactly the paper's block;
-//! the fold saves one full pass over the activations per norm, computes the normalisation
-//! statistics once for key and value, and lets Q, K and V come out of one matmul.
+//! the fold saves the affine pass over the activations for every norm, and computes the
+//! normalisation statistics once for query, key and value (self-attention) or for key and
+//! value (cross-attention). Q, K and V stay separate matmuls: a fused QKV matmul must be cut
+//! apart again, and the backward of each cut writes a zero-filled full-width gradient.
 
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Initializer, LayerNorm, LayerNormConfig};
@@ -36,22 +38,46 @@ impl<B: Backend> Projection<B> {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        burn::tensor::module::linear(x, self.weight.val(), Some(self.bias.val()))
+        linear_rows(x, self.weight.val(), self.bias.val())
     }
 
     /// `(W', b')` such that `x̂·W' + b' = LN(x)·W + b`, optionally scaled by `scale`.
-    fn folded(&self, norm: &LayerNorm<B>, scale: f64) -> (Tensor<B, 2>, Tensor<B, 1>) {
+    fn folded(&self, norm: &LayerNorm<B>, scale: f64) -> Affine<B> {
         let w = self.weight.val();
         let gamma = norm.gamma.val();
         let beta = norm.beta.as_ref().expect("layer norms are built with a bias").val();
         let w_eff = gamma.unsqueeze_dim::<2>(1) * w.clone();
         let b_eff = beta.unsqueeze_dim::<2>(0).matmul(w).squeeze_dim::<1>(0) + self.bias.val();
         if scale == 1.0 {
-            (w_eff, b_eff)
+            Affine(w_eff, b_eff)
         } else {
-            (w_eff * scale, b_eff * scale)
+            Affine(w_eff * scale, b_eff * scale)
         }
     }
+}
+
+/// `x̂ → x̂·W + b`: a projection with its LayerNorm's affine part folded in.
+#[derive(Clone, Debug)]
+pub struct Affine<B: Backend>(Tensor<B, 2>, Tensor<B, 1>);
+
+impl<B: Backend> Affine<B> {
+    fn apply(&self, x_hat: Tensor<B, 3>) -> Tensor<B, 3> {
+        linear_rows(x_hat, self.0.clone(), self.1.clone())
+    }
+}
+
+/// `x·W + b` over the last dimension, computed on `x` viewed as one `[rows, d_in]` matrix:
+/// the weight gradient is then one large matmul instead of a batch of tiny ones plus a sum.
+fn linear_rows<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 2>,
+    bias: Tensor<B, 1>,
+) -> Tensor<B, D> {
+    let mut dims = x.dims();
+    let d_in = dims[D - 1];
+    let rows = x.shape().num_elements() / d_in.max(1);
+    dims[D - 1] = weight.dims()[1];
+    burn::tensor::module::linear(x.reshape([rows, d_in]), weight, Some(bias)).reshape(dims)
 }
 
 /// Zero-mean, unit-variance over the last dimension (LayerNorm without its affine part).
@@ -107,13 +133,38 @@ impl<B: Backend> Block<B> {
         }
     }
 
-    /// Self-attention block: query, key and value all come from `x`.
+    /// Folds the norms into the projections. Do it once per forward pass: the recurrence
+    /// applies the same block to every chunk.
+    pub fn fold(&self) -> FoldedBlock<'_, B> {
+        let dim = self.query.weight.dims()[0];
+        let scale = 1.0 / ((dim / self.num_heads) as f64).sqrt();
+        FoldedBlock {
+            query: self.query.folded(&self.norm_query, scale),
+            key: self.key.folded(&self.norm_key, 1.0),
+            value: self.value.folded(&self.norm_value, 1.0),
+            ffn_in: self.ffn_in.folded(&self.norm_ffn, 1.0),
+            block: self,
+        }
+    }
+}
+
+/// A [`Block`] with its norms folded into its projections, ready to run over many chunks.
+pub struct FoldedBlock<'a, B: Backend> {
+    query: Affine<B>,
+    key: Affine<B>,
+    value: Affine<B>,
+    ffn_in: Affine<B>,
+    block: &'a Block<B>,
+}
+
+impl<B: Backend> FoldedBlock<'_, B> {
+    /// Self-attention block: query, key and value all come from `x` (normalised once).
     pub fn forward_self(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let dim = x.dims()[2];
         let x_hat = standardize(x.clone());
-        let (q, k, v) = self.project_qkv(x_hat, dim);
-        let (h, _) = self.attend_and_ffn(x, q, k, v, false);
-        h
+        let q = self.query.apply(x_hat.clone());
+        let k = self.key.apply(x_hat.clone());
+        let v = self.value.apply(x_hat);
+        self.attend_and_ffn(x, q, k, v, false).0
     }
 
     /// Cross-attention block: the query comes from `x`, key and value from `context`.
@@ -125,44 +176,12 @@ impl<B: Backend> Block<B> {
         context: Tensor<B, 3>,
         want_weights: bool,
     ) -> (Tensor<B, 3>, Option<Tensor<B, 4>>) {
-        let dim = x.dims()[2];
-        let scale = self.scale(dim);
-        let (wq, bq) = self.query.folded(&self.norm_query, scale);
-        let q = burn::tensor::module::linear(standardize(x.clone()), wq, Some(bq));
-        let (wk, bk) = self.key.folded(&self.norm_key, 1.0);
-        let (wv, bv) = self.value.folded(&self.norm_value, 1.0);
-        let kv = burn::tensor::module::linear(
-            standardize(context),
-            Tensor::cat(vec![wk, wv], 1),
-            Some(Tensor::cat(vec![bk, bv], 0)),
-        );
-        let k = kv.clone().narrow(2, 0, dim);
-        let v = kv.narrow(2, dim, dim);
+        let q = self.query.apply(standardize(x.clone()));
+        // One normalisation pass serves both key and value.
+        let c_hat = standardize(context);
+        let k = self.key.apply(c_hat.clone());
+        let v = self.value.apply(c_hat);
         self.attend_and_ffn(x, q, k, v, want_weights)
-    }
-
-    fn scale(&self, dim: usize) -> f64 {
-        1.0 / ((dim / self.num_heads) as f64).sqrt()
-    }
-
-    fn project_qkv(
-        &self,
-        x_hat: Tensor<B, 3>,
-        dim: usize,
-    ) -> (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) {
-        let (wq, bq) = self.query.folded(&self.norm_query, self.scale(dim));
-        let (wk, bk) = self.key.folded(&self.norm_key, 1.0);
-        let (wv, bv) = self.value.folded(&self.norm_value, 1.0);
-        let qkv = burn::tensor::module::linear(
-            x_hat,
-            Tensor::cat(vec![wq, wk, wv], 1),
-            Some(Tensor::cat(vec![bq, bk, bv], 0)),
-        );
-        (
-            qkv.clone().narrow(2, 0, dim),
-            qkv.clone().narrow(2, dim, dim),
-            qkv.narrow(2, 2 * dim, dim),
-        )
     }
 
     /// Scaled dot-product attention (the scale is already in `q`), output projection,
@@ -175,27 +194,25 @@ impl<B: Backend> Block<B> {
         v: Tensor<B, 3>,
         want_weights: bool,
     ) -> (Tensor<B, 3>, Option<Tensor<B, 4>>) {
+        let b = self.block;
         let [batch, n_q, dim] = q.dims();
         let n_k = k.dims()[1];
-        let (context, weights) = if self.num_heads == 1 {
+        let (context, weights) = if b.num_heads == 1 {
             let weights = softmax(q.matmul(k.swap_dims(1, 2)), 2);
-            let context = self.attn_dropout.forward(weights.clone()).matmul(v);
+            let context = b.attn_dropout.forward(weights.clone()).matmul(v);
             (context, weights.unsqueeze_dim::<4>(1))
         } else {
-            let h = self.num_heads;
-            let split = |t: Tensor<B, 3>, n: usize| t.reshape([batch, n, h, dim / h]).swap_dims(1, 2);
+            let h = b.num_heads;
+            let split =
+                |t: Tensor<B, 3>, n: usize| t.reshape([batch, n, h, dim / h]).swap_dims(1, 2);
             let (q, k, v) = (split(q, n_q), split(k, n_k), split(v, n_k));
             let weights = softmax(q.matmul(k.swap_dims(2, 3)), 3);
-            let context = self.attn_dropout.forward(weights.clone()).matmul(v);
-            (
-                context.swap_dims(1, 2).reshape([batch, n_q, dim]),
-                weights,
-            )
+            let context = b.attn_dropout.forward(weights.clone()).matmul(v);
+            (context.swap_dims(1, 2).reshape([batch, n_q, dim]), weights)
         };
-        let h = residual + self.output.forward(context);
-        let (w1, b1) = self.ffn_in.folded(&self.norm_ffn, 1.0);
-        let hidden = gelu(burn::tensor::module::linear(standardize(h.clone()), w1, Some(b1)));
-        let out = h + self.ffn_dropout.forward(self.ffn_out.forward(hidden));
+        let h = residual + b.output.forward(context);
+        let hidden = gelu(self.ffn_in.apply(standardize(h.clone())));
+        let out = h + b.ffn_dropout.forward(b.ffn_out.forward(hidden));
         (out, want_weights.then_some(weights))
     }
 }

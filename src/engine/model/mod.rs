@@ -4,6 +4,6 @@ mod block;
 mod config;
 mod tlb;
 
-pub use block::{standardize, Block, Projection, LN_EPS};
+pub use block::{standardize, Affine, Block, FoldedBlock, Projection, LN_EPS};
 pub use config::{ConfigError, Readout, TlbConfig};
 pub use tlb::{Tlb, TlbAttention, TlbOutput};

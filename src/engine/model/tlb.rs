@@ -100,16 +100,18 @@ impl<B: Backend> Tlb<B> {
         let mut slow = Tensor::<B, 3>::zeros([batch, cfg.num_latents(), dim], &device);
         let mut fast = tokens.clone();
         let mut maps = Vec::with_capacity(if want_attention { cfg.num_chunks() } else { 0 });
+        let perceptual: Vec<_> = self.perceptual.iter().map(Block::fold).collect();
+        let perceptual_cross: Vec<_> = self.perceptual_cross.iter().map(Block::fold).collect();
+        let bottleneck = self.bottleneck.fold();
         for c in 0..cfg.num_chunks() {
             fast = tokens.clone().narrow(1, c * cfg.chunk_size, cfg.chunk_size);
-            for (l, block) in self.perceptual.iter().enumerate() {
+            for (l, block) in perceptual.iter().enumerate() {
                 fast = block.forward_self(fast);
                 if l % cfg.r == 0 {
-                    let cross = &self.perceptual_cross[l / cfg.r];
-                    fast = cross.forward_cross(fast, slow.clone(), false).0;
+                    fast = perceptual_cross[l / cfg.r].forward_cross(fast, slow.clone(), false).0;
                 }
             }
-            let (new_slow, weights) = self.bottleneck.forward_cross(slow, fast.clone(), want_attention);
+            let (new_slow, weights) = bottleneck.forward_cross(slow, fast.clone(), want_attention);
             slow = new_slow;
             if let Some(w) = weights {
                 maps.push(w.unsqueeze_dim::<5>(1));

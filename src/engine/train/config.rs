@@ -39,8 +39,6 @@ pub struct TrainConfig {
     pub keep_last: usize,
     /// Threads preparing batches ahead of the step.
     pub data_workers: usize,
-    /// Mixed precision (bf16) where the device supports it; ignored on CPU.
-    pub mixed_precision: bool,
 }
 
 impl Default for TrainConfig {
@@ -108,7 +106,6 @@ impl Preset {
                 max_minutes: 0.0,
                 keep_last: 3,
                 data_workers: 1,
-                mixed_precision: true,
             },
             Self::CpuSmall => TrainConfig {
                 model: TlbConfig::new()
@@ -135,7 +132,6 @@ impl Preset {
                 max_minutes: 0.0,
                 keep_last: 3,
                 data_workers: 1,
-                mixed_precision: false,
             },
             Self::Tiny => TrainConfig {
                 model: TlbConfig::new()
@@ -162,7 +158,6 @@ impl Preset {
                 max_minutes: 0.0,
                 keep_last: 2,
                 data_workers: 1,
-                mixed_precision: false,
             },
         }
     }

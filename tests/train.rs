@@ -1,0 +1,228 @@
+mod common;
+
+use burn::module::Module;
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::tensor::{Int, Tensor, TensorData};
+use tlb::engine::backend::{cpu_device, CpuAutodiff};
+use tlb::engine::train::{loss_and_correct, Preset};
+
+type B = CpuAutodiff;
+
+#[test]
+fn tiny_model_drives_loss_near_zero_on_a_few_images() {
+    let device = cpu_device();
+    let cfg = Preset::Tiny.config().model;
+    let (imgs, labels) = common::synthetic_images(8, 3);
+    let s = 32;
+    let data: Vec<f32> = imgs.iter().flat_map(|i| i.iter().map(|&v| v as f32 / 255.0)).collect();
+    let images = Tensor::<B, 4>::from_data(TensorData::new(data, [8, 3, s, s]), &device);
+    let images = burn::tensor::module::interpolate(
+        images,
+        [cfg.image_size, cfg.image_size],
+        burn::tensor::ops::InterpolateOptions::new(burn::tensor::ops::InterpolateMode::Bilinear),
+    );
+    let labels = Tensor::<B, 1, Int>::from_data(
+        TensorData::new(labels.iter().map(|&l| l as i64).collect::<Vec<_>>(), [8]),
+        &device,
+    );
+    let mut model = cfg.init::<B>(&device).unwrap();
+    let mut optim = AdamWConfig::new().init::<B, _>();
+    let mut first = None;
+    let mut last = f64::MAX;
+    for _ in 0..150 {
+        let (loss, _) = loss_and_correct(model.forward(images.clone()), labels.clone(), 0.0);
+        let v: f64 = loss.clone().into_scalar().into();
+        first.get_or_insert(v);
+        last = v;
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optim.step(3e-3, model, grads);
+    }
+    let first = first.unwrap();
+    println!("loss {first:.4} -> {last:.4}");
+    assert!(first > 1.5, "initial loss {first} should be near ln(10)");
+    assert!(last < 0.05, "loss should approach zero, got {last}");
+    let _ = model.num_params();
+}
+
+mod resume {
+    use super::common;
+    use burn::module::{AutodiffModule, Module};
+    use burn::tensor::{Distribution, Tensor};
+    use std::path::Path;
+    use tlb::engine::backend::{cpu_device, Cpu, CpuAutodiff};
+    use tlb::engine::data::{DatasetFormat, DatasetSpec, Splits};
+    use tlb::engine::train::{
+        train, Checkpoint, CheckpointDir, FnObserver, Outcome, Preset, TrainConfig, TrainEvent,
+        TrainObserver,
+    };
+
+    fn data(dir: &Path) -> Splits {
+        common::write_synthetic_cifar(dir, 160, 40);
+        DatasetSpec { format: DatasetFormat::Cifar10, path: dir.to_path_buf() }.load().unwrap()
+    }
+
+    fn config() -> TrainConfig {
+        let mut c = Preset::Tiny.config();
+        c.batch_size = 32;
+        c.model.ffn_dropout = 0.1; // exercise the dropout RNG across the resume
+        c.model.attn_dropout = 0.1;
+        c
+    }
+
+    fn quiet() -> impl TrainObserver<CpuAutodiff> {
+        FnObserver(|_: &TrainEvent| {})
+    }
+
+    fn weights(path: &Path) -> Vec<f32> {
+        let ckpt = Checkpoint::read(path).unwrap();
+        let model = ckpt.load_model::<Cpu>(&cpu_device()).unwrap();
+        tlb::engine::train::named_tensors(&model).into_iter().flat_map(|t| t.values).collect()
+    }
+
+    #[test]
+    fn two_epochs_equal_one_then_resume_for_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let splits = data(&tmp.path().join("data"));
+        let device = cpu_device();
+        let mut cfg = config();
+        cfg.epochs = 2;
+        let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+        let (_, full) = train::<CpuAutodiff>(&cfg, &splits, &a, &device, false, &mut quiet()).unwrap();
+        cfg.epochs = 1;
+        train::<CpuAutodiff>(&cfg, &splits, &b, &device, false, &mut quiet()).unwrap();
+        cfg.epochs = 2;
+        let (_, resumed) = train::<CpuAutodiff>(&cfg, &splits, &b, &device, true, &mut quiet()).unwrap();
+        let wa = weights(&CheckpointDir(a.join("checkpoints")).epoch_path(2));
+        let wb = weights(&CheckpointDir(b.join("checkpoints")).epoch_path(2));
+        assert_eq!(wa, wb, "resumed run must reproduce the uninterrupted one exactly");
+        assert_eq!(full.test_accuracy, resumed.test_accuracy);
+        assert_eq!(full.best_val_accuracy, resumed.best_val_accuracy);
+    }
+
+    /// Stops the run after `n` optimiser steps, as a cancel or a shutdown would.
+    struct StopAfter(usize, usize);
+    impl TrainObserver<CpuAutodiff> for StopAfter {
+        fn event(&mut self, e: &TrainEvent) {
+            if let TrainEvent::Progress(_) = e {
+                self.1 += 1;
+            }
+        }
+        fn should_stop(&mut self) -> bool {
+            self.1 >= self.0
+        }
+    }
+
+    #[test]
+    fn a_run_stopped_mid_epoch_resumes_to_the_same_result() {
+        let tmp = tempfile::tempdir().unwrap();
+        let splits = data(&tmp.path().join("data"));
+        let device = cpu_device();
+        let mut cfg = config();
+        cfg.epochs = 2;
+        let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+        train::<CpuAutodiff>(&cfg, &splits, &a, &device, false, &mut quiet()).unwrap();
+        // 4 steps per epoch: stop after 6, in the middle of epoch 2
+        let (outcome, partial) =
+            train::<CpuAutodiff>(&cfg, &splits, &b, &device, false, &mut StopAfter(6, 0)).unwrap();
+        assert_eq!(outcome, Outcome::Interrupted);
+        assert_eq!(partial.epochs_completed, 1);
+        let dir = CheckpointDir(b.join("checkpoints"));
+        let last = Checkpoint::read(&dir.interrupted_path()).unwrap();
+        assert_eq!((last.meta.epoch, last.meta.step_in_epoch, last.meta.global_step), (1, 2, 6));
+        let (outcome, _) = train::<CpuAutodiff>(&cfg, &splits, &b, &device, true, &mut quiet()).unwrap();
+        assert_eq!(outcome, Outcome::Completed);
+        assert_eq!(weights(&CheckpointDir(a.join("checkpoints")).epoch_path(2)), weights(&dir.epoch_path(2)));
+        assert!(!dir.interrupted_path().exists(), "the epoch checkpoint supersedes last.ckpt");
+    }
+
+    #[test]
+    fn checkpoints_round_trip_to_identical_logits_and_keep_last_and_best() {
+        let tmp = tempfile::tempdir().unwrap();
+        let splits = data(&tmp.path().join("data"));
+        let device = cpu_device();
+        let mut cfg = config();
+        cfg.epochs = 4;
+        cfg.keep_last = 2;
+        let out = tmp.path().join("run");
+        let mut events = Vec::new();
+        let mut obs = FnObserver(|e: &TrainEvent| events.push(e.clone()));
+        let (_, summary) = train::<CpuAutodiff>(&cfg, &splits, &out, &device, false, &mut obs).unwrap();
+        let epochs: Vec<_> = events.iter().filter(|e| matches!(e, TrainEvent::Epoch(_))).collect();
+        assert_eq!(epochs.len(), 4);
+        assert!(events.iter().any(|e| matches!(e, TrainEvent::Progress(p) if p.images_per_sec > 0.0)));
+        assert!(matches!(events.last(), Some(TrainEvent::Finished(_))));
+        let dir = CheckpointDir(out.join("checkpoints"));
+        let kept: Vec<usize> = dir.epochs().into_iter().map(|(e, _)| e).collect();
+        assert_eq!(kept, vec![3, 4]);
+        let best = Checkpoint::read(&dir.best_path()).unwrap();
+        assert_eq!(best.meta.best_epoch, summary.best_epoch);
+        assert_eq!(best.meta.val_accuracy, summary.best_val_accuracy);
+
+        // the metrics file ends with the test figure
+        let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        assert!(last["test_accuracy"].as_f64().is_some(), "{last}");
+        assert_eq!(text.lines().count(), 5);
+
+        // same logits after a write/read cycle
+        let ckpt = Checkpoint::read(&dir.epoch_path(4)).unwrap();
+        let model = ckpt.load_model::<CpuAutodiff>(&device).unwrap().valid();
+        let copy = tmp.path().join("copy.ckpt");
+        ckpt.write(&copy).unwrap();
+        let again = Checkpoint::read(&copy).unwrap().load_model::<Cpu>(&device).unwrap();
+        let x = Tensor::<Cpu, 4>::random([4, 3, 16, 16], Distribution::Uniform(0.0, 1.0), &device);
+        assert_eq!(model.forward(x.clone()).into_data(), again.forward(x).into_data());
+        assert_eq!(model.num_params(), again.num_params());
+
+        // a damaged file is an error, not a panic
+        let bytes = std::fs::read(&copy).unwrap();
+        std::fs::write(&copy, &bytes[..bytes.len() / 2]).unwrap();
+        assert!(Checkpoint::read(&copy).unwrap_err().to_string().contains("truncated"));
+        std::fs::write(&copy, b"hello").unwrap();
+        assert!(Checkpoint::read(&copy).is_err());
+    }
+
+    #[test]
+    fn a_fresh_run_refuses_a_dataset_with_other_classes_and_resume_refuses_another_config() {
+        let tmp = tempfile::tempdir().unwrap();
+        let splits = data(&tmp.path().join("data"));
+        let device = cpu_device();
+        let mut cfg = config();
+        cfg.model.num_classes = 3;
+        let err = train::<CpuAutodiff>(&cfg, &splits, tmp.path(), &device, false, &mut quiet()).unwrap_err();
+        assert!(err.to_string().contains("num_classes is 3"), "{err}");
+        let mut cfg = config();
+        cfg.epochs = 1;
+        train::<CpuAutodiff>(&cfg, &splits, tmp.path(), &device, false, &mut quiet()).unwrap();
+        cfg.lr *= 2.0;
+        let err = train::<CpuAutodiff>(&cfg, &splits, tmp.path(), &device, true, &mut quiet()).unwrap_err();
+        assert!(err.to_string().contains("another config"), "{err}");
+    }
+
+    #[test]
+    fn export_writes_documented_pytorch_names_and_layouts() {
+        let device = cpu_device();
+        let cfg = Preset::Tiny.config().model;
+        let model = cfg.init::<Cpu>(&device).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("m.safetensors");
+        tlb::engine::train::export_safetensors(&model, &path).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let d = cfg.embed_dim;
+        let shape = |n: &str| st.tensor(n).unwrap().shape().to_vec();
+        assert_eq!(shape("patch_embed.weight"), vec![d, 3, 4, 4]);
+        assert_eq!(shape("pos_embed"), vec![1, cfg.num_tokens(), d]);
+        assert_eq!(shape("perceptual.0.ffn_in.weight"), vec![4 * d, d], "torch Linear is [out, in]");
+        assert_eq!(shape("bottleneck.norm_key.bias"), vec![d]);
+        assert_eq!(shape("head.weight"), vec![cfg.num_classes, d]);
+        let total: usize = st.tensors().iter().map(|(_, t)| t.shape().iter().product::<usize>()).sum();
+        assert_eq!(total, model.num_params(), "every parameter is exported once");
+        // values survive: head bias is zero-initialised, ffn_in weight is transposed
+        let w = model.perceptual[0].ffn_in.weight.val().into_data().to_vec::<f32>().unwrap();
+        let t = st.tensor("perceptual.0.ffn_in.weight").unwrap();
+        let first_row: Vec<f32> = t.data()[..4 * d].chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        let column0: Vec<f32> = (0..d).map(|i| w[i * 4 * d]).collect();
+        assert_eq!(first_row, column0);
+    }
+}
