@@ -8,8 +8,17 @@ use tlb::engine::train::{loss_and_correct, Preset};
 
 type B = CpuAutodiff;
 
+/// burn's CPU backend has one process-wide RNG; tests that train (and so draw from it) run
+/// one at a time so that each sees its own deterministic sequence.
+pub static RNG_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[test]
 fn tiny_model_drives_loss_near_zero_on_a_few_images() {
+    let _serial = serial();
     let device = cpu_device();
     let cfg = Preset::Tiny.config().model;
     let (imgs, labels) = common::synthetic_images(8, 3);
@@ -81,6 +90,7 @@ mod resume {
 
     #[test]
     fn two_epochs_equal_one_then_resume_for_one() {
+        let _serial = super::serial();
         let tmp = tempfile::tempdir().unwrap();
         let splits = data(&tmp.path().join("data"));
         let device = cpu_device();
@@ -114,6 +124,7 @@ mod resume {
 
     #[test]
     fn a_run_stopped_mid_epoch_resumes_to_the_same_result() {
+        let _serial = super::serial();
         let tmp = tempfile::tempdir().unwrap();
         let splits = data(&tmp.path().join("data"));
         let device = cpu_device();
@@ -137,6 +148,7 @@ mod resume {
 
     #[test]
     fn checkpoints_round_trip_to_identical_logits_and_keep_last_and_best() {
+        let _serial = super::serial();
         let tmp = tempfile::tempdir().unwrap();
         let splits = data(&tmp.path().join("data"));
         let device = cpu_device();
@@ -177,13 +189,14 @@ mod resume {
         // a damaged file is an error, not a panic
         let bytes = std::fs::read(&copy).unwrap();
         std::fs::write(&copy, &bytes[..bytes.len() / 2]).unwrap();
-        assert!(Checkpoint::read(&copy).unwrap_err().to_string().contains("truncated"));
+        assert!(format!("{:#}", Checkpoint::read(&copy).unwrap_err()).contains("truncated"));
         std::fs::write(&copy, b"hello").unwrap();
         assert!(Checkpoint::read(&copy).is_err());
     }
 
     #[test]
     fn a_fresh_run_refuses_a_dataset_with_other_classes_and_resume_refuses_another_config() {
+        let _serial = super::serial();
         let tmp = tempfile::tempdir().unwrap();
         let splits = data(&tmp.path().join("data"));
         let device = cpu_device();
@@ -201,6 +214,7 @@ mod resume {
 
     #[test]
     fn export_writes_documented_pytorch_names_and_layouts() {
+        let _serial = super::serial();
         let device = cpu_device();
         let cfg = Preset::Tiny.config().model;
         let model = cfg.init::<Cpu>(&device).unwrap();
@@ -225,4 +239,46 @@ mod resume {
         let column0: Vec<f32> = (0..d).map(|i| w[i * 4 * d]).collect();
         assert_eq!(first_row, column0);
     }
+}
+
+#[test]
+fn a_cancel_flag_stops_training_and_events_arrive_on_the_channel() {
+    let _serial = serial();
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use tlb::engine::data::{DatasetFormat, DatasetSpec};
+    use tlb::engine::train::{train, ChannelObserver, Outcome, TrainEvent};
+
+    let tmp = tempfile::tempdir().unwrap();
+    common::write_synthetic_cifar(&tmp.path().join("data"), 160, 20);
+    let splits = DatasetSpec { format: DatasetFormat::Cifar10, path: tmp.path().join("data") }
+        .load()
+        .unwrap();
+    let mut cfg = Preset::Tiny.config();
+    cfg.batch_size = 16;
+    cfg.epochs = 50;
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let cancel = Arc::new(AtomicBool::new(false));
+    let flag = cancel.clone();
+    let watcher = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        for e in rx.iter() {
+            if matches!(e, TrainEvent::Epoch(_)) {
+                flag.store(true, Ordering::Relaxed);
+            }
+            seen.push(e);
+        }
+        seen
+    });
+    let mut obs = ChannelObserver { events: tx, cancel };
+    let device = cpu_device();
+    let (outcome, summary) =
+        train::<B>(&cfg, &splits, &tmp.path().join("run"), &device, false, &mut obs).unwrap();
+    drop(obs);
+    let seen = watcher.join().unwrap();
+    assert_eq!(outcome, Outcome::Interrupted);
+    assert!(summary.epochs_completed < 50, "stopped long before the end");
+    assert!(matches!(seen.first(), Some(TrainEvent::Started { .. })));
+    assert!(seen.iter().any(|e| matches!(e, TrainEvent::CheckpointSaved { .. })));
+    assert!(!seen.iter().any(|e| matches!(e, TrainEvent::Finished(_))));
 }

@@ -31,12 +31,18 @@ impl Batch {
     }
 }
 
-/// A deterministic RNG for a purpose within a run (`stream` keeps the purposes apart).
+/// SplitMix64 finaliser: a well-mixed 64-bit value from any input.
+pub fn mix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A deterministic RNG for a purpose within a run (`stream` keeps the purposes apart;
+/// `a`, `b` are e.g. the epoch and the batch index).
 pub fn rng_for(seed: u64, stream: u64, a: u64, b: u64) -> ChaCha8Rng {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    rng.set_stream(stream);
-    rng.set_word_pos(((a as u128) << 64 | b as u128) << 4);
-    rng
+    ChaCha8Rng::seed_from_u64(mix64(mix64(mix64(seed ^ stream.rotate_left(48)) ^ a) ^ b))
 }
 
 const SHUFFLE_STREAM: u64 = 1;

@@ -59,6 +59,16 @@ pub fn load_record<B: Backend, R: burn::record::Record<B>>(
     Recorder::<B>::load(&recorder(), bytes, device).context("deserialising record")
 }
 
+impl std::fmt::Debug for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpoint")
+            .field("meta", &self.meta)
+            .field("model_bytes", &self.model.len())
+            .field("optimizer_bytes", &self.optimizer.len())
+            .finish()
+    }
+}
+
 impl Checkpoint {
     pub fn encode(&self) -> Result<Vec<u8>> {
         let meta = serde_json::to_vec(&self.meta)?;

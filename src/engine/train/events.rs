@@ -88,3 +88,20 @@ impl<B: burn::tensor::backend::AutodiffBackend, F: FnMut(&TrainEvent)> TrainObse
         (self.0)(event)
     }
 }
+
+/// Sends every event down a channel and stops the run when its cancel flag is raised: the
+/// shape a server's job runner needs (events to stream, a flag set by `CancelJob`).
+pub struct ChannelObserver {
+    pub events: crossbeam_channel::Sender<TrainEvent>,
+    pub cancel: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl<B: burn::tensor::backend::AutodiffBackend> TrainObserver<B> for ChannelObserver {
+    fn event(&mut self, event: &TrainEvent) {
+        // A closed receiver only means nobody is watching; training goes on.
+        let _ = self.events.send(event.clone());
+    }
+    fn should_stop(&mut self) -> bool {
+        self.cancel.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}

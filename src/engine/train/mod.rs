@@ -11,7 +11,8 @@ pub use checkpoint::{write_atomic, write_json, Checkpoint, CheckpointDir, Checkp
 pub use config::{Preset, Schedule, TrainConfig};
 pub use eval::{batch_tensors, evaluate, loss_and_correct};
 pub use events::{
-    EpochMetrics, FinalMetrics, FnObserver, Outcome, Progress, TrainEvent, TrainObserver,
+    ChannelObserver, EpochMetrics, FinalMetrics, FnObserver, Outcome, Progress, TrainEvent,
+    TrainObserver,
 };
 pub use export::{export_safetensors, named_tensors};
 pub use trainer::{train, RunDir};

@@ -17,7 +17,7 @@ use super::checkpoint::{
 use super::config::TrainConfig;
 use super::events::{EpochMetrics, FinalMetrics, Outcome, Progress, TrainEvent, TrainObserver};
 use super::eval::{batch_tensors, evaluate, loss_and_correct};
-use crate::engine::data::{EpochPlan, Loader, Splits};
+use crate::engine::data::{mix64, EpochPlan, Loader, Splits};
 use crate::engine::model::Tlb;
 
 /// Files of one run: `config.json`, `metrics.jsonl`, `checkpoints/`.
@@ -42,12 +42,9 @@ impl RunDir {
     }
 }
 
-/// Mixes the run seed with a step number into a backend seed for that step's dropout.
+/// The backend seed for one step's dropout.
 fn step_seed(seed: u64, step: usize) -> u64 {
-    let mut z = seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+    mix64(seed ^ mix64(step as u64))
 }
 
 /// Trains `config` on `splits`, writing into `out`. With `resume`, continues from the newest
@@ -76,6 +73,8 @@ pub fn train<B: AutodiffBackend>(
     let ckpts = run.checkpoints();
     std::fs::create_dir_all(&ckpts.0).with_context(|| format!("creating {}", ckpts.0.display()))?;
 
+    // Initial weights come from the run's seed too.
+    B::seed(device, mix64(config.seed));
     let mut model: Tlb<B> = config.model.init(device)?;
     let mut optim = AdamWConfig::new()
         .with_weight_decay(config.weight_decay as f32)
@@ -141,11 +140,11 @@ pub fn train<B: AutodiffBackend>(
             seed: config.seed,
             epoch: epoch as u64,
         };
-        let loader = Loader::new(splits.train.clone(), plan, meta.step_in_epoch, config.data_workers, 4);
+        let mut loader =
+            Loader::new(splits.train.clone(), plan, meta.step_in_epoch, config.data_workers, 4);
         let epoch_start = Instant::now();
         let (mut loss_sum, mut correct, mut seen, mut wait) = (0.0f64, 0usize, 0usize, 0.0f64);
         let mut lr = config.lr_at(meta.global_step, steps_per_epoch);
-        let mut loader = loader.peekable();
         loop {
             let t_wait = Instant::now();
             let Some(batch) = loader.next() else { break };
@@ -208,7 +207,8 @@ pub fn train<B: AutodiffBackend>(
         drop(loader);
 
         let valid = model.valid();
-        let (val_loss, val_accuracy) = evaluate(&valid, &splits.val, image_size, micro, device);
+        let eval_batch = micro.max(256);
+        let (val_loss, val_accuracy) = evaluate(&valid, &splits.val, image_size, eval_batch, device);
         let metrics = EpochMetrics {
             epoch: epoch + 1,
             train_loss: loss_sum / seen.max(1) as f64,
@@ -275,7 +275,7 @@ pub fn train<B: AutodiffBackend>(
     let test = splits
         .test
         .as_ref()
-        .map(|t| evaluate(&best, t, image_size, micro, device));
+        .map(|t| evaluate(&best, t, image_size, micro.max(256), device));
     let summary = FinalMetrics {
         epochs_completed: meta.epoch,
         best_epoch: meta.best_epoch,
