@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn tlb(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_tlb")).args(args).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tlb"))
+        .args(args)
+        .output()
+        .unwrap();
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -27,7 +30,15 @@ fn train_local_then_eval_plot_attention_and_export() {
     let run = tmp.path().join("run");
     let p = |x: &PathBuf| x.to_str().unwrap().to_string();
     let (ok, _, err) = tlb(&[
-        "train-local", "--preset", "tiny", "--data", &p(&data), "--out", &p(&run), "--epochs", "3",
+        "train-local",
+        "--preset",
+        "tiny",
+        "--data",
+        &p(&data),
+        "--out",
+        &p(&run),
+        "--epochs",
+        "3",
         "--quiet",
     ]);
     assert!(ok, "{err}");
@@ -37,11 +48,22 @@ fn train_local_then_eval_plot_attention_and_export() {
     let test_acc = last["test_accuracy"].as_f64().unwrap();
 
     let best = run.join("checkpoints/best.ckpt");
-    let (ok, out, err) = tlb(&["eval", "--checkpoint", &p(&best), "--data", &p(&data), "--split", "test"]);
+    let (ok, out, err) = tlb(&[
+        "eval",
+        "--checkpoint",
+        &p(&best),
+        "--data",
+        &p(&data),
+        "--split",
+        "test",
+    ]);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["images"], 50);
-    assert!((v["accuracy"].as_f64().unwrap() - test_acc).abs() < 1e-9, "eval {v} vs train {test_acc}");
+    assert!(
+        (v["accuracy"].as_f64().unwrap() - test_acc).abs() < 1e-9,
+        "eval {v} vs train {test_acc}"
+    );
 
     let curves = tmp.path().join("curves.png");
     let (ok, _, err) = tlb(&["plot", "--metrics", &p(&run), "--out", &p(&curves)]);
@@ -49,11 +71,20 @@ fn train_local_then_eval_plot_attention_and_export() {
     assert_eq!(png_size(&curves), (1200, 480));
 
     let img = tmp.path().join("in.png");
-    image::RgbImage::from_fn(50, 40, |x, y| image::Rgb([x as u8 * 5, y as u8 * 6, 90])).save(&img).unwrap();
+    image::RgbImage::from_fn(50, 40, |x, y| image::Rgb([x as u8 * 5, y as u8 * 6, 90]))
+        .save(&img)
+        .unwrap();
     let overlay = tmp.path().join("overlay.png");
     let (ok, out, err) = tlb(&[
-        "attention-local", "--checkpoint", &p(&best), "--image", &p(&img), "--out", &p(&overlay),
-        "--size", "160",
+        "attention-local",
+        "--checkpoint",
+        &p(&best),
+        "--image",
+        &p(&img),
+        "--out",
+        &p(&overlay),
+        "--size",
+        "160",
     ]);
     assert!(ok, "{err}");
     assert_eq!(png_size(&overlay), (160, 160));
@@ -63,7 +94,13 @@ fn train_local_then_eval_plot_attention_and_export() {
 
     let broken = tmp.path().join("broken.png");
     std::fs::write(&broken, b"not a png").unwrap();
-    let (ok, _, err) = tlb(&["attention-local", "--checkpoint", &p(&best), "--image", &p(&broken)]);
+    let (ok, _, err) = tlb(&[
+        "attention-local",
+        "--checkpoint",
+        &p(&best),
+        "--image",
+        &p(&broken),
+    ]);
     assert!(!ok && err.contains("not a decodable PNG/JPEG"), "{err}");
 
     let st = tmp.path().join("m.safetensors");
@@ -73,11 +110,23 @@ fn train_local_then_eval_plot_attention_and_export() {
 
     // resume with more epochs continues from epoch 3
     let (ok, _, err) = tlb(&[
-        "train-local", "--preset", "tiny", "--data", &p(&data), "--out", &p(&run), "--epochs", "4",
-        "--resume", "--quiet",
+        "train-local",
+        "--preset",
+        "tiny",
+        "--data",
+        &p(&data),
+        "--out",
+        &p(&run),
+        "--epochs",
+        "4",
+        "--resume",
+        "--quiet",
     ]);
     assert!(ok, "{err}");
-    assert!(err.contains("epoch   4:") && !err.contains("epoch   1:"), "{err}");
+    assert!(
+        err.contains("epoch   4:") && !err.contains("epoch   1:"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -86,16 +135,43 @@ fn bad_arguments_give_precise_errors() {
     let data = tmp.path().join("data");
     common::write_synthetic_cifar(&data, 20, 5);
     let d = data.to_str().unwrap();
-    let (ok, _, err) = tlb(&["train-local", "--preset", "huge", "--data", d, "--out", "/tmp/x"]);
+    let (ok, _, err) = tlb(&[
+        "train-local",
+        "--preset",
+        "huge",
+        "--data",
+        d,
+        "--out",
+        "/tmp/x",
+    ]);
     assert!(!ok && err.contains("unknown preset 'huge'"), "{err}");
-    let (ok, _, err) = tlb(&["train-local", "--preset", "tiny", "--data", "/nonexistent", "--out", "/tmp/x"]);
+    let (ok, _, err) = tlb(&[
+        "train-local",
+        "--preset",
+        "tiny",
+        "--data",
+        "/nonexistent",
+        "--out",
+        "/tmp/x",
+    ]);
     assert!(!ok && err.contains("/nonexistent"), "{err}");
     let cfg = tmp.path().join("c.json");
     let mut c = tlb::engine::train::Preset::Tiny.config();
     c.model.chunk_size = 5;
     std::fs::write(&cfg, serde_json::to_string(&c).unwrap()).unwrap();
-    let (ok, _, err) = tlb(&["train-local", "--config", cfg.to_str().unwrap(), "--data", d, "--out", "/tmp/x"]);
-    assert!(!ok && err.contains("not divisible by chunk_size 5"), "{err}");
+    let (ok, _, err) = tlb(&[
+        "train-local",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--data",
+        d,
+        "--out",
+        "/tmp/x",
+    ]);
+    assert!(
+        !ok && err.contains("not divisible by chunk_size 5"),
+        "{err}"
+    );
     let (ok, _, err) = tlb(&["bench", "--device", "tpu:0"]);
     assert!(!ok && err.contains("unknown device 'tpu:0'"), "{err}");
 }
@@ -105,7 +181,11 @@ fn bench_prints_one_json_line_with_the_figures() {
     let (ok, out, err) = tlb(&["bench", "--preset", "tiny", "--batch", "8", "--steps", "2"]);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
-    for key in ["train_images_per_sec", "infer_images_per_sec", "peak_rss_mib"] {
+    for key in [
+        "train_images_per_sec",
+        "infer_images_per_sec",
+        "peak_rss_mib",
+    ] {
         assert!(v[key].as_f64().unwrap() > 0.0, "{key} in {v}");
     }
 }
@@ -113,19 +193,33 @@ fn bench_prints_one_json_line_with_the_figures() {
 /// Trains `tiny` for an epoch on the real cifar10-mini ($TLB_DATA_DIR, default ../shared/data).
 #[test]
 fn tiny_epoch_on_real_cifar10_mini() {
-    let root = std::env::var("TLB_DATA_DIR").unwrap_or_else(|_| {
-        concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data").to_string()
-    });
+    let root = std::env::var("TLB_DATA_DIR")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data").to_string());
     let data = Path::new(&root).join("cifar10-mini");
-    assert!(data.join("data_batch_1.bin").exists(), "set TLB_DATA_DIR: {} has no cifar10-mini", root);
+    assert!(
+        data.join("data_batch_1.bin").exists(),
+        "set TLB_DATA_DIR: {} has no cifar10-mini",
+        root
+    );
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
     let (ok, _, err) = tlb(&[
-        "train-local", "--preset", "tiny", "--data", data.to_str().unwrap(), "--out",
-        run.to_str().unwrap(), "--epochs", "1", "--quiet",
+        "train-local",
+        "--preset",
+        "tiny",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--quiet",
     ]);
     assert!(ok, "{err}");
-    assert!(err.contains("1600 train / 400 validation / 500 test images"), "{err}");
+    assert!(
+        err.contains("1600 train / 400 validation / 500 test images"),
+        "{err}"
+    );
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
     let acc = last["test_accuracy"].as_f64().unwrap();

@@ -25,9 +25,18 @@ fn cifar10_reader_reads_records_and_names() {
 fn cifar10_splits_are_the_reference_ones() {
     let dir = tempfile::tempdir().unwrap();
     common::write_synthetic_cifar(dir.path(), 100, 10);
-    let splits = DatasetSpec { format: DatasetFormat::Cifar10, path: dir.path().into() }.load().unwrap();
+    let splits = DatasetSpec {
+        format: DatasetFormat::Cifar10,
+        path: dir.path().into(),
+    }
+    .load()
+    .unwrap();
     assert_eq!(splits.train.range, 0..80);
-    assert_eq!(splits.val.range, 80..100, "validation is the tail of the training files");
+    assert_eq!(
+        splits.val.range,
+        80..100,
+        "validation is the tail of the training files"
+    );
     assert_eq!(splits.test.unwrap().len(), 10);
 }
 
@@ -46,17 +55,33 @@ fn truncated_and_corrupt_cifar_files_are_errors_naming_the_file() {
     bad[3073 * 4] = 11; // label of record 4
     std::fs::write(&f, &bad).unwrap();
     let err = read_train(dir.path(), CifarKind::Cifar10).unwrap_err();
-    assert!(matches!(err, DataError::BadLabel { index: 4, label: 11, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            DataError::BadLabel {
+                index: 4,
+                label: 11,
+                ..
+            }
+        ),
+        "{err}"
+    );
 
     std::fs::write(&f, []).unwrap();
-    assert!(matches!(read_train(dir.path(), CifarKind::Cifar10).unwrap_err(), DataError::BadSize { .. }));
+    assert!(matches!(
+        read_train(dir.path(), CifarKind::Cifar10).unwrap_err(),
+        DataError::BadSize { .. }
+    ));
 
     std::fs::remove_file(&f).unwrap();
     let err = read_train(dir.path(), CifarKind::Cifar10).unwrap_err();
     assert!(matches!(err, DataError::Missing { .. }), "{err}");
     assert!(err.to_string().contains("data_batch_1.bin"), "{err}");
     std::fs::remove_file(dir.path().join("test_batch.bin")).unwrap();
-    assert!(read_test(dir.path(), CifarKind::Cifar10).unwrap_err().to_string().contains("test_batch.bin"));
+    assert!(read_test(dir.path(), CifarKind::Cifar10)
+        .unwrap_err()
+        .to_string()
+        .contains("test_batch.bin"));
 }
 
 #[test]
@@ -74,7 +99,10 @@ fn cifar100_uses_the_fine_label() {
     assert_eq!(set.num_classes(), 100);
     bytes[1] = 100;
     std::fs::write(dir.path().join("train.bin"), &bytes).unwrap();
-    assert!(matches!(read_train(dir.path(), CifarKind::Cifar100).unwrap_err(), DataError::BadLabel { .. }));
+    assert!(matches!(
+        read_train(dir.path(), CifarKind::Cifar100).unwrap_err(),
+        DataError::BadLabel { .. }
+    ));
 }
 
 #[test]
@@ -84,7 +112,8 @@ fn image_folder_reads_classes_and_rejects_corrupt_images() {
         std::fs::create_dir_all(dir.path().join(class)).unwrap();
         for i in 0..3 {
             let img = image::RgbImage::from_pixel(40 + i, 30, image::Rgb(color));
-            img.save(dir.path().join(class).join(format!("{i}.png"))).unwrap();
+            img.save(dir.path().join(class).join(format!("{i}.png")))
+                .unwrap();
         }
     }
     std::fs::write(dir.path().join("cats/readme.txt"), "not an image").unwrap();
@@ -96,11 +125,17 @@ fn image_folder_reads_classes_and_rejects_corrupt_images() {
     assert!(set.image(0)[0] > 190 && set.image(0)[1024] < 20);
     let detected = DatasetSpec::detect(dir.path());
     assert_eq!(detected.format, DatasetFormat::ImageFolder);
-    assert_eq!(detected.load().unwrap().train.len() + detected.load().unwrap().val.len(), 6);
+    assert_eq!(
+        detected.load().unwrap().train.len() + detected.load().unwrap().val.len(),
+        6
+    );
 
     std::fs::write(dir.path().join("dogs/broken.png"), b"\x89PNG garbage").unwrap();
     let err = read_image_folder(dir.path(), 32).unwrap_err();
-    assert!(matches!(err, DataError::Decode { .. }) && err.to_string().contains("broken.png"), "{err}");
+    assert!(
+        matches!(err, DataError::Decode { .. }) && err.to_string().contains("broken.png"),
+        "{err}"
+    );
 }
 
 fn ramp_set(n: usize) -> Split {
@@ -119,19 +154,31 @@ fn ramp_set(n: usize) -> Split {
 #[test]
 fn augmentation_is_deterministic_for_a_seed() {
     let split = ramp_set(40);
-    let plan = |seed, epoch| EpochPlan { batch_size: 16, image_size: 48, train: true, seed, epoch };
+    let plan = |seed, epoch| EpochPlan {
+        batch_size: 16,
+        image_size: 48,
+        train: true,
+        seed,
+        epoch,
+    };
     let a: Vec<_> = Loader::new(split.clone(), plan(5, 0), 0, 1, 2).collect();
     let b: Vec<_> = Loader::new(split.clone(), plan(5, 0), 0, 2, 4).collect();
     assert_eq!(a.len(), 3);
     assert_eq!(a[2].len(), 8);
     for (x, y) in a.iter().zip(&b) {
-        assert_eq!(x.images, y.images, "worker count must not change the batches");
+        assert_eq!(
+            x.images, y.images,
+            "worker count must not change the batches"
+        );
         assert_eq!(x.labels, y.labels);
     }
     let c: Vec<_> = Loader::new(split.clone(), plan(6, 0), 0, 1, 2).collect();
     let d: Vec<_> = Loader::new(split.clone(), plan(5, 1), 0, 1, 2).collect();
     assert_ne!(a[0].images, c[0].images, "another seed gives other batches");
-    assert_ne!(a[0].labels, d[0].labels, "another epoch gives another order");
+    assert_ne!(
+        a[0].labels, d[0].labels,
+        "another epoch gives another order"
+    );
     // resuming mid-epoch yields the same remaining batches
     let tail: Vec<_> = Loader::new(split, plan(5, 0), 1, 1, 2).collect();
     assert_eq!(tail.len(), 2);
@@ -145,7 +192,11 @@ fn eval_resize_is_identity_at_the_same_size_and_flip_mirrors() {
     let (img, _) = split.get(0);
     let aug = Augmenter::new(32, 32, false);
     let mut out = vec![0f32; aug.out_len()];
-    aug.apply(img, aug.draw(&mut rand::rngs::StdRng::seed_from_u64(0)), &mut out);
+    aug.apply(
+        img,
+        aug.draw(&mut rand::rngs::StdRng::seed_from_u64(0)),
+        &mut out,
+    );
     for (o, &i) in out.iter().zip(img) {
         assert!((o - i as f32 / 255.0).abs() < 1e-6);
     }
@@ -153,9 +204,17 @@ fn eval_resize_is_identity_at_the_same_size_and_flip_mirrors() {
     let train = Augmenter::new(32, 32, true);
     let mut plain = vec![0f32; train.out_len()];
     let mut flipped = vec![0f32; train.out_len()];
-    let cf = tlb::engine::data::CropFlip { top: 2, left: 3, flip: false };
+    let cf = tlb::engine::data::CropFlip {
+        top: 2,
+        left: 3,
+        flip: false,
+    };
     train.apply(img, cf, &mut plain);
-    train.apply(img, tlb::engine::data::CropFlip { flip: true, ..cf }, &mut flipped);
+    train.apply(
+        img,
+        tlb::engine::data::CropFlip { flip: true, ..cf },
+        &mut flipped,
+    );
     for y in 0..32 {
         for x in 0..32 {
             assert_eq!(plain[y * 32 + x], flipped[y * 32 + 31 - x]);

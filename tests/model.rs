@@ -20,10 +20,15 @@ fn small(readout: Readout, heads: usize) -> TlbConfig {
 #[test]
 fn logits_and_attention_have_the_documented_shapes() {
     let device = cpu_device();
-    for (readout, heads) in [(Readout::Slow, 1), (Readout::LastFast, 2), (Readout::Slow, 4)] {
+    for (readout, heads) in [
+        (Readout::Slow, 1),
+        (Readout::LastFast, 2),
+        (Readout::Slow, 4),
+    ] {
         let cfg = small(readout, heads);
         let model = cfg.init::<Cpu>(&device).unwrap();
-        let images = Tensor::<Cpu, 4>::random([3, 3, 16, 16], Distribution::Uniform(0.0, 1.0), &device);
+        let images =
+            Tensor::<Cpu, 4>::random([3, 3, 16, 16], Distribution::Uniform(0.0, 1.0), &device);
         let out = model.forward_with(images, true);
         assert_eq!(out.logits.dims(), [3, 7]);
         let att = out.attention.unwrap();
@@ -50,8 +55,11 @@ fn perceptual_cross_blocks_follow_every_rth_layer() {
 #[test]
 fn readouts_differ_and_eval_mode_is_deterministic() {
     let device = cpu_device();
-    let images = Tensor::<CpuAutodiff, 4>::random([2, 3, 16, 16], Distribution::Uniform(0.0, 1.0), &device);
-    let cfg = small(Readout::Slow, 1).with_ffn_dropout(0.5).with_attn_dropout(0.5);
+    let images =
+        Tensor::<CpuAutodiff, 4>::random([2, 3, 16, 16], Distribution::Uniform(0.0, 1.0), &device);
+    let cfg = small(Readout::Slow, 1)
+        .with_ffn_dropout(0.5)
+        .with_attn_dropout(0.5);
     let model = cfg.init::<CpuAutodiff>(&device).unwrap();
     let valid = model.valid();
     let a = valid.forward(images.clone().inner()).into_data();
@@ -66,21 +74,60 @@ fn readouts_differ_and_eval_mode_is_deterministic() {
 fn config_validation_names_the_problem() {
     let base = small(Readout::Slow, 1);
     let cases: Vec<(TlbConfig, &str, &str)> = vec![
-        (base.clone().with_image_size(18), "image_size", "not divisible by patch_size 4"),
-        (base.clone().with_chunk_size(5), "chunk_size", "token count 16 (4x4 patches) is not divisible by chunk_size 5"),
-        (base.clone().with_embed_dim(18).with_num_heads(4), "num_heads", "embed_dim 18 is not divisible by num_heads 4"),
+        (
+            base.clone().with_image_size(18),
+            "image_size",
+            "not divisible by patch_size 4",
+        ),
+        (
+            base.clone().with_chunk_size(5),
+            "chunk_size",
+            "token count 16 (4x4 patches) is not divisible by chunk_size 5",
+        ),
+        (
+            base.clone().with_embed_dim(18).with_num_heads(4),
+            "num_heads",
+            "embed_dim 18 is not divisible by num_heads 4",
+        ),
         (base.clone().with_r(0), "r", "must be in 1..="),
-        (base.clone().with_num_layers(0), "num_layers", "must be in 1..="),
-        (base.clone().with_ffn_dropout(1.0), "ffn_dropout", "must be in [0, 1)"),
-        (base.clone().with_attn_dropout(-0.1), "attn_dropout", "must be in [0, 1)"),
-        (base.clone().with_embed_dim(100_000), "embed_dim", "must be in 1..=4096"),
-        (base.clone().with_image_size(4096), "image_size", "must be in 1..=512"),
-        (base.clone().with_num_classes(0), "num_classes", "must be in 1..="),
+        (
+            base.clone().with_num_layers(0),
+            "num_layers",
+            "must be in 1..=",
+        ),
+        (
+            base.clone().with_ffn_dropout(1.0),
+            "ffn_dropout",
+            "must be in [0, 1)",
+        ),
+        (
+            base.clone().with_attn_dropout(-0.1),
+            "attn_dropout",
+            "must be in [0, 1)",
+        ),
+        (
+            base.clone().with_embed_dim(100_000),
+            "embed_dim",
+            "must be in 1..=4096",
+        ),
+        (
+            base.clone().with_image_size(4096),
+            "image_size",
+            "must be in 1..=512",
+        ),
+        (
+            base.clone().with_num_classes(0),
+            "num_classes",
+            "must be in 1..=",
+        ),
     ];
     for (cfg, field, text) in cases {
         let err = cfg.validate().unwrap_err();
         assert_eq!(err.field, field, "{err}");
-        assert!(err.to_string().contains(text), "'{err}' should contain '{text}'");
+        assert!(
+            err.to_string().contains(text),
+            "'{err}' should contain '{text}'"
+        );
         assert!(cfg.init::<Cpu>(&cpu_device()).is_err());
     }
     assert!(base.validate().is_ok());
@@ -94,11 +141,23 @@ fn presets_are_valid_and_match_the_reference() {
     }
     let r = Preset::Reference.config();
     assert_eq!(
-        (r.model.image_size, r.model.embed_dim, r.model.num_layers, r.model.r, r.model.chunk_size),
+        (
+            r.model.image_size,
+            r.model.embed_dim,
+            r.model.num_layers,
+            r.model.r,
+            r.model.chunk_size
+        ),
         (48, 128, 6, 2, 8)
     );
     assert_eq!(r.model.num_tokens(), 144);
-    assert_eq!((r.batch_size, r.epochs, r.lr, r.weight_decay), (1024, 100, 1e-4, 1e-4));
-    assert!(r.micro_batch_size() < r.batch_size, "CPU micro-batches keep memory bounded");
+    assert_eq!(
+        (r.batch_size, r.epochs, r.lr, r.weight_decay),
+        (1024, 100, 1e-4, 1e-4)
+    );
+    assert!(
+        r.micro_batch_size() < r.batch_size,
+        "CPU micro-batches keep memory bounded"
+    );
     assert!(Preset::from_name("huge").is_err());
 }

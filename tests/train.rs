@@ -23,7 +23,10 @@ fn tiny_model_drives_loss_near_zero_on_a_few_images() {
     let cfg = Preset::Tiny.config().model;
     let (imgs, labels) = common::synthetic_images(8, 3);
     let s = 32;
-    let data: Vec<f32> = imgs.iter().flat_map(|i| i.iter().map(|&v| v as f32 / 255.0)).collect();
+    let data: Vec<f32> = imgs
+        .iter()
+        .flat_map(|i| i.iter().map(|&v| v as f32 / 255.0))
+        .collect();
     let images = Tensor::<B, 4>::from_data(TensorData::new(data, [8, 3, s, s]), &device);
     let images = burn::tensor::module::interpolate(
         images,
@@ -67,7 +70,12 @@ mod resume {
 
     fn data(dir: &Path) -> Splits {
         common::write_synthetic_cifar(dir, 160, 40);
-        DatasetSpec { format: DatasetFormat::Cifar10, path: dir.to_path_buf() }.load().unwrap()
+        DatasetSpec {
+            format: DatasetFormat::Cifar10,
+            path: dir.to_path_buf(),
+        }
+        .load()
+        .unwrap()
     }
 
     fn config() -> TrainConfig {
@@ -85,7 +93,10 @@ mod resume {
     fn weights(path: &Path) -> Vec<f32> {
         let ckpt = Checkpoint::read(path).unwrap();
         let model = ckpt.load_model::<Cpu>(&cpu_device()).unwrap();
-        tlb::engine::train::named_tensors(&model).into_iter().flat_map(|t| t.values).collect()
+        tlb::engine::train::named_tensors(&model)
+            .into_iter()
+            .flat_map(|t| t.values)
+            .collect()
     }
 
     #[test]
@@ -97,14 +108,19 @@ mod resume {
         let mut cfg = config();
         cfg.epochs = 2;
         let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
-        let (_, full) = train::<CpuAutodiff>(&cfg, &splits, &a, &device, false, &mut quiet()).unwrap();
+        let (_, full) =
+            train::<CpuAutodiff>(&cfg, &splits, &a, &device, false, &mut quiet()).unwrap();
         cfg.epochs = 1;
         train::<CpuAutodiff>(&cfg, &splits, &b, &device, false, &mut quiet()).unwrap();
         cfg.epochs = 2;
-        let (_, resumed) = train::<CpuAutodiff>(&cfg, &splits, &b, &device, true, &mut quiet()).unwrap();
+        let (_, resumed) =
+            train::<CpuAutodiff>(&cfg, &splits, &b, &device, true, &mut quiet()).unwrap();
         let wa = weights(&CheckpointDir(a.join("checkpoints")).epoch_path(2));
         let wb = weights(&CheckpointDir(b.join("checkpoints")).epoch_path(2));
-        assert_eq!(wa, wb, "resumed run must reproduce the uninterrupted one exactly");
+        assert_eq!(
+            wa, wb,
+            "resumed run must reproduce the uninterrupted one exactly"
+        );
         assert_eq!(full.test_accuracy, resumed.test_accuracy);
         assert_eq!(full.best_val_accuracy, resumed.best_val_accuracy);
     }
@@ -139,11 +155,25 @@ mod resume {
         assert_eq!(partial.epochs_completed, 1);
         let dir = CheckpointDir(b.join("checkpoints"));
         let last = Checkpoint::read(&dir.interrupted_path()).unwrap();
-        assert_eq!((last.meta.epoch, last.meta.step_in_epoch, last.meta.global_step), (1, 2, 6));
-        let (outcome, _) = train::<CpuAutodiff>(&cfg, &splits, &b, &device, true, &mut quiet()).unwrap();
+        assert_eq!(
+            (
+                last.meta.epoch,
+                last.meta.step_in_epoch,
+                last.meta.global_step
+            ),
+            (1, 2, 6)
+        );
+        let (outcome, _) =
+            train::<CpuAutodiff>(&cfg, &splits, &b, &device, true, &mut quiet()).unwrap();
         assert_eq!(outcome, Outcome::Completed);
-        assert_eq!(weights(&CheckpointDir(a.join("checkpoints")).epoch_path(2)), weights(&dir.epoch_path(2)));
-        assert!(!dir.interrupted_path().exists(), "the epoch checkpoint supersedes last.ckpt");
+        assert_eq!(
+            weights(&CheckpointDir(a.join("checkpoints")).epoch_path(2)),
+            weights(&dir.epoch_path(2))
+        );
+        assert!(
+            !dir.interrupted_path().exists(),
+            "the epoch checkpoint supersedes last.ckpt"
+        );
     }
 
     #[test]
@@ -158,10 +188,16 @@ mod resume {
         let out = tmp.path().join("run");
         let mut events = Vec::new();
         let mut obs = FnObserver(|e: &TrainEvent| events.push(e.clone()));
-        let (_, summary) = train::<CpuAutodiff>(&cfg, &splits, &out, &device, false, &mut obs).unwrap();
-        let epochs: Vec<_> = events.iter().filter(|e| matches!(e, TrainEvent::Epoch(_))).collect();
+        let (_, summary) =
+            train::<CpuAutodiff>(&cfg, &splits, &out, &device, false, &mut obs).unwrap();
+        let epochs: Vec<_> = events
+            .iter()
+            .filter(|e| matches!(e, TrainEvent::Epoch(_)))
+            .collect();
         assert_eq!(epochs.len(), 4);
-        assert!(events.iter().any(|e| matches!(e, TrainEvent::Progress(p) if p.images_per_sec > 0.0)));
+        assert!(events
+            .iter()
+            .any(|e| matches!(e, TrainEvent::Progress(p) if p.images_per_sec > 0.0)));
         assert!(matches!(events.last(), Some(TrainEvent::Finished(_))));
         let dir = CheckpointDir(out.join("checkpoints"));
         let kept: Vec<usize> = dir.epochs().into_iter().map(|(e, _)| e).collect();
@@ -181,9 +217,15 @@ mod resume {
         let model = ckpt.load_model::<CpuAutodiff>(&device).unwrap().valid();
         let copy = tmp.path().join("copy.ckpt");
         ckpt.write(&copy).unwrap();
-        let again = Checkpoint::read(&copy).unwrap().load_model::<Cpu>(&device).unwrap();
+        let again = Checkpoint::read(&copy)
+            .unwrap()
+            .load_model::<Cpu>(&device)
+            .unwrap();
         let x = Tensor::<Cpu, 4>::random([4, 3, 16, 16], Distribution::Uniform(0.0, 1.0), &device);
-        assert_eq!(model.forward(x.clone()).into_data(), again.forward(x).into_data());
+        assert_eq!(
+            model.forward(x.clone()).into_data(),
+            again.forward(x).into_data()
+        );
         assert_eq!(model.num_params(), again.num_params());
 
         // a damaged file is an error, not a panic
@@ -202,13 +244,15 @@ mod resume {
         let device = cpu_device();
         let mut cfg = config();
         cfg.model.num_classes = 3;
-        let err = train::<CpuAutodiff>(&cfg, &splits, tmp.path(), &device, false, &mut quiet()).unwrap_err();
+        let err = train::<CpuAutodiff>(&cfg, &splits, tmp.path(), &device, false, &mut quiet())
+            .unwrap_err();
         assert!(err.to_string().contains("num_classes is 3"), "{err}");
         let mut cfg = config();
         cfg.epochs = 1;
         train::<CpuAutodiff>(&cfg, &splits, tmp.path(), &device, false, &mut quiet()).unwrap();
         cfg.lr *= 2.0;
-        let err = train::<CpuAutodiff>(&cfg, &splits, tmp.path(), &device, true, &mut quiet()).unwrap_err();
+        let err = train::<CpuAutodiff>(&cfg, &splits, tmp.path(), &device, true, &mut quiet())
+            .unwrap_err();
         assert!(err.to_string().contains("another config"), "{err}");
     }
 
@@ -227,15 +271,36 @@ mod resume {
         let shape = |n: &str| st.tensor(n).unwrap().shape().to_vec();
         assert_eq!(shape("patch_embed.weight"), vec![d, 3, 4, 4]);
         assert_eq!(shape("pos_embed"), vec![1, cfg.num_tokens(), d]);
-        assert_eq!(shape("perceptual.0.ffn_in.weight"), vec![4 * d, d], "torch Linear is [out, in]");
+        assert_eq!(
+            shape("perceptual.0.ffn_in.weight"),
+            vec![4 * d, d],
+            "torch Linear is [out, in]"
+        );
         assert_eq!(shape("bottleneck.norm_key.bias"), vec![d]);
         assert_eq!(shape("head.weight"), vec![cfg.num_classes, d]);
-        let total: usize = st.tensors().iter().map(|(_, t)| t.shape().iter().product::<usize>()).sum();
-        assert_eq!(total, model.num_params(), "every parameter is exported once");
+        let total: usize = st
+            .tensors()
+            .iter()
+            .map(|(_, t)| t.shape().iter().product::<usize>())
+            .sum();
+        assert_eq!(
+            total,
+            model.num_params(),
+            "every parameter is exported once"
+        );
         // values survive: head bias is zero-initialised, ffn_in weight is transposed
-        let w = model.perceptual[0].ffn_in.weight.val().into_data().to_vec::<f32>().unwrap();
+        let w = model.perceptual[0]
+            .ffn_in
+            .weight
+            .val()
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
         let t = st.tensor("perceptual.0.ffn_in.weight").unwrap();
-        let first_row: Vec<f32> = t.data()[..4 * d].chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        let first_row: Vec<f32> = t.data()[..4 * d]
+            .chunks(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
         let column0: Vec<f32> = (0..d).map(|i| w[i * 4 * d]).collect();
         assert_eq!(first_row, column0);
     }
@@ -251,9 +316,12 @@ fn a_cancel_flag_stops_training_and_events_arrive_on_the_channel() {
 
     let tmp = tempfile::tempdir().unwrap();
     common::write_synthetic_cifar(&tmp.path().join("data"), 160, 20);
-    let splits = DatasetSpec { format: DatasetFormat::Cifar10, path: tmp.path().join("data") }
-        .load()
-        .unwrap();
+    let splits = DatasetSpec {
+        format: DatasetFormat::Cifar10,
+        path: tmp.path().join("data"),
+    }
+    .load()
+    .unwrap();
     let mut cfg = Preset::Tiny.config();
     cfg.batch_size = 16;
     cfg.epochs = 50;
@@ -272,13 +340,22 @@ fn a_cancel_flag_stops_training_and_events_arrive_on_the_channel() {
     });
     let mut obs = ChannelObserver { events: tx, cancel };
     let device = cpu_device();
-    let (outcome, summary) =
-        train::<B>(&cfg, &splits, &tmp.path().join("run"), &device, false, &mut obs).unwrap();
+    let (outcome, summary) = train::<B>(
+        &cfg,
+        &splits,
+        &tmp.path().join("run"),
+        &device,
+        false,
+        &mut obs,
+    )
+    .unwrap();
     drop(obs);
     let seen = watcher.join().unwrap();
     assert_eq!(outcome, Outcome::Interrupted);
     assert!(summary.epochs_completed < 50, "stopped long before the end");
     assert!(matches!(seen.first(), Some(TrainEvent::Started { .. })));
-    assert!(seen.iter().any(|e| matches!(e, TrainEvent::CheckpointSaved { .. })));
+    assert!(seen
+        .iter()
+        .any(|e| matches!(e, TrainEvent::CheckpointSaved { .. })));
     assert!(!seen.iter().any(|e| matches!(e, TrainEvent::Finished(_))));
 }

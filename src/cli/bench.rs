@@ -24,13 +24,21 @@ pub fn peak_rss_mib() -> f64 {
         .map_or(0.0, |kib| kib / 1024.0)
 }
 
-fn run<B: AutodiffBackend>(cfg: &TrainConfig, a: &BenchArgs, device: &B::Device) -> Result<serde_json::Value> {
+fn run<B: AutodiffBackend>(
+    cfg: &TrainConfig,
+    a: &BenchArgs,
+    device: &B::Device,
+) -> Result<serde_json::Value> {
     let s = cfg.model.image_size;
     let mut model = cfg.model.init::<B>(device)?;
     let mut optim = AdamWConfig::new().init::<B, _>();
-    let images = Tensor::<B, 4>::random([a.batch, 3, s, s], Distribution::Uniform(0.0, 1.0), device);
+    let images =
+        Tensor::<B, 4>::random([a.batch, 3, s, s], Distribution::Uniform(0.0, 1.0), device);
     let labels = Tensor::<B, 1, Int>::from_data(
-        (0..a.batch as i64).map(|i| i % cfg.model.num_classes as i64).collect::<Vec<_>>().as_slice(),
+        (0..a.batch as i64)
+            .map(|i| i % cfg.model.num_classes as i64)
+            .collect::<Vec<_>>()
+            .as_slice(),
         device,
     );
     let mut step = |model: crate::engine::model::Tlb<B>| {
@@ -77,7 +85,9 @@ fn run<B: AutodiffBackend>(cfg: &TrainConfig, a: &BenchArgs, device: &B::Device)
 }
 
 pub fn bench(a: BenchArgs) -> Result<()> {
-    let cfg = Preset::from_name(&a.preset).map_err(anyhow::Error::msg)?.config();
+    let cfg = Preset::from_name(&a.preset)
+        .map_err(anyhow::Error::msg)?
+        .config();
     let line = with_backend!(a.device.clone(), |B, device| run::<B>(&cfg, &a, &device)?);
     println!("{line}");
     Ok(())

@@ -39,7 +39,9 @@ pub fn resolve_config(a: &TrainLocalArgs, num_classes: usize) -> Result<TrainCon
             &std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
         )
         .with_context(|| format!("parsing {}", path.display()))?,
-        None => Preset::from_name(&a.preset).map_err(anyhow::Error::msg)?.config(),
+        None => Preset::from_name(&a.preset)
+            .map_err(anyhow::Error::msg)?
+            .config(),
     };
     c.model.num_classes = num_classes;
     if let Some(v) = a.epochs {
@@ -94,7 +96,8 @@ pub fn train_local(a: TrainLocalArgs) -> Result<()> {
             bar.println(line);
         }
     };
-    let mut observer = FnObserver(|e: &TrainEvent| match e {
+    let mut observer = FnObserver(|e: &TrainEvent| {
+        match e {
         TrainEvent::Started {
             resumed_from_step,
             total_steps,
@@ -134,6 +137,7 @@ pub fn train_local(a: TrainLocalArgs) -> Result<()> {
             f.test_accuracy
                 .map_or("n/a".into(), |t| format!("{:.2}%", t * 100.0))
         )),
+    }
     });
     with_backend!(a.device.clone(), |B, device| {
         train::<B>(&config, &splits, &a.out, &device, a.resume, &mut observer)?;
@@ -148,7 +152,10 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     let splits = load_data(&a.data)?;
     let split = match a.split.as_str() {
         "val" | "validation" => splits.val.clone(),
-        "test" => splits.test.clone().context("this dataset has no test split")?,
+        "test" => splits
+            .test
+            .clone()
+            .context("this dataset has no test split")?,
         "train" => splits.train.clone(),
         other => bail!("unknown split '{other}' (expected train, val or test)"),
     };
@@ -190,7 +197,11 @@ pub fn attention(a: AttentionArgs) -> Result<()> {
     let (planar, rgb) = read_image(&a.image)?;
     let device = crate::engine::backend::cpu_device();
     let model = ckpt.load_model::<crate::engine::backend::Cpu>(&device)?;
-    let maps = attention_maps(&model, eval_batch(&[&planar], STORE_SIDE, cfg.image_size), &device);
+    let maps = attention_maps(
+        &model,
+        eval_batch(&[&planar], STORE_SIDE, cfg.image_size),
+        &device,
+    );
     let scores = token_scores(&maps.weights, maps.dims);
     overlay(&rgb, &scores, cfg.grid_size(), a.size, 0.5)
         .save(&a.out)

@@ -12,7 +12,11 @@ use crate::engine::data::DatasetFormat;
 use crate::engine::model::Readout;
 
 #[derive(Parser, Debug)]
-#[command(name = "tlb", version, about = "Train and serve the Temporal Latent Bottleneck classifier")]
+#[command(
+    name = "tlb",
+    version,
+    about = "Train and serve the Temporal Latent Bottleneck classifier"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

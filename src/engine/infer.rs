@@ -33,14 +33,25 @@ pub fn eval_batch(images: &[&[u8]], side: usize, image_size: usize) -> Batch {
 
 fn images_tensor<B: Backend>(batch: Batch, device: &B::Device) -> Tensor<B, 4> {
     let s = batch.side;
-    Tensor::from_data(TensorData::new(batch.images, [batch.labels.len(), 3, s, s]), device)
+    Tensor::from_data(
+        TensorData::new(batch.images, [batch.labels.len(), 3, s, s]),
+        device,
+    )
 }
 
 /// Class probabilities `[n][classes]`.
-pub fn probabilities<B: Backend>(model: &Tlb<B>, batch: Batch, device: &B::Device) -> Vec<Vec<f32>> {
+pub fn probabilities<B: Backend>(
+    model: &Tlb<B>,
+    batch: Batch,
+    device: &B::Device,
+) -> Vec<Vec<f32>> {
     let n = batch.len();
     let probs = softmax(model.forward(images_tensor(batch, device)), 1);
-    let flat = probs.into_data().convert::<f32>().to_vec::<f32>().expect("f32");
+    let flat = probs
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .expect("f32");
     let c = flat.len() / n.max(1);
     flat.chunks(c.max(1)).map(<[f32]>::to_vec).collect()
 }
@@ -62,15 +73,27 @@ pub struct AttentionMaps {
 }
 
 /// Runs one image and returns its per-chunk bottleneck attention (use an eval-mode model).
-pub fn attention_maps<B: Backend>(model: &Tlb<B>, batch: Batch, device: &B::Device) -> AttentionMaps {
+pub fn attention_maps<B: Backend>(
+    model: &Tlb<B>,
+    batch: Batch,
+    device: &B::Device,
+) -> AttentionMaps {
     assert_eq!(batch.len(), 1, "one image at a time");
     let out = model.forward_with(images_tensor(batch, device), true);
     let att = out.attention.expect("asked for attention");
     let [_, chunks, heads, latents, chunk] = att.dims();
     let probs = softmax(out.logits, 1);
     AttentionMaps {
-        weights: att.into_data().convert::<f32>().to_vec::<f32>().expect("f32"),
+        weights: att
+            .into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .expect("f32"),
         dims: [chunks, heads, latents, chunk],
-        probabilities: probs.into_data().convert::<f32>().to_vec::<f32>().expect("f32"),
+        probabilities: probs
+            .into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .expect("f32"),
     }
 }

@@ -7,9 +7,13 @@ use tlb::engine::data::{write_cifar10, PIXELS};
 
 /// A learnable synthetic CIFAR-10 set: each class is a distinct colour pattern plus noise.
 pub fn synthetic_images(n: usize, seed: u64) -> (Vec<[u8; PIXELS]>, Vec<u8>) {
-    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let mut next = move || {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (state >> 33) as u32
     };
     let mut images = Vec::with_capacity(n);
@@ -21,8 +25,12 @@ pub fn synthetic_images(n: usize, seed: u64) -> (Vec<[u8; PIXELS]>, Vec<u8>) {
             for y in 0..32 {
                 for x in 0..32 {
                     let stripe = ((x + y * (label as usize % 3)) / (2 + label as usize / 3)) % 2;
-                    let base = if (label as usize + c) % 3 == 0 { 180 } else { 60 };
-                    let v = base as i32 + if stripe == 0 { 50 } else { -50 } + (next() % 40) as i32 - 20;
+                    let base = if (label as usize + c).is_multiple_of(3) {
+                        180
+                    } else {
+                        60
+                    };
+                    let v = base + if stripe == 0 { 50 } else { -50 } + (next() % 40) as i32 - 20;
                     img[c * 1024 + y * 32 + x] = v.clamp(0, 255) as u8;
                 }
             }
@@ -40,6 +48,17 @@ pub fn write_synthetic_cifar(dir: &Path, train: usize, test: usize) {
     write_cifar10(&dir.join("data_batch_1.bin"), &imgs, &labels).unwrap();
     let (imgs, labels) = synthetic_images(test, 2);
     write_cifar10(&dir.join("test_batch.bin"), &imgs, &labels).unwrap();
-    let names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"];
+    let names = [
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    ];
     std::fs::write(dir.join("batches.meta.txt"), names.join("\n")).unwrap();
 }

@@ -71,7 +71,9 @@ fn class_names(dir: &Path, kind: CifarKind) -> Result<Vec<String>, DataError> {
         Err(e) => return Err(DataError::io(path, e)),
     };
     if names.is_empty() {
-        return Ok((0..kind.num_classes()).map(|i| format!("class_{i}")).collect());
+        return Ok((0..kind.num_classes())
+            .map(|i| format!("class_{i}"))
+            .collect());
     }
     if names.len() != kind.num_classes() {
         return Err(DataError::Invalid {

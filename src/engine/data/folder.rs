@@ -52,8 +52,13 @@ pub fn read_image_folder(root: &Path, side: usize) -> Result<ImageSet, DataError
     };
     for class_dir in sorted_entries(root)?.into_iter().filter(|p| p.is_dir()) {
         let label = set.class_names.len() as u16;
-        set.class_names
-            .push(class_dir.file_name().unwrap_or_default().to_string_lossy().into_owned());
+        set.class_names.push(
+            class_dir
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned(),
+        );
         for file in sorted_entries(&class_dir)? {
             let ext = file
                 .extension()

@@ -103,7 +103,13 @@ pub struct Loader {
 }
 
 impl Loader {
-    pub fn new(split: Split, plan: EpochPlan, start: usize, workers: usize, prefetch: usize) -> Self {
+    pub fn new(
+        split: Split,
+        plan: EpochPlan,
+        start: usize,
+        workers: usize,
+        prefetch: usize,
+    ) -> Self {
         let workers = workers.max(1);
         let end = plan.num_batches(&split);
         let order = std::sync::Arc::new(plan.order(&split));
@@ -112,7 +118,8 @@ impl Loader {
         let mut handles = Vec::new();
         for w in 0..workers {
             let (tx, rx) = sync_channel(prefetch.div_ceil(workers).max(1));
-            let (split, plan, order, aug) = (split.clone(), plan.clone(), order.clone(), aug.clone());
+            let (split, plan, order, aug) =
+                (split.clone(), plan.clone(), order.clone(), aug.clone());
             handles.push(std::thread::spawn(move || {
                 let mut i = start + (w + workers - start % workers) % workers;
                 while i < end {

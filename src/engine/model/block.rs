@@ -45,7 +45,11 @@ impl<B: Backend> Projection<B> {
     fn folded(&self, norm: &LayerNorm<B>, scale: f64) -> Affine<B> {
         let w = self.weight.val();
         let gamma = norm.gamma.val();
-        let beta = norm.beta.as_ref().expect("layer norms are built with a bias").val();
+        let beta = norm
+            .beta
+            .as_ref()
+            .expect("layer norms are built with a bias")
+            .val();
         let w_eff = gamma.unsqueeze_dim::<2>(1) * w.clone();
         let b_eff = beta.unsqueeze_dim::<2>(0).matmul(w).squeeze_dim::<1>(0) + self.bias.val();
         if scale == 1.0 {

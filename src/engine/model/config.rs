@@ -21,7 +21,9 @@ impl std::str::FromStr for Readout {
         match s {
             "last-fast" => Ok(Self::LastFast),
             "slow" => Ok(Self::Slow),
-            other => Err(format!("unknown readout '{other}' (expected 'last-fast' or 'slow')")),
+            other => Err(format!(
+                "unknown readout '{other}' (expected 'last-fast' or 'slow')"
+            )),
         }
     }
 }
@@ -121,7 +123,7 @@ impl TlbConfig {
         in_range("r", self.r, MAX_LAYERS)?;
         in_range("num_heads", self.num_heads, self.embed_dim)?;
         in_range("num_classes", self.num_classes, MAX_CLASSES)?;
-        if self.image_size % self.patch_size != 0 {
+        if !self.image_size.is_multiple_of(self.patch_size) {
             return err(
                 "image_size",
                 format!(
@@ -132,7 +134,7 @@ impl TlbConfig {
         }
         in_range("num_tokens", self.num_tokens(), MAX_TOKENS)?;
         in_range("chunk_size", self.chunk_size, self.num_tokens())?;
-        if self.num_tokens() % self.chunk_size != 0 {
+        if !self.num_tokens().is_multiple_of(self.chunk_size) {
             return err(
                 "chunk_size",
                 format!(
@@ -144,7 +146,7 @@ impl TlbConfig {
                 ),
             );
         }
-        if self.embed_dim % self.num_heads != 0 {
+        if !self.embed_dim.is_multiple_of(self.num_heads) {
             return err(
                 "num_heads",
                 format!(

@@ -35,7 +35,15 @@ impl TlbConfig {
     pub fn init<B: Backend>(&self, device: &B::Device) -> Result<Tlb<B>, ConfigError> {
         self.validate()?;
         let d = self.embed_dim;
-        let block = || Block::new(d, self.num_heads, self.attn_dropout, self.ffn_dropout, device);
+        let block = || {
+            Block::new(
+                d,
+                self.num_heads,
+                self.attn_dropout,
+                self.ffn_dropout,
+                device,
+            )
+        };
         let patch = [self.patch_size, self.patch_size];
         let patch_embed = Conv2dConfig::new([3, d], patch)
             .with_stride(patch)
@@ -108,7 +116,9 @@ impl<B: Backend> Tlb<B> {
             for (l, block) in perceptual.iter().enumerate() {
                 fast = block.forward_self(fast);
                 if l % cfg.r == 0 {
-                    fast = perceptual_cross[l / cfg.r].forward_cross(fast, slow.clone(), false).0;
+                    fast = perceptual_cross[l / cfg.r]
+                        .forward_cross(fast, slow.clone(), false)
+                        .0;
                 }
             }
             let (new_slow, weights) = bottleneck.forward_cross(slow, fast.clone(), want_attention);

@@ -72,7 +72,8 @@ impl std::fmt::Debug for Checkpoint {
 impl Checkpoint {
     pub fn encode(&self) -> Result<Vec<u8>> {
         let meta = serde_json::to_vec(&self.meta)?;
-        let mut out = Vec::with_capacity(8 + 24 + meta.len() + self.model.len() + self.optimizer.len());
+        let mut out =
+            Vec::with_capacity(8 + 24 + meta.len() + self.model.len() + self.optimizer.len());
         out.extend_from_slice(MAGIC);
         for section in [&meta, &self.model, &self.optimizer] {
             out.extend_from_slice(&(section.len() as u64).to_le_bytes());
@@ -136,7 +137,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         std::process::id()
     ));
     {
-        let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let mut f =
+            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         f.write_all(bytes)?;
         f.sync_all()?;
     }
@@ -176,7 +178,11 @@ impl CheckpointDir {
             .filter_map(|e| e.ok())
             .filter_map(|e| {
                 let name = e.file_name().to_string_lossy().into_owned();
-                let n = name.strip_prefix("epoch-")?.strip_suffix(".ckpt")?.parse().ok()?;
+                let n = name
+                    .strip_prefix("epoch-")?
+                    .strip_suffix(".ckpt")?
+                    .parse()
+                    .ok()?;
                 Some((n, e.path()))
             })
             .collect();
@@ -195,7 +201,9 @@ impl CheckpointDir {
             .chain(std::iter::once(self.interrupted_path()).filter(|p| p.exists()));
         for path in candidates {
             let ckpt = Checkpoint::read(&path)?;
-            let ahead = best.as_ref().is_none_or(|b| ckpt.meta.global_step > b.meta.global_step);
+            let ahead = best
+                .as_ref()
+                .is_none_or(|b| ckpt.meta.global_step > b.meta.global_step);
             if ahead {
                 best = Some(ckpt);
             }

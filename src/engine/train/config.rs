@@ -177,7 +177,10 @@ impl TrainConfig {
         self.model.validate()?;
         let bad = |field, message: String| Err(ConfigError { field, message });
         if self.epochs == 0 || self.epochs > 10_000 {
-            return bad("epochs", format!("must be in 1..=10000, got {}", self.epochs));
+            return bad(
+                "epochs",
+                format!("must be in 1..=10000, got {}", self.epochs),
+            );
         }
         if self.batch_size == 0 || self.batch_size > 65_536 {
             return bad(
@@ -200,14 +203,18 @@ impl TrainConfig {
                 format!("must be in [0, 1), got {}", self.label_smoothing),
             );
         }
-        if !(0.0..=1.0).contains(&self.min_lr_ratio) || !(self.warmup_epochs >= 0.0) {
+        let finite_non_negative = |v: f64| v.is_finite() && v >= 0.0;
+        if !(0.0..=1.0).contains(&self.min_lr_ratio) || !finite_non_negative(self.warmup_epochs) {
             return bad(
                 "schedule",
                 "min_lr_ratio must be in [0, 1] and warmup_epochs ≥ 0".into(),
             );
         }
-        if !(self.max_minutes >= 0.0) {
-            return bad("max_minutes", format!("must be ≥ 0, got {}", self.max_minutes));
+        if !finite_non_negative(self.max_minutes) {
+            return bad(
+                "max_minutes",
+                format!("must be ≥ 0, got {}", self.max_minutes),
+            );
         }
         Ok(())
     }

@@ -37,7 +37,11 @@ pub fn loss_and_correct<B: Backend>(
         .into_scalar()
         .elem::<i64>() as usize;
     let log_probs = log_softmax(logits, 1);
-    let nll = log_probs.clone().gather(1, labels.unsqueeze_dim(1)).neg().mean();
+    let nll = log_probs
+        .clone()
+        .gather(1, labels.unsqueeze_dim(1))
+        .neg()
+        .mean();
     let loss = if label_smoothing > 0.0 {
         let uniform = log_probs.neg().mean();
         nll * (1.0 - label_smoothing) + uniform * label_smoothing
@@ -71,5 +75,8 @@ pub fn evaluate<B: Backend>(
         correct += hits;
         seen += n;
     }
-    (loss_sum / seen.max(1) as f64, correct as f64 / seen.max(1) as f64)
+    (
+        loss_sum / seen.max(1) as f64,
+        correct as f64 / seen.max(1) as f64,
+    )
 }

@@ -47,7 +47,10 @@ pub struct Progress {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum TrainEvent {
-    Started { resumed_from_step: usize, total_steps: usize },
+    Started {
+        resumed_from_step: usize,
+        total_steps: usize,
+    },
     Progress(Progress),
     Epoch(EpochMetrics),
     CheckpointSaved {

@@ -29,7 +29,11 @@ pub struct NamedTensor {
 
 fn host<B: Backend, const D: usize>(name: String, t: Tensor<B, D>) -> NamedTensor {
     let shape = t.dims().to_vec();
-    let values = t.into_data().convert::<f32>().to_vec::<f32>().expect("f32 tensor");
+    let values = t
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .expect("f32 tensor");
     NamedTensor {
         name,
         shape,
@@ -65,7 +69,10 @@ fn block<B: Backend>(out: &mut Vec<NamedTensor>, prefix: &str, b: &Block<B>) {
 /// Every parameter of `model` under its documented name.
 pub fn named_tensors<B: Backend>(model: &Tlb<B>) -> Vec<NamedTensor> {
     let mut out = Vec::new();
-    out.push(host("patch_embed.weight".into(), model.patch_embed.weight.val()));
+    out.push(host(
+        "patch_embed.weight".into(),
+        model.patch_embed.weight.val(),
+    ));
     if let Some(b) = &model.patch_embed.bias {
         out.push(host("patch_embed.bias".into(), b.val()));
     }

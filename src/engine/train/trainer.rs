@@ -15,8 +15,8 @@ use super::checkpoint::{
     load_record, record_bytes, write_json, Checkpoint, CheckpointDir, CheckpointMeta,
 };
 use super::config::TrainConfig;
-use super::events::{EpochMetrics, FinalMetrics, Outcome, Progress, TrainEvent, TrainObserver};
 use super::eval::{batch_tensors, evaluate, loss_and_correct};
+use super::events::{EpochMetrics, FinalMetrics, Outcome, Progress, TrainEvent, TrainObserver};
 use crate::engine::data::{mix64, EpochPlan, Loader, Splits};
 use crate::engine::model::Tlb;
 
@@ -95,7 +95,10 @@ pub fn train<B: AutodiffBackend>(
         let mut saved = ckpt.meta.config.clone();
         (saved.epochs, saved.max_minutes) = (config.epochs, config.max_minutes);
         if &saved != config {
-            bail!("cannot resume: the checkpoint in {} was trained with another config", out.display());
+            bail!(
+                "cannot resume: the checkpoint in {} was trained with another config",
+                out.display()
+            );
         }
         model = model.load_record(load_record::<B, _>(ckpt.model, device)?);
         optim = optim.load_record(load_record::<B, _>(ckpt.optimizer, device)?);
@@ -108,7 +111,11 @@ pub fn train<B: AutodiffBackend>(
         for (_, p) in ckpts.epochs() {
             std::fs::remove_file(p)?;
         }
-        for p in [ckpts.best_path(), ckpts.interrupted_path(), run.metrics_path()] {
+        for p in [
+            ckpts.best_path(),
+            ckpts.interrupted_path(),
+            run.metrics_path(),
+        ] {
             let _ = std::fs::remove_file(p);
         }
     }
@@ -128,7 +135,7 @@ pub fn train<B: AutodiffBackend>(
     });
 
     let started = Instant::now();
-    let budget = (config.max_minutes > 0.0).then(|| config.max_minutes * 60.0);
+    let budget = (config.max_minutes > 0.0).then_some(config.max_minutes * 60.0);
     let mut outcome = Outcome::Completed;
     let mut stopped_early = false;
     'epochs: while meta.epoch < config.epochs {
@@ -140,8 +147,13 @@ pub fn train<B: AutodiffBackend>(
             seed: config.seed,
             epoch: epoch as u64,
         };
-        let mut loader =
-            Loader::new(splits.train.clone(), plan, meta.step_in_epoch, config.data_workers, 4);
+        let mut loader = Loader::new(
+            splits.train.clone(),
+            plan,
+            meta.step_in_epoch,
+            config.data_workers,
+            4,
+        );
         let epoch_start = Instant::now();
         let (mut loss_sum, mut correct, mut seen, mut wait) = (0.0f64, 0usize, 0usize, 0.0f64);
         let mut lr = config.lr_at(meta.global_step, steps_per_epoch);
@@ -208,7 +220,8 @@ pub fn train<B: AutodiffBackend>(
 
         let valid = model.valid();
         let eval_batch = micro.max(256);
-        let (val_loss, val_accuracy) = evaluate(&valid, &splits.val, image_size, eval_batch, device);
+        let (val_loss, val_accuracy) =
+            evaluate(&valid, &splits.val, image_size, eval_batch, device);
         let metrics = EpochMetrics {
             epoch: epoch + 1,
             train_loss: loss_sum / seen.max(1) as f64,

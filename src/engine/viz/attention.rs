@@ -8,7 +8,11 @@ use image::{Rgb, RgbImage};
 /// (flattened row-major): `scores[c * chunk + t] = mean_h max_l w[c, h, l, t]`.
 pub fn token_scores(weights: &[f32], dims: [usize; 4]) -> Vec<f32> {
     let [chunks, heads, latents, chunk] = dims;
-    assert_eq!(weights.len(), chunks * heads * latents * chunk, "attention shape");
+    assert_eq!(
+        weights.len(),
+        chunks * heads * latents * chunk,
+        "attention shape"
+    );
     let mut scores = vec![0f32; chunks * chunk];
     for c in 0..chunks {
         for h in 0..heads {
@@ -46,7 +50,9 @@ pub fn overlay(image: &RgbImage, scores: &[f32], grid: usize, out: u32, alpha: f
     let base = image::imageops::resize(image, out, out, image::imageops::FilterType::Triangle);
     let (lo, hi) = scores
         .iter()
-        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &s| (a.min(s), b.max(s)));
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &s| {
+            (a.min(s), b.max(s))
+        });
     let span = (hi - lo).max(1e-12);
     let at = |y: usize, x: usize| (scores[y * grid + x] - lo) / span;
     let scale = grid as f32 / out as f32;

@@ -18,7 +18,8 @@ fn ensure_font() {
 
 /// Reads the per-epoch lines of a metrics JSONL file (other lines are skipped).
 pub fn read_epochs(path: &Path) -> Result<Vec<EpochMetrics>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     Ok(text
         .lines()
         .filter_map(|l| serde_json::from_str::<EpochMetrics>(l).ok())
