@@ -3,7 +3,7 @@ mod common;
 use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::{Int, Tensor, TensorData};
-use tlb::engine::backend::{cpu_device, CpuAutodiff};
+use tlb::engine::backend::{cpu_device, Cpu, CpuAutodiff};
 use tlb::engine::train::{loss_and_correct, Preset};
 
 type B = CpuAutodiff;
@@ -358,4 +358,59 @@ fn a_cancel_flag_stops_training_and_events_arrive_on_the_channel() {
         .iter()
         .any(|e| matches!(e, TrainEvent::CheckpointSaved { .. })));
     assert!(!seen.iter().any(|e| matches!(e, TrainEvent::Finished(_))));
+}
+
+#[test]
+fn replicas_on_two_threads_give_the_gradients_of_the_whole_batch() {
+    use burn::tensor::Distribution;
+    use tlb::engine::train::step_grads;
+    let _serial = serial();
+    let device = cpu_device();
+    let cfg = Preset::Tiny.config().model;
+    let model = cfg.init::<B>(&device).unwrap();
+    let images = Tensor::<B, 4>::random([10, 3, 16, 16], Distribution::Uniform(0.0, 1.0), &device);
+    let labels = Tensor::<B, 1, Int>::from_data(
+        TensorData::new((0..10i64).collect::<Vec<_>>(), [10]),
+        &device,
+    );
+    let one = step_grads(&model, images.clone(), labels.clone(), 1, 10, 0.0, 1);
+    let two = step_grads(&model, images.clone(), labels.clone(), 2, 10, 0.0, 1);
+    let three = step_grads(&model, images, labels, 3, 2, 0.0, 1);
+    assert_eq!(one.correct, two.correct);
+    assert!(
+        (one.loss_sum - two.loss_sum).abs() < 1e-4 && (one.loss_sum - three.loss_sum).abs() < 1e-4
+    );
+    let params = [
+        (&model.head.weight, "head"),
+        (&model.perceptual[0].query.weight, "perceptual.0.query"),
+        (&model.bottleneck.ffn_out.weight, "bottleneck.ffn_out"),
+    ];
+    for (param, name) in params {
+        let g1 = one
+            .grads
+            .get::<Cpu, 2>(param.id)
+            .unwrap()
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        for other in [&two.grads, &three.grads] {
+            let g = other
+                .get::<Cpu, 2>(param.id)
+                .unwrap()
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap();
+            for (u, v) in g1.iter().zip(&g) {
+                assert!((u - v).abs() < 1e-5 + 1e-3 * u.abs(), "{name}: {u} vs {v}");
+            }
+        }
+    }
+    let conv = one
+        .grads
+        .get::<Cpu, 4>(model.patch_embed.weight.id)
+        .unwrap();
+    assert!(
+        conv.abs().sum().into_scalar() > 0.0,
+        "gradients reach the patch embedding"
+    );
 }

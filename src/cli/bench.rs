@@ -4,12 +4,12 @@ use std::time::Instant;
 
 use anyhow::Result;
 use burn::module::AutodiffModule;
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::{AdamWConfig, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Distribution, Int, Tensor};
 
 use super::BenchArgs;
-use crate::engine::train::{loss_and_correct, Preset, TrainConfig};
+use crate::engine::train::{forward_sharded, step_grads, Preset, TrainConfig};
 use crate::with_backend;
 
 /// Peak resident memory of this process in MiB (Linux `VmHWM`).
@@ -41,10 +41,18 @@ fn run<B: AutodiffBackend>(
             .as_slice(),
         device,
     );
+    let replicas = a.device.replicas();
     let mut step = |model: crate::engine::model::Tlb<B>| {
-        let (loss, _) = loss_and_correct(model.forward(images.clone()), labels.clone(), 0.0);
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        optim.step(cfg.lr, model, grads)
+        let step = step_grads(
+            &model,
+            images.clone(),
+            labels.clone(),
+            replicas,
+            a.batch,
+            0.0,
+            0,
+        );
+        optim.step(cfg.lr, model, step.grads)
     };
     let warmup = 2;
     for _ in 0..warmup {
@@ -61,7 +69,9 @@ fn run<B: AutodiffBackend>(
     let valid = model.valid();
     let eval_images = images.inner();
     let infer = |m: &crate::engine::model::Tlb<B::InnerBackend>| {
-        let _ = m.forward(eval_images.clone()).argmax(1).into_data();
+        let _ = forward_sharded(m, eval_images.clone(), replicas)
+            .argmax(1)
+            .into_data();
     };
     for _ in 0..warmup {
         infer(&valid);
@@ -77,6 +87,7 @@ fn run<B: AutodiffBackend>(
         "preset": a.preset,
         "backend": B::name(device),
         "batch": a.batch,
+        "threads": replicas,
         "steps": a.steps,
         "train_images_per_sec": images_total / train_secs,
         "infer_images_per_sec": images_total / infer_secs,

@@ -71,6 +71,9 @@ pub fn resolve_config(a: &TrainLocalArgs, num_classes: usize) -> Result<TrainCon
     if let Some(v) = a.max_minutes {
         c.max_minutes = v;
     }
+    if c.replicas == 0 {
+        c.replicas = a.device.replicas();
+    }
     c.validate()?;
     Ok(c)
 }
@@ -162,7 +165,8 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     let cfg = &ckpt.meta.config;
     with_backend!(a.device.clone(), |B, device| {
         let model = ckpt.load_model::<B>(&device)?.valid();
-        let (loss, acc) = evaluate(&model, &split, cfg.model.image_size, 256, &device);
+        let threads = a.device.replicas();
+        let (loss, acc) = evaluate(&model, &split, cfg.model.image_size, 256, threads, &device);
         println!(
             "{}",
             serde_json::json!({"split": a.split, "images": split.len(), "loss": loss, "accuracy": acc})

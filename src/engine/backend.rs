@@ -28,6 +28,16 @@ pub enum DeviceSpec {
     Cuda(usize),
 }
 
+impl DeviceSpec {
+    /// Model replicas for data-parallel work: one per core on the CPU, one on a GPU.
+    pub fn replicas(&self) -> usize {
+        match self {
+            Self::Cpu => crate::engine::train::cpu_threads(),
+            Self::Cuda(_) => 1,
+        }
+    }
+}
+
 impl std::str::FromStr for DeviceSpec {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

@@ -9,9 +9,11 @@
 //! apart again, and the backward of each cut writes a zero-filled full-width gradient.
 
 use burn::module::{Module, Param};
-use burn::nn::{Dropout, DropoutConfig, Initializer, LayerNorm, LayerNormConfig};
+use burn::nn::{Initializer, LayerNorm, LayerNormConfig};
 use burn::tensor::activation::{gelu, softmax};
 use burn::tensor::{backend::Backend, Tensor};
+
+use super::dropout::dropout;
 
 pub const LN_EPS: f64 = 1e-5;
 
@@ -107,8 +109,10 @@ pub struct Block<B: Backend> {
     pub norm_ffn: LayerNorm<B>,
     pub ffn_in: Projection<B>,
     pub ffn_out: Projection<B>,
-    attn_dropout: Dropout,
-    ffn_dropout: Dropout,
+    #[module(skip)]
+    attn_dropout: f64,
+    #[module(skip)]
+    ffn_dropout: f64,
     num_heads: usize,
 }
 
@@ -131,8 +135,8 @@ impl<B: Backend> Block<B> {
             norm_ffn: layer_norm(dim, device),
             ffn_in: Projection::new(dim, 4 * dim, device),
             ffn_out: Projection::new(4 * dim, dim, device),
-            attn_dropout: DropoutConfig::new(attn_dropout).init(),
-            ffn_dropout: DropoutConfig::new(ffn_dropout).init(),
+            attn_dropout,
+            ffn_dropout,
             num_heads,
         }
     }
@@ -203,7 +207,7 @@ impl<B: Backend> FoldedBlock<'_, B> {
         let n_k = k.dims()[1];
         let (context, weights) = if b.num_heads == 1 {
             let weights = softmax(q.matmul(k.swap_dims(1, 2)), 2);
-            let context = b.attn_dropout.forward(weights.clone()).matmul(v);
+            let context = dropout(weights.clone(), b.attn_dropout).matmul(v);
             (context, weights.unsqueeze_dim::<4>(1))
         } else {
             let h = b.num_heads;
@@ -211,12 +215,12 @@ impl<B: Backend> FoldedBlock<'_, B> {
                 |t: Tensor<B, 3>, n: usize| t.reshape([batch, n, h, dim / h]).swap_dims(1, 2);
             let (q, k, v) = (split(q, n_q), split(k, n_k), split(v, n_k));
             let weights = softmax(q.matmul(k.swap_dims(2, 3)), 3);
-            let context = b.attn_dropout.forward(weights.clone()).matmul(v);
+            let context = dropout(weights.clone(), b.attn_dropout).matmul(v);
             (context.swap_dims(1, 2).reshape([batch, n_q, dim]), weights)
         };
         let h = residual + b.output.forward(context);
         let hidden = gelu(self.ffn_in.apply(standardize(h.clone())));
-        let out = h + b.ffn_dropout.forward(b.ffn_out.forward(hidden));
+        let out = h + dropout(b.ffn_out.forward(hidden), b.ffn_dropout);
         (out, want_weights.then_some(weights))
     }
 }

@@ -2,8 +2,10 @@
 
 mod block;
 mod config;
+mod dropout;
 mod tlb;
 
 pub use block::{standardize, Affine, Block, FoldedBlock, Projection, LN_EPS};
 pub use config::{ConfigError, Readout, TlbConfig};
+pub use dropout::{dropout, set_dropout_stream};
 pub use tlb::{Tlb, TlbAttention, TlbOutput};

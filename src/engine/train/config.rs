@@ -39,6 +39,9 @@ pub struct TrainConfig {
     pub keep_last: usize,
     /// Threads preparing batches ahead of the step.
     pub data_workers: usize,
+    /// Model replicas computing one step's gradients in parallel (CPU: one per core);
+    /// 0 means "choose for the device".
+    pub replicas: usize,
 }
 
 impl Default for TrainConfig {
@@ -106,6 +109,7 @@ impl Preset {
                 max_minutes: 0.0,
                 keep_last: 3,
                 data_workers: 1,
+                replicas: 0,
             },
             Self::CpuSmall => TrainConfig {
                 model: TlbConfig::new()
@@ -119,7 +123,7 @@ impl Preset {
                     .with_ffn_dropout(0.0)
                     .with_attn_dropout(0.0)
                     .with_readout(Readout::Slow),
-                epochs: 8,
+                epochs: 14,
                 batch_size: 128,
                 micro_batch: 0,
                 lr: 1.5e-3,
@@ -132,6 +136,7 @@ impl Preset {
                 max_minutes: 24.5,
                 keep_last: 3,
                 data_workers: 1,
+                replicas: 0,
             },
             Self::Tiny => TrainConfig {
                 model: TlbConfig::new()
@@ -158,6 +163,7 @@ impl Preset {
                 max_minutes: 0.0,
                 keep_last: 2,
                 data_workers: 1,
+                replicas: 0,
             },
         }
     }

@@ -51,12 +51,49 @@ pub fn loss_and_correct<B: Backend>(
     (loss, correct)
 }
 
+/// Threads for CPU data parallelism: `TLB_THREADS`, else one per core.
+pub fn cpu_threads() -> usize {
+    std::env::var("TLB_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n: &usize| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// `model.forward` with the batch split across `threads` threads (inference only).
+pub fn forward_sharded<B: Backend>(
+    model: &Tlb<B>,
+    images: Tensor<B, 4>,
+    threads: usize,
+) -> Tensor<B, 2> {
+    let n = images.dims()[0];
+    let per = n.div_ceil(threads.clamp(1, n.max(1)));
+    if per >= n {
+        return model.forward(images);
+    }
+    let outputs = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..n)
+            .step_by(per)
+            .map(|s| {
+                let (m, x) = (model.clone(), images.clone().narrow(0, s, per.min(n - s)));
+                scope.spawn(move || m.forward(x))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("inference thread panicked"))
+            .collect::<Vec<_>>()
+    });
+    Tensor::cat(outputs, 0)
+}
+
 /// Plain (unsmoothed) loss and accuracy of `model` on `split`, without augmentation.
 pub fn evaluate<B: Backend>(
     model: &Tlb<B>,
     split: &Split,
     image_size: usize,
     batch_size: usize,
+    threads: usize,
     device: &B::Device,
 ) -> (f64, f64) {
     let plan = EpochPlan {
@@ -70,7 +107,8 @@ pub fn evaluate<B: Backend>(
     for batch in Loader::new(split.clone(), plan, 0, 1, 2) {
         let n = batch.len();
         let (images, labels) = batch_tensors::<B>(batch, device);
-        let (loss, hits) = loss_and_correct(model.forward(images), labels, 0.0);
+        let logits = forward_sharded(model, images, threads);
+        let (loss, hits) = loss_and_correct(logits, labels, 0.0);
         loss_sum += loss.into_scalar().elem::<f64>() * n as f64;
         correct += hits;
         seen += n;

@@ -5,14 +5,16 @@ mod config;
 mod eval;
 mod events;
 mod export;
+mod step;
 mod trainer;
 
 pub use checkpoint::{write_atomic, write_json, Checkpoint, CheckpointDir, CheckpointMeta};
 pub use config::{Preset, Schedule, TrainConfig};
-pub use eval::{batch_tensors, evaluate, loss_and_correct};
+pub use eval::{batch_tensors, cpu_threads, evaluate, forward_sharded, loss_and_correct};
 pub use events::{
     ChannelObserver, EpochMetrics, FinalMetrics, FnObserver, Outcome, Progress, TrainEvent,
     TrainObserver,
 };
 pub use export::{export_safetensors, named_tensors};
+pub use step::{replica, step_grads, StepGrads};
 pub use trainer::{train, RunDir};

@@ -7,16 +7,16 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use burn::module::{AutodiffModule, Module};
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::optim::{AdamWConfig, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::ElementConversion;
 
 use super::checkpoint::{
     load_record, record_bytes, write_json, Checkpoint, CheckpointDir, CheckpointMeta,
 };
 use super::config::TrainConfig;
-use super::eval::{batch_tensors, evaluate, loss_and_correct};
+use super::eval::{batch_tensors, evaluate};
 use super::events::{EpochMetrics, FinalMetrics, Outcome, Progress, TrainEvent, TrainObserver};
+use super::step::step_grads;
 use crate::engine::data::{mix64, EpochPlan, Loader, Splits};
 use crate::engine::model::Tlb;
 
@@ -42,7 +42,7 @@ impl RunDir {
     }
 }
 
-/// The backend seed for one step's dropout.
+/// The dropout stream of one step.
 fn step_seed(seed: u64, step: usize) -> u64 {
     mix64(seed ^ mix64(step as u64))
 }
@@ -93,7 +93,9 @@ pub fn train<B: AutodiffBackend>(
     let latest = if resume { ckpts.latest()? } else { None };
     if let Some(ckpt) = latest {
         let mut saved = ckpt.meta.config.clone();
-        (saved.epochs, saved.max_minutes) = (config.epochs, config.max_minutes);
+        // How long and on how many threads a run goes may change; the recipe may not.
+        (saved.epochs, saved.max_minutes, saved.replicas) =
+            (config.epochs, config.max_minutes, config.replicas);
         if &saved != config {
             bail!(
                 "cannot resume: the checkpoint in {} was trained with another config",
@@ -169,31 +171,20 @@ pub fn train<B: AutodiffBackend>(
                 stopped_early = true;
                 break 'epochs;
             }
-            B::seed(device, step_seed(config.seed, meta.global_step));
             lr = config.lr_at(meta.global_step, steps_per_epoch);
             let n = batch.len();
-            let (all_images, all_labels) = batch_tensors::<B>(batch, device);
-            let mut accumulator = GradientsAccumulator::<Tlb<B>>::new();
-            let (mut step_loss, mut step_correct) = (0.0f64, 0usize);
-            for start in (0..n).step_by(micro) {
-                let len = micro.min(n - start);
-                let (images, labels) = if len == n {
-                    (all_images.clone(), all_labels.clone())
-                } else {
-                    (
-                        all_images.clone().narrow(0, start, len),
-                        all_labels.clone().narrow(0, start, len),
-                    )
-                };
-                let logits = model.forward(images);
-                let (loss, hits) = loss_and_correct(logits, labels, config.label_smoothing);
-                let weighted = loss.clone() * (len as f64 / n as f64);
-                let grads = GradientsParams::from_grads(weighted.backward(), &model);
-                accumulator.accumulate(&model, grads);
-                step_loss += loss.into_scalar().elem::<f64>() * len as f64;
-                step_correct += hits;
-            }
-            model = optim.step(lr, model, accumulator.grads());
+            let (images, labels) = batch_tensors::<B>(batch, device);
+            let step = step_grads(
+                &model,
+                images,
+                labels,
+                config.replicas.max(1),
+                micro,
+                config.label_smoothing,
+                step_seed(config.seed, meta.global_step),
+            );
+            let (step_loss, step_correct) = (step.loss_sum, step.correct);
+            model = optim.step(lr, model, step.grads);
             meta.global_step += 1;
             meta.step_in_epoch += 1;
             loss_sum += step_loss;
@@ -220,8 +211,14 @@ pub fn train<B: AutodiffBackend>(
 
         let valid = model.valid();
         let eval_batch = micro.max(256);
-        let (val_loss, val_accuracy) =
-            evaluate(&valid, &splits.val, image_size, eval_batch, device);
+        let (val_loss, val_accuracy) = evaluate(
+            &valid,
+            &splits.val,
+            image_size,
+            eval_batch,
+            config.replicas.max(1),
+            device,
+        );
         let metrics = EpochMetrics {
             epoch: epoch + 1,
             train_loss: loss_sum / seen.max(1) as f64,
@@ -285,10 +282,16 @@ pub fn train<B: AutodiffBackend>(
     }
 
     let best = best_model.unwrap_or_else(|| model.valid());
-    let test = splits
-        .test
-        .as_ref()
-        .map(|t| evaluate(&best, t, image_size, micro.max(256), device));
+    let test = splits.test.as_ref().map(|t| {
+        evaluate(
+            &best,
+            t,
+            image_size,
+            micro.max(256),
+            config.replicas.max(1),
+            device,
+        )
+    });
     let summary = FinalMetrics {
         epochs_completed: meta.epoch,
         best_epoch: meta.best_epoch,

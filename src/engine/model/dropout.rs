@@ -1,0 +1,48 @@
+//! Dropout whose masks are a pure function of a per-thread stream, so that several threads
+//! training replicas at once stay deterministic.
+//!
+//! burn's CPU backends draw random numbers from one process-wide generator; two replicas
+//! drawing from it at once would interleave unpredictably. Each mask here is drawn under a
+//! lock right after seeding the backend from `(stream, draw index)`.
+
+use std::cell::Cell;
+use std::sync::Mutex;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Distribution, Tensor};
+
+use crate::engine::data::mix64;
+
+static DRAW_LOCK: Mutex<()> = Mutex::new(());
+
+thread_local! {
+    static STREAM: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
+}
+
+/// Sets this thread's dropout stream (e.g. from the run seed, the step and the replica).
+pub fn set_dropout_stream(seed: u64) {
+    STREAM.with(|s| s.set((seed, 0)));
+}
+
+fn next_seed() -> u64 {
+    STREAM.with(|s| {
+        let (seed, n) = s.get();
+        s.set((seed, n + 1));
+        mix64(seed ^ mix64(n))
+    })
+}
+
+/// Inverted dropout with keep probability `1 - p`; the identity outside training.
+pub fn dropout<B: Backend, const D: usize>(x: Tensor<B, D>, p: f64) -> Tensor<B, D> {
+    let device = x.device();
+    if p == 0.0 || !B::ad_enabled(&device) {
+        return x;
+    }
+    let seed = next_seed();
+    let mask = {
+        let _guard = DRAW_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        B::seed(&device, seed);
+        x.random_like(Distribution::Bernoulli(1.0 - p))
+    };
+    x * mask * (1.0 / (1.0 - p))
+}

@@ -1,0 +1,140 @@
+//! One optimiser step's gradients, computed by replicas of the model on several threads.
+//!
+//! burn's autodiff keeps one graph per set of connected tensors; replicas whose parameters
+//! are separate autodiff leaves (same `ParamId`s, same values) build separate graphs, so
+//! their forward and backward passes run in parallel. Their gradients are summed by
+//! `ParamId`, which makes the step the same as one over the whole batch.
+
+use burn::module::{Module, ModuleMapper, Param};
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{ElementConversion, Int, Tensor};
+
+use super::eval::loss_and_correct;
+use crate::engine::data::mix64;
+use crate::engine::model::{set_dropout_stream, Tlb};
+
+struct Detach;
+
+impl<B: AutodiffBackend> ModuleMapper<B> for Detach {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        param.map(|t| t.detach().require_grad())
+    }
+}
+
+/// A copy of `model` with fresh autodiff leaves: its graph is its own.
+pub fn replica<B: AutodiffBackend>(model: &Tlb<B>) -> Tlb<B> {
+    model.clone().map(&mut Detach)
+}
+
+/// Summed gradients, loss and hits of one step.
+pub struct StepGrads {
+    pub grads: GradientsParams,
+    pub loss_sum: f64,
+    pub correct: usize,
+}
+
+/// Gradients of `model` on one shard, `micro` images at a time, each micro-batch's loss
+/// weighted by its share of the whole step (`total` images).
+fn shard_grads<B: AutodiffBackend>(
+    model: &Tlb<B>,
+    images: Tensor<B, 4>,
+    labels: Tensor<B, 1, Int>,
+    total: usize,
+    micro: usize,
+    smoothing: f64,
+) -> StepGrads {
+    let n = images.dims()[0];
+    let mut acc = GradientsAccumulator::<Tlb<B>>::new();
+    let (mut loss_sum, mut correct) = (0.0, 0);
+    for start in (0..n).step_by(micro.max(1)) {
+        let len = micro.min(n - start);
+        let (x, y) = if len == n {
+            (images.clone(), labels.clone())
+        } else {
+            (
+                images.clone().narrow(0, start, len),
+                labels.clone().narrow(0, start, len),
+            )
+        };
+        let (loss, hits) = loss_and_correct(model.forward(x), y, smoothing);
+        let weighted = loss.clone() * (len as f64 / total as f64);
+        acc.accumulate(
+            model,
+            GradientsParams::from_grads(weighted.backward(), model),
+        );
+        loss_sum += loss.into_scalar().elem::<f64>() * len as f64;
+        correct += hits;
+    }
+    StepGrads {
+        grads: acc.grads(),
+        loss_sum,
+        correct,
+    }
+}
+
+/// Gradients of one step over `images`, split across `replicas` threads. Dropout masks are a
+/// function of `stream` and the replica index, so the result is deterministic.
+#[allow(clippy::too_many_arguments)]
+pub fn step_grads<B: AutodiffBackend>(
+    model: &Tlb<B>,
+    images: Tensor<B, 4>,
+    labels: Tensor<B, 1, Int>,
+    replicas: usize,
+    micro: usize,
+    smoothing: f64,
+    stream: u64,
+) -> StepGrads {
+    let n = images.dims()[0];
+    let per = n.div_ceil(replicas.clamp(1, n.max(1)));
+    let micro = micro.min(per).max(1);
+    if per >= n {
+        set_dropout_stream(mix64(stream));
+        return shard_grads(model, images, labels, n, micro, smoothing);
+    }
+    let shards: Vec<(Tensor<B, 4>, Tensor<B, 1, Int>)> = (0..n)
+        .step_by(per)
+        .map(|s| {
+            let len = per.min(n - s);
+            (
+                images.clone().narrow(0, s, len),
+                labels.clone().narrow(0, s, len),
+            )
+        })
+        .collect();
+    let results: Vec<StepGrads> = std::thread::scope(|scope| {
+        let mut shards = shards.into_iter();
+        let (x0, y0) = shards.next().expect("at least one shard");
+        let handles: Vec<_> = shards
+            .enumerate()
+            .map(|(i, (x, y))| {
+                let rep = replica(model);
+                scope.spawn(move || {
+                    set_dropout_stream(mix64(stream ^ (i as u64 + 1)));
+                    shard_grads(&rep, x, y, n, micro, smoothing)
+                })
+            })
+            .collect();
+        set_dropout_stream(mix64(stream));
+        let first = shard_grads(model, x0, y0, n, micro, smoothing);
+        std::iter::once(first)
+            .chain(
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("replica thread panicked")),
+            )
+            .collect()
+    });
+    let mut acc = GradientsAccumulator::<Tlb<B>>::new();
+    let (mut loss_sum, mut correct) = (0.0, 0);
+    for r in results {
+        acc.accumulate(model, r.grads);
+        loss_sum += r.loss_sum;
+        correct += r.correct;
+    }
+    StepGrads {
+        grads: acc.grads(),
+        loss_sum,
+        correct,
+    }
+}
