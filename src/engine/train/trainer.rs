@@ -124,6 +124,8 @@ pub fn train<B: AutodiffBackend>(
     write_json(&out.join("config.json"), config)?;
 
     let micro = config.micro_batch_size();
+    // Evaluation keeps no graph, so it can take larger batches than training.
+    let eval_batch = micro.max(256);
     let steps_per_epoch = splits.train.len().div_ceil(config.batch_size);
     let total_steps = steps_per_epoch * config.epochs;
     let image_size = config.model.image_size;
@@ -210,7 +212,6 @@ pub fn train<B: AutodiffBackend>(
         drop(loader);
 
         let valid = model.valid();
-        let eval_batch = micro.max(256);
         let (val_loss, val_accuracy) = evaluate(
             &valid,
             &splits.val,
@@ -287,7 +288,7 @@ pub fn train<B: AutodiffBackend>(
             &best,
             t,
             image_size,
-            micro.max(256),
+            eval_batch,
             config.replicas.max(1),
             device,
         )
