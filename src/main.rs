@@ -7,6 +7,7 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     if let Err(e) = tlb::cli::run(tlb::cli::Cli::parse()) {
         eprintln!("error: {e:#}");

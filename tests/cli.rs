@@ -190,15 +190,15 @@ fn bench_prints_one_json_line_with_the_figures() {
     }
 }
 
-/// Trains `tiny` for an epoch on the real cifar10-mini ($TLB_DATA_DIR, default ../shared/data).
+/// Trains `tiny` for an epoch on the real cifar10-mini ($TLB_SHARED_DATA, default ../shared/data).
 #[test]
 fn tiny_epoch_on_real_cifar10_mini() {
-    let root = std::env::var("TLB_DATA_DIR")
+    let root = std::env::var("TLB_SHARED_DATA")
         .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data").to_string());
     let data = Path::new(&root).join("cifar10-mini");
     assert!(
         data.join("data_batch_1.bin").exists(),
-        "set TLB_DATA_DIR: {} has no cifar10-mini",
+        "set TLB_SHARED_DATA: {} has no cifar10-mini",
         root
     );
     let tmp = tempfile::tempdir().unwrap();

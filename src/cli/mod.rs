@@ -1,6 +1,7 @@
 //! The `tlb` command line.
 
 mod bench;
+mod client;
 mod local;
 
 use std::path::PathBuf;
@@ -24,6 +25,24 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Run the gRPC server (training jobs, Classify, GetAttention, health, reflection).
+    Serve(crate::server::ServeArgs),
+    /// Start a training job on the server (StartTraining); --watch follows it.
+    Train(client::TrainArgs),
+    /// List the server's jobs, or show one.
+    Jobs(client::JobsArgs),
+    /// Follow a job with a progress bar until it ends.
+    Watch(client::JobArg),
+    /// Cancel a queued or running job.
+    Cancel(client::JobArg),
+    /// List a job's checkpoints.
+    Checkpoints(client::JobArg),
+    /// Classify images with a model on the server.
+    Classify(client::ClassifyArgs),
+    /// Fetch a per-chunk attention overlay PNG from the server.
+    Attention(client::AttentionClientArgs),
+    /// Classify latency and throughput through the server; prints one JSON line.
+    BenchServe(client::ServeBenchArgs),
     /// Train a model offline (no server), with a progress bar and a metrics JSONL file.
     TrainLocal(TrainLocalArgs),
     /// Accuracy and loss of a checkpoint on a dataset split.
@@ -149,6 +168,15 @@ pub struct BenchArgs {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Serve(a) => crate::server::serve(a),
+        Command::Train(a) => client::train(a),
+        Command::Jobs(a) => client::jobs(a),
+        Command::Watch(a) => client::watch(a),
+        Command::Cancel(a) => client::cancel(a),
+        Command::Checkpoints(a) => client::checkpoints(a),
+        Command::Classify(a) => client::classify(a),
+        Command::Attention(a) => client::attention(a),
+        Command::BenchServe(a) => client::serve_bench(a),
         Command::TrainLocal(a) => local::train_local(a),
         Command::Eval(a) => local::eval(a),
         Command::Plot(a) => local::plot(a),

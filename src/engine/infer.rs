@@ -6,6 +6,7 @@ use burn::tensor::{Tensor, TensorData};
 
 use crate::engine::data::{Augmenter, Batch, CropFlip};
 use crate::engine::model::Tlb;
+use crate::engine::train::forward_sharded;
 
 /// Side at which decoded images are stored before the model's own resize (CIFAR's size, so
 /// an arbitrary image goes through the same bilinear resize as the training data).
@@ -39,14 +40,16 @@ fn images_tensor<B: Backend>(batch: Batch, device: &B::Device) -> Tensor<B, 4> {
     )
 }
 
-/// Class probabilities `[n][classes]`.
+/// Class probabilities `[n][classes]`, the batch split over `threads` model replicas.
 pub fn probabilities<B: Backend>(
     model: &Tlb<B>,
     batch: Batch,
+    threads: usize,
     device: &B::Device,
 ) -> Vec<Vec<f32>> {
     let n = batch.len();
-    let probs = softmax(model.forward(images_tensor(batch, device)), 1);
+    let logits = forward_sharded(model, images_tensor(batch, device), threads);
+    let probs = softmax(logits, 1);
     let flat = probs
         .into_data()
         .convert::<f32>()

@@ -1,6 +1,8 @@
 //! Small generated datasets for tests.
 #![allow(dead_code)]
 
+pub mod server;
+
 use std::path::Path;
 
 use tlb::engine::data::{write_cifar10, PIXELS};

@@ -1,0 +1,17 @@
+//! Compiles `proto/tlb/v1/*.proto` with a vendored protoc (no system package needed) and
+//! writes the descriptor set that server reflection serves.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    // SAFETY: build scripts are single-threaded.
+    unsafe { std::env::set_var("PROTOC", protoc) };
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    let protos = ["proto/tlb/v1/training.proto", "proto/tlb/v1/inference.proto"];
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out.join("tlb_descriptor.bin"))
+        .compile_protos(&protos, &["proto"])?;
+    for p in protos {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    Ok(())
+}

@@ -1,0 +1,247 @@
+//! `tlb.v1.InferenceService`.
+
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use super::images::{decode, Decoded};
+use super::{AppState, MAX_BATCH};
+use crate::engine::infer::top_k;
+use crate::engine::viz::{overlay, png_bytes, token_scores};
+use crate::proto::v1 as pb;
+use crate::proto::v1::inference_service_server::InferenceService;
+use crate::server::error::ApiError;
+use crate::store::{job_dir, CheckpointRow, JobState};
+use crate::worker::ModelRef;
+
+const OVERLAY_DEFAULT: u32 = 256;
+const OVERLAY_RANGE: std::ops::RangeInclusive<u32> = 32..=1024;
+
+pub struct InferenceApi(pub AppState);
+
+impl InferenceApi {
+    fn model_ref(&self, row: &CheckpointRow) -> ModelRef {
+        ModelRef {
+            checkpoint_id: row.id,
+            path: row.path.clone(),
+            fallback: row.is_best.then(|| {
+                job_dir(&self.0.data_dir, row.job_id)
+                    .join("checkpoints")
+                    .join("best.ckpt")
+            }),
+        }
+    }
+
+    /// A job id (its best checkpoint), a checkpoint id, or empty (the default model).
+    async fn resolve_model(&self, model: &str) -> Result<ModelRef, ApiError> {
+        let store = &self.0.store;
+        if model.is_empty() {
+            let models = store.best_checkpoints().await?;
+            let default = models
+                .iter()
+                .find(|(_, s)| *s == JobState::Succeeded)
+                .ok_or_else(|| {
+                    ApiError::FailedPrecondition(
+                        "no trained model yet: no job has succeeded. Train one with \
+                         StartTraining, or name a job or checkpoint in `model`"
+                            .into(),
+                    )
+                })?;
+            return Ok(self.model_ref(&default.0));
+        }
+        let id = Uuid::parse_str(model).map_err(|_| {
+            ApiError::field("model", format!("'{model}' is not a UUID (a job or checkpoint id)"))
+        })?;
+        if let Some(job) = store.get_job(id).await? {
+            let best = match job.best_checkpoint_id {
+                Some(c) => store.get_checkpoint(c).await?,
+                None => None,
+            };
+            return best.map(|row| self.model_ref(&row)).ok_or_else(|| {
+                ApiError::FailedPrecondition(format!(
+                    "job {id} has no checkpoint yet ({}, {} of {} epochs done)",
+                    job.state.as_str(),
+                    job.epochs_completed,
+                    job.epochs_total
+                ))
+            });
+        }
+        let row = store
+            .get_checkpoint(id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("no job or checkpoint with id {id}")))?;
+        Ok(self.model_ref(&row))
+    }
+}
+
+/// Decodes images off the async threads.
+async fn decode_all(images: Vec<pb::Image>, keep_rgb: bool) -> Result<Vec<Decoded>, ApiError> {
+    tokio::task::spawn_blocking(move || {
+        images
+            .into_iter()
+            .enumerate()
+            .map(|(i, img)| decode(&format!("images[{i}]"), img, keep_rgb))
+            .collect()
+    })
+    .await
+    .map_err(|e| ApiError::Internal(anyhow::anyhow!("image decoding task: {e}")))?
+}
+
+fn prediction(labels: &[String], class: usize, p: f32) -> pb::Prediction {
+    pb::Prediction {
+        class_index: class as u32,
+        label: labels.get(class).cloned().unwrap_or_default(),
+        probability: p,
+    }
+}
+
+#[tonic::async_trait]
+impl InferenceService for InferenceApi {
+    async fn classify(
+        &self,
+        request: Request<pb::ClassifyRequest>,
+    ) -> Result<Response<pb::ClassifyResponse>, Status> {
+        let r = request.into_inner();
+        if r.images.is_empty() {
+            return Err(ApiError::field("images", "empty batch; send at least one image").into());
+        }
+        if r.images.len() > MAX_BATCH {
+            return Err(ApiError::ResourceExhausted(format!(
+                "images: {} images in one request; the limit is {MAX_BATCH}",
+                r.images.len()
+            ))
+            .into());
+        }
+        let k = r.top_k.max(1) as usize;
+        let model = self.resolve_model(&r.model).await?;
+        let decoded = decode_all(r.images, false).await?;
+        let out = self
+            .0
+            .worker
+            .classify(model, decoded.into_iter().map(|d| d.planar).collect())
+            .await?;
+        let classes = out.labels.len();
+        if k > classes {
+            return Err(ApiError::field(
+                "top_k",
+                format!("{k} is out of range: the model has {classes} classes (1..={classes})"),
+            )
+            .into());
+        }
+        let results = out
+            .probabilities
+            .iter()
+            .map(|p| pb::ClassifyResult {
+                predictions: top_k(p, k)
+                    .into_iter()
+                    .map(|(c, p)| prediction(&out.labels, c, p))
+                    .collect(),
+            })
+            .collect();
+        Ok(Response::new(pb::ClassifyResponse {
+            results,
+            model: out.checkpoint_id.to_string(),
+        }))
+    }
+
+    async fn get_attention(
+        &self,
+        request: Request<pb::GetAttentionRequest>,
+    ) -> Result<Response<pb::GetAttentionResponse>, Status> {
+        let r = request.into_inner();
+        let size = match r.overlay_size {
+            0 => OVERLAY_DEFAULT,
+            s if OVERLAY_RANGE.contains(&s) => s,
+            s => {
+                return Err(ApiError::field(
+                    "overlay_size",
+                    format!("{s} is out of range {OVERLAY_RANGE:?}"),
+                )
+                .into())
+            }
+        };
+        let image = r
+            .image
+            .ok_or_else(|| ApiError::field("image", "is required (encoded or raw)"))?;
+        let model = self.resolve_model(&r.model).await?;
+        let render = r.render_overlay;
+        let mut decoded = decode_all(vec![image], render).await?;
+        let decoded = decoded.pop().expect("one image");
+        let out = self.0.worker.attention(model, decoded.planar).await?;
+        let maps = out.maps;
+        let [chunks, heads, latents, chunk] = maps.dims;
+        let scores = token_scores(&maps.weights, maps.dims);
+        let overlay_png = match decoded.rgb {
+            Some(rgb) => {
+                let (scores, grid) = (scores.clone(), out.grid);
+                tokio::task::spawn_blocking(move || png_bytes(&overlay(&rgb, &scores, grid, size, 0.5)))
+                    .await
+                    .map_err(|e| ApiError::Internal(anyhow::anyhow!("rendering task: {e}")))?
+            }
+            None => Vec::new(),
+        };
+        let per_chunk = heads * latents * chunk;
+        let (class, p) = top_k(&maps.probabilities, 1)[0];
+        Ok(Response::new(pb::GetAttentionResponse {
+            chunks: maps
+                .weights
+                .chunks(per_chunk.max(1))
+                .enumerate()
+                .map(|(i, w)| pb::ChunkAttention {
+                    chunk_index: i as u32,
+                    weights: w.to_vec(),
+                    first_token: (i * chunk) as u32,
+                })
+                .collect(),
+            num_heads: heads as u32,
+            num_latents: latents as u32,
+            chunk_size: chunk as u32,
+            grid_height: out.grid as u32,
+            grid_width: out.grid as u32,
+            token_scores: scores,
+            prediction: Some(prediction(&out.labels, class, p)),
+            overlay_png,
+            model: out.checkpoint_id.to_string(),
+            num_chunks: chunks as u32,
+        }))
+    }
+
+    async fn list_models(
+        &self,
+        _request: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        let rows = self
+            .0
+            .store
+            .best_checkpoints()
+            .await
+            .map_err(ApiError::from)?;
+        let default = rows
+            .iter()
+            .find(|(_, s)| *s == JobState::Succeeded)
+            .map(|(c, _)| c.id);
+        let mut models = Vec::with_capacity(rows.len());
+        for (row, _) in &rows {
+            let labels = self.labels_of(row.job_id).await;
+            models.push(pb::ModelInfo {
+                model_id: row.id.to_string(),
+                job_id: row.job_id.to_string(),
+                epoch: row.epoch,
+                val_accuracy: row.val_accuracy,
+                labels,
+                is_default: Some(row.id) == default,
+            });
+        }
+        Ok(Response::new(pb::ListModelsResponse { models }))
+    }
+}
+
+impl InferenceApi {
+    /// Class names of a job's dataset (from the run's config file; empty if unreadable).
+    async fn labels_of(&self, job: Uuid) -> Vec<String> {
+        let path = job_dir(&self.0.data_dir, job).join("labels.json");
+        match tokio::fs::read(&path).await {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
+            Err(_) => Vec::new(),
+        }
+    }
+}

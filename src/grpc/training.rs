@@ -1,0 +1,261 @@
+//! `tlb.v1.TrainingService`.
+
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::sync::broadcast::error::RecvError;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+use tracing::info;
+use uuid::Uuid;
+
+use super::convert;
+use super::AppState;
+use crate::engine::train::Preset;
+use crate::proto::v1 as pb;
+use crate::proto::v1::training_service_server::TrainingService;
+use crate::server::error::{parse_uuid, ApiError};
+use crate::store::JobRow;
+use crate::worker::{JobEvent, JobUpdate};
+
+/// Default and largest ListJobs page.
+const PAGE_DEFAULT: usize = 50;
+const PAGE_MAX: usize = 500;
+/// How long CancelJob waits for a running job to stop before answering.
+const CANCEL_WAIT: Duration = Duration::from_secs(30);
+
+pub struct TrainingApi(pub AppState);
+
+impl TrainingApi {
+    async fn job(&self, field: &str, id: &str) -> Result<JobRow, ApiError> {
+        let id = parse_uuid(field, id)?;
+        self.0
+            .store
+            .get_job(id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("no job with id {id}")))
+    }
+}
+
+fn parse_page_token(token: &str) -> Result<Option<(i64, String)>, ApiError> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let bad = || ApiError::field("page_token", "not a token from a ListJobs response");
+    let (ms, id) = token.split_once(':').ok_or_else(bad)?;
+    let id = Uuid::parse_str(id).map_err(|_| bad())?;
+    Ok(Some((ms.parse().map_err(|_| bad())?, id.to_string())))
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl TrainingService for TrainingApi {
+    async fn start_training(
+        &self,
+        request: Request<pb::StartTrainingRequest>,
+    ) -> Result<Response<pb::StartTrainingResponse>, Status> {
+        let r = request.into_inner();
+        let preset_name = if r.preset.is_empty() {
+            "cpu-small"
+        } else {
+            &r.preset
+        };
+        let preset = Preset::from_name(preset_name).map_err(|e| ApiError::field("preset", e))?;
+        let dataset = r.dataset.ok_or_else(|| {
+            ApiError::field("dataset", "is required: {format: cifar10|cifar100|image-folder, path}")
+        })?;
+        let resolved = self.0.datasets.resolve(&dataset.format, &dataset.path)?;
+        let mut config = preset.config();
+        if let Some(overrides) = &r.config {
+            convert::apply_overrides(&mut config, overrides)?;
+        }
+        config.model.num_classes = resolved.num_classes;
+        config
+            .validate()
+            .map_err(|e| ApiError::field(&format!("config.{}", e.field), e.message))?;
+        let job = JobRow::queued(preset_name, config, &dataset.format, &dataset.path);
+        self.0.store.insert_job(&job).await.map_err(ApiError::from)?;
+        info!(job = %job.id, preset = preset_name, dataset = %dataset.path, "job queued");
+        self.0.worker.wake();
+        Ok(Response::new(pb::StartTrainingResponse {
+            job_id: job.id.to_string(),
+        }))
+    }
+
+    async fn get_job(
+        &self,
+        request: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let job = self.job("job_id", &request.get_ref().job_id).await?;
+        Ok(Response::new(convert::job(&job)))
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let r = request.into_inner();
+        let state = convert::state_filter(r.state)?;
+        let size = match r.page_size as usize {
+            0 => PAGE_DEFAULT,
+            n => n.min(PAGE_MAX),
+        };
+        let after = parse_page_token(&r.page_token)?;
+        let mut rows = self
+            .0
+            .store
+            .list_jobs(state, size + 1, after)
+            .await
+            .map_err(ApiError::from)?;
+        let next_page_token = if rows.len() > size {
+            rows.truncate(size);
+            rows.last()
+                .map(|j| format!("{}:{}", j.created_at_ms, j.id))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs: rows.iter().map(convert::job).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn cancel_job(
+        &self,
+        request: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let job = self.job("job_id", &request.get_ref().job_id).await?;
+        let store = &self.0.store;
+        if job.state.is_terminal() {
+            return Err(ApiError::FailedPrecondition(format!(
+                "job {} already ended ({}); only queued or running jobs can be cancelled",
+                job.id,
+                job.state.as_str()
+            ))
+            .into());
+        }
+        // Subscribe before acting so the end of the job cannot be missed.
+        let mut events = self.0.events.subscribe();
+        if store.cancel_queued(job.id).await.map_err(ApiError::from)? {
+            info!(job = %job.id, "queued job cancelled");
+            let row = self.job("job_id", &job.id.to_string()).await?;
+            let _ = self
+                .0
+                .events
+                .send(std::sync::Arc::new((job.id, JobUpdate::State(row.clone()))));
+            return Ok(Response::new(convert::job(&row)));
+        }
+        store.request_cancel(job.id).await.map_err(ApiError::from)?;
+        if let Some((id, flag)) = self.0.running.lock().expect("running slot").as_ref() {
+            if *id == job.id {
+                flag.store(true, Ordering::SeqCst);
+            }
+        }
+        info!(job = %job.id, "cancelling running job");
+        let ended = tokio::time::timeout(CANCEL_WAIT, async {
+            loop {
+                match events.recv().await {
+                    Ok(e) if e.0 == job.id => {
+                        if let JobUpdate::State(row) = &e.1 {
+                            if row.state.is_terminal() {
+                                return;
+                            }
+                        }
+                    }
+                    Ok(_) | Err(RecvError::Lagged(_)) => {}
+                    Err(RecvError::Closed) => return,
+                }
+            }
+        })
+        .await;
+        if ended.is_err() {
+            info!(job = %job.id, "cancel requested; the job is still stopping");
+        }
+        let row = self.job("job_id", &job.id.to_string()).await?;
+        Ok(Response::new(convert::job(&row)))
+    }
+
+    type WatchJobStream = EventStream;
+
+    async fn watch_job(
+        &self,
+        request: Request<pb::WatchJobRequest>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let id = parse_uuid("job_id", &request.get_ref().job_id)?;
+        // Subscribe first: nothing between the snapshot and the stream is lost.
+        let events = self.0.events.subscribe();
+        let job = self.job("job_id", &id.to_string()).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let state = self.0.clone();
+        tokio::spawn(forward_events(state, job, events, tx));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn list_checkpoints(
+        &self,
+        request: Request<pb::ListCheckpointsRequest>,
+    ) -> Result<Response<pb::ListCheckpointsResponse>, Status> {
+        let job = self.job("job_id", &request.get_ref().job_id).await?;
+        let rows = self
+            .0
+            .store
+            .list_checkpoints(job.id)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(pb::ListCheckpointsResponse {
+            checkpoints: rows.iter().map(convert::checkpoint).collect(),
+        }))
+    }
+}
+
+/// Feeds one WatchJob stream: the job as it is now, then its updates until it ends.
+async fn forward_events(
+    state: AppState,
+    job: JobRow,
+    mut events: tokio::sync::broadcast::Receiver<JobEvent>,
+    tx: tokio::sync::mpsc::Sender<Result<pb::JobEvent, Status>>,
+) {
+    let id = job.id;
+    let first = convert::event(&JobUpdate::State(job.clone()));
+    if tx.send(Ok(first)).await.is_err() || job.state.is_terminal() {
+        return;
+    }
+    let mut shutdown = state.shutdown.clone();
+    loop {
+        let update = tokio::select! {
+            e = events.recv() => Some(e),
+            _ = async { let _ = shutdown.wait_for(|s| *s).await; } => None,
+        };
+        let Some(update) = update else {
+            let status = Status::unavailable("server shutting down; watch again after it restarts");
+            let _ = tx.send(Err(status)).await;
+            return;
+        };
+        let (update, ended) = match update {
+            Ok(e) if e.0 == id => {
+                let ended = matches!(&e.1, JobUpdate::State(r) if r.state.is_terminal());
+                (convert::event(&e.1), ended)
+            }
+            Ok(_) => continue,
+            Err(RecvError::Lagged(_)) => {
+                // Too slow a reader: skip to the job as it is now.
+                match state.store.get_job(id).await {
+                    Ok(Some(row)) => {
+                        let ended = row.state.is_terminal();
+                        (convert::event(&JobUpdate::State(row)), ended)
+                    }
+                    _ => return,
+                }
+            }
+            Err(RecvError::Closed) => return,
+        };
+        if tx.send(Ok(update)).await.is_err() || ended {
+            return;
+        }
+    }
+}

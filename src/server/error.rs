@@ -1,0 +1,54 @@
+//! Request errors and the gRPC status each one becomes.
+
+use tonic::{Code, Status};
+
+/// Why a request failed, in the terms of the gRPC status it maps to.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// A field of the request is wrong: the message names it.
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("internal error: {0:#}")]
+    Internal(#[from] anyhow::Error),
+}
+
+impl ApiError {
+    /// An invalid field: "`field`: `message`".
+    pub fn field(field: &str, message: impl std::fmt::Display) -> Self {
+        Self::InvalidArgument(format!("{field}: {message}"))
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Self {
+        let code = match &e {
+            ApiError::InvalidArgument(_) => Code::InvalidArgument,
+            ApiError::NotFound(_) => Code::NotFound,
+            ApiError::FailedPrecondition(_) => Code::FailedPrecondition,
+            ApiError::ResourceExhausted(_) => Code::ResourceExhausted,
+            ApiError::Unavailable(_) => Code::Unavailable,
+            ApiError::Internal(err) => {
+                tracing::error!(error = %format!("{err:#}"), "internal error");
+                Code::Internal
+            }
+        };
+        Status::new(code, e.to_string())
+    }
+}
+
+/// Parses a UUID field.
+pub fn parse_uuid(field: &str, value: &str) -> Result<uuid::Uuid, ApiError> {
+    if value.is_empty() {
+        return Err(ApiError::field(field, "is empty; expected a UUID"));
+    }
+    uuid::Uuid::parse_str(value)
+        .map_err(|_| ApiError::field(field, format!("'{value}' is not a UUID")))
+}

@@ -1,0 +1,222 @@
+//! `tlb serve`: the gRPC server. It opens the job store, starts the device worker, serves
+//! TrainingService, InferenceService, grpc.health.v1 and reflection, and on SIGTERM/SIGINT
+//! stops accepting, checkpoints the running job (it resumes on the next start) and exits.
+
+pub mod datasets;
+pub mod download;
+pub mod error;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use tokio::sync::{broadcast, watch};
+use tonic::codegen::http;
+use tonic_health::ServingStatus;
+use tracing::info;
+
+use crate::engine::backend::DeviceSpec;
+use crate::grpc::{AppState, InferenceApi, TrainingApi, MAX_MESSAGE_BYTES};
+use crate::proto::v1::inference_service_server::InferenceServiceServer;
+use crate::proto::v1::training_service_server::TrainingServiceServer;
+use crate::store::Store;
+use crate::worker::{WorkerContext, WorkerHandle};
+use datasets::{Datasets, CIFAR100_MD5, CIFAR100_URL, CIFAR10_MD5, CIFAR10_URL};
+use download::DownloadSource;
+
+const SERVICES: [&str; 2] = ["tlb.v1.TrainingService", "tlb.v1.InferenceService"];
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0 picks a free one; the bound address is printed).
+    #[arg(long, env = "TLB_ADDR", default_value = "127.0.0.1:50051")]
+    pub addr: SocketAddr,
+    /// Job database (tlb.db) and job run directories with their checkpoints.
+    #[arg(long, env = "TLB_DATA_DIR", default_value = "./tlb-data")]
+    pub data_dir: PathBuf,
+    /// Dataset paths in StartTraining are relative to this folder and may not leave it.
+    #[arg(long, env = "TLB_DATASETS_ROOT", default_value = "./datasets")]
+    pub datasets_root: PathBuf,
+    /// cpu, or cuda:N in a build with the `cuda` feature.
+    #[arg(long, env = "TLB_DEVICE", default_value = "cpu")]
+    pub device: DeviceSpec,
+    /// Download CIFAR-10/100 archives that are missing under the datasets root.
+    #[arg(long, env = "TLB_ALLOW_DOWNLOAD")]
+    pub allow_download: bool,
+    /// Where the CIFAR-10 archive is downloaded from (a mirror may be named).
+    #[arg(long, env = "TLB_CIFAR10_URL", default_value = CIFAR10_URL)]
+    pub cifar10_url: String,
+    /// MD5 the CIFAR-10 archive must have.
+    #[arg(long, env = "TLB_CIFAR10_MD5", default_value = CIFAR10_MD5)]
+    pub cifar10_md5: String,
+    #[arg(long, env = "TLB_CIFAR100_URL", default_value = CIFAR100_URL)]
+    pub cifar100_url: String,
+    #[arg(long, env = "TLB_CIFAR100_MD5", default_value = CIFAR100_MD5)]
+    pub cifar100_md5: String,
+}
+
+pub fn serve(args: ServeArgs) -> Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("tlb-rpc")
+        .build()?
+        .block_on(serve_async(args))
+}
+
+/// tonic answers an over-limit message with OUT_OF_RANGE; gRPC's code for it is
+/// RESOURCE_EXHAUSTED.
+fn oversize_is_resource_exhausted<B>(mut res: http::Response<B>) -> http::Response<B> {
+    let headers = res.headers();
+    let oversize = headers.get("grpc-status").is_some_and(|v| v == "11")
+        && headers
+            .get("grpc-message")
+            .and_then(|m| m.to_str().ok())
+            .is_some_and(|m| m.contains("message length too large"));
+    if oversize {
+        res.headers_mut()
+            .insert("grpc-status", http::HeaderValue::from_static("8"));
+    }
+    res
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => info!("SIGINT: shutting down"),
+        _ = term => info!("SIGTERM: shutting down"),
+    }
+}
+
+async fn serve_async(args: ServeArgs) -> Result<()> {
+    std::fs::create_dir_all(&args.datasets_root)
+        .with_context(|| format!("creating {}", args.datasets_root.display()))?;
+    let store = Store::open(&args.data_dir).await?;
+    let datasets = Datasets {
+        root: args.datasets_root.clone(),
+        allow_download: args.allow_download,
+        cifar10: DownloadSource {
+            url: args.cifar10_url.clone(),
+            md5: args.cifar10_md5.clone(),
+        },
+        cifar100: DownloadSource {
+            url: args.cifar100_url.clone(),
+            md5: args.cifar100_md5.clone(),
+        },
+    };
+    let (health, health_service) = tonic_health::server::health_reporter();
+    for name in std::iter::once("").chain(SERVICES) {
+        health
+            .set_service_status(name, ServingStatus::NotServing)
+            .await;
+    }
+    let (events, _) = broadcast::channel(4096);
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let stop = Arc::new(AtomicBool::new(false));
+    let running = Arc::new(Mutex::new(None));
+    let ctx = WorkerContext {
+        store: store.clone(),
+        runtime: tokio::runtime::Handle::current(),
+        events: events.clone(),
+        datasets: datasets.clone(),
+        data_dir: args.data_dir.clone(),
+        running: running.clone(),
+        stop: stop.clone(),
+        device: args.device.clone(),
+    };
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let worker = Arc::new(WorkerHandle::start(ctx, move || {
+        let _ = ready_tx.send(());
+    }));
+    let reporter = health.clone();
+    tokio::spawn(async move {
+        // Serving only once the worker owns its device.
+        if ready_rx.await.is_ok() {
+            for name in std::iter::once("").chain(SERVICES) {
+                reporter
+                    .set_service_status(name, ServingStatus::Serving)
+                    .await;
+            }
+        }
+    });
+
+    let state = AppState {
+        store,
+        worker: worker.clone(),
+        events,
+        datasets,
+        data_dir: args.data_dir.clone(),
+        running,
+        shutdown: shutdown_rx,
+    };
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let training = TrainingServiceServer::new(TrainingApi(state.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let inference = InferenceServiceServer::new(InferenceApi(state))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+
+    let listener = tokio::net::TcpListener::bind(args.addr)
+        .await
+        .with_context(|| format!("binding {}", args.addr))?;
+    let local = listener.local_addr()?;
+    info!(addr = %local, data_dir = %args.data_dir.display(), datasets_root = %args.datasets_root.display(), "tlb listening");
+    // Scripts and tests read the bound address (useful with port 0) from this line.
+    println!("tlb listening on {local}");
+
+    let shutdown = {
+        let (worker, health) = (worker.clone(), health.clone());
+        async move {
+            shutdown_signal().await;
+            for name in std::iter::once("").chain(SERVICES) {
+                health
+                    .set_service_status(name, ServingStatus::NotServing)
+                    .await;
+            }
+            let _ = shutdown_tx.send(true);
+            // The running job checkpoints now, while open calls finish.
+            stop.store(true, Ordering::SeqCst);
+            worker.wake();
+        }
+    };
+    tonic::transport::Server::builder()
+        .trace_fn(|req| tracing::info_span!("rpc", method = %req.uri().path()))
+        .layer(tower::util::MapResponseLayer::new(
+            oversize_is_resource_exhausted,
+        ))
+        .add_service(training)
+        .add_service(inference)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await?;
+    tokio::task::spawn_blocking(move || worker.stop_and_join()).await?;
+    info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,164 @@
+//! Rows of the job store and their mapping from SQL.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use anyhow::{anyhow, Context, Result};
+use sqlx::sqlite::SqliteRow;
+use sqlx::Row;
+use uuid::Uuid;
+
+use crate::engine::train::{EpochMetrics, TrainConfig};
+
+/// Milliseconds since the Unix epoch (UTC).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "QUEUED",
+            Self::Running => "RUNNING",
+            Self::Succeeded => "SUCCEEDED",
+            Self::Failed => "FAILED",
+            Self::Cancelled => "CANCELLED",
+        }
+    }
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+}
+
+impl FromStr for JobState {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        [
+            Self::Queued,
+            Self::Running,
+            Self::Succeeded,
+            Self::Failed,
+            Self::Cancelled,
+        ]
+        .into_iter()
+        .find(|st| st.as_str() == s)
+        .ok_or_else(|| anyhow!("unknown job state '{s}' in the store"))
+    }
+}
+
+/// One training job.
+#[derive(Clone, Debug)]
+pub struct JobRow {
+    pub id: Uuid,
+    pub state: JobState,
+    pub preset: String,
+    /// The resolved config the job trains with.
+    pub config: TrainConfig,
+    pub dataset_format: String,
+    pub dataset_path: String,
+    pub created_at_ms: i64,
+    pub started_at_ms: Option<i64>,
+    pub finished_at_ms: Option<i64>,
+    pub epochs_completed: u32,
+    pub epochs_total: u32,
+    pub latest_metrics: Option<EpochMetrics>,
+    pub best_checkpoint_id: Option<Uuid>,
+    pub test_accuracy: Option<f64>,
+    pub error: String,
+    pub restarts: u32,
+    pub cancel_requested: bool,
+}
+
+fn uuid(s: &str) -> Result<Uuid> {
+    Uuid::parse_str(s).with_context(|| format!("bad uuid '{s}' in the store"))
+}
+
+impl JobRow {
+    /// A new queued job.
+    pub fn queued(preset: &str, config: TrainConfig, format: &str, path: &str) -> Self {
+        Self {
+            id: Uuid::new_v4(),
+            state: JobState::Queued,
+            preset: preset.to_string(),
+            epochs_total: config.epochs as u32,
+            config,
+            dataset_format: format.to_string(),
+            dataset_path: path.to_string(),
+            created_at_ms: now_ms(),
+            started_at_ms: None,
+            finished_at_ms: None,
+            epochs_completed: 0,
+            latest_metrics: None,
+            best_checkpoint_id: None,
+            test_accuracy: None,
+            error: String::new(),
+            restarts: 0,
+            cancel_requested: false,
+        }
+    }
+
+    pub(super) fn from_row(r: &SqliteRow) -> Result<Self> {
+        let config: String = r.try_get("config_json")?;
+        let metrics: Option<String> = r.try_get("latest_metrics_json")?;
+        let best: Option<String> = r.try_get("best_checkpoint_id")?;
+        Ok(Self {
+            id: uuid(r.try_get("id")?)?,
+            state: r.try_get::<String, _>("state")?.parse()?,
+            preset: r.try_get("preset")?,
+            config: serde_json::from_str(&config).context("job config in the store")?,
+            dataset_format: r.try_get("dataset_format")?,
+            dataset_path: r.try_get("dataset_path")?,
+            created_at_ms: r.try_get("created_at_ms")?,
+            started_at_ms: r.try_get("started_at_ms")?,
+            finished_at_ms: r.try_get("finished_at_ms")?,
+            epochs_completed: r.try_get::<i64, _>("epochs_completed")? as u32,
+            epochs_total: r.try_get::<i64, _>("epochs_total")? as u32,
+            latest_metrics: metrics
+                .map(|m| serde_json::from_str(&m))
+                .transpose()
+                .context("job metrics in the store")?,
+            best_checkpoint_id: best.as_deref().map(uuid).transpose()?,
+            test_accuracy: r.try_get("test_accuracy")?,
+            error: r.try_get("error")?,
+            restarts: r.try_get::<i64, _>("restarts")? as u32,
+            cancel_requested: r.try_get("cancel_requested")?,
+        })
+    }
+}
+
+/// One saved epoch of a job.
+#[derive(Clone, Debug)]
+pub struct CheckpointRow {
+    pub id: Uuid,
+    pub job_id: Uuid,
+    pub epoch: u32,
+    pub val_accuracy: Option<f64>,
+    pub path: PathBuf,
+    pub is_best: bool,
+    pub created_at_ms: i64,
+}
+
+impl CheckpointRow {
+    pub(super) fn from_row(r: &SqliteRow) -> Result<Self> {
+        Ok(Self {
+            id: uuid(r.try_get("id")?)?,
+            job_id: uuid(r.try_get("job_id")?)?,
+            epoch: r.try_get::<i64, _>("epoch")? as u32,
+            val_accuracy: r.try_get("val_accuracy")?,
+            path: PathBuf::from(r.try_get::<String, _>("path")?),
+            is_best: r.try_get("is_best")?,
+            created_at_ms: r.try_get("created_at_ms")?,
+        })
+    }
+}

@@ -1,0 +1,223 @@
+//! Inference on the worker thread: a small cache of loaded checkpoints, and requests that
+//! arrive together for the same model run as one batch.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+
+use burn::tensor::backend::Backend;
+use crossbeam_channel::Receiver;
+use uuid::Uuid;
+
+use super::{ModelRef, Request};
+use crate::engine::infer::{attention_maps, eval_batch, probabilities, AttentionMaps, STORE_SIDE};
+use crate::engine::model::Tlb;
+use crate::engine::train::Checkpoint;
+use crate::server::error::ApiError;
+
+/// Loaded models kept on the device.
+const CACHE_SIZE: usize = 4;
+/// Largest batch one forward pass takes (bounds activation memory).
+const MAX_FORWARD: usize = 512;
+
+pub struct ClassifyResult {
+    /// `[image][class]`, in request order.
+    pub probabilities: Vec<Vec<f32>>,
+    pub labels: Arc<Vec<String>>,
+    pub checkpoint_id: Uuid,
+}
+
+pub struct AttentionResult {
+    pub maps: AttentionMaps,
+    pub labels: Arc<Vec<String>>,
+    /// Side of the patch grid (tokens run row-major over it).
+    pub grid: usize,
+    pub checkpoint_id: Uuid,
+}
+
+struct Loaded<B: Backend> {
+    model: Tlb<B>,
+    labels: Arc<Vec<String>>,
+    image_size: usize,
+    grid: usize,
+}
+
+type ClassifyReply = tokio::sync::oneshot::Sender<Result<ClassifyResult, ApiError>>;
+
+pub struct Inference<B: Backend> {
+    device: B::Device,
+    threads: usize,
+    /// Most recently used last.
+    cache: Vec<(Uuid, Arc<Loaded<B>>)>,
+}
+
+/// Runs `f`, turning a panic inside the engine into an internal error.
+fn guarded<T>(what: &str, f: impl FnOnce() -> anyhow::Result<T>) -> Result<T, ApiError> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r.map_err(ApiError::Internal),
+        Err(_) => Err(ApiError::Internal(anyhow::anyhow!("{what} panicked"))),
+    }
+}
+
+impl<B: Backend> Inference<B> {
+    pub fn new(device: B::Device, threads: usize) -> Self {
+        Self {
+            device,
+            threads: threads.max(1),
+            cache: Vec::new(),
+        }
+    }
+
+    /// Answers every request already waiting.
+    pub fn serve_pending(&mut self, rx: &Receiver<Request>) {
+        let waiting: Vec<Request> = rx.try_iter().collect();
+        if !waiting.is_empty() {
+            self.serve(waiting);
+        }
+    }
+
+    /// Answers `first` and whatever arrived with it.
+    pub fn serve_with(&mut self, first: Request, rx: &Receiver<Request>) {
+        let mut all = vec![first];
+        all.extend(rx.try_iter());
+        self.serve(all);
+    }
+
+    fn serve(&mut self, requests: Vec<Request>) {
+        // Classify requests grouped by model, in arrival order.
+        let mut groups: Vec<(ModelRef, Vec<(Vec<Vec<u8>>, ClassifyReply)>)> = Vec::new();
+        for request in requests {
+            match request {
+                Request::Classify {
+                    model,
+                    images,
+                    reply,
+                } => match groups
+                    .iter_mut()
+                    .find(|(m, _)| m.checkpoint_id == model.checkpoint_id)
+                {
+                    Some((_, g)) => g.push((images, reply)),
+                    None => groups.push((model, vec![(images, reply)])),
+                },
+                Request::Attention {
+                    model,
+                    image,
+                    reply,
+                } => {
+                    let _ = reply.send(self.attention(&model, image));
+                }
+                Request::Wake => {}
+            }
+        }
+        for (model, group) in groups {
+            self.classify_group(&model, group);
+        }
+    }
+
+    fn classify_group(&mut self, model: &ModelRef, group: Vec<(Vec<Vec<u8>>, ClassifyReply)>) {
+        let loaded = match self.load(model) {
+            Ok(l) => l,
+            Err(e) => {
+                let message = e.to_string();
+                for (_, reply) in group {
+                    let _ = reply.send(Err(ApiError::Internal(anyhow::anyhow!("{message}"))));
+                }
+                return;
+            }
+        };
+        let sizes: Vec<usize> = group.iter().map(|(imgs, _)| imgs.len()).collect();
+        tracing::debug!(requests = sizes.len(), images = sizes.iter().sum::<usize>(), "classify batch");
+        let all: Vec<&[u8]> = group
+            .iter()
+            .flat_map(|(imgs, _)| imgs.iter().map(Vec::as_slice))
+            .collect();
+        let probs = guarded("classification", || {
+            let mut out = Vec::with_capacity(all.len());
+            for slice in all.chunks(MAX_FORWARD) {
+                let batch = eval_batch(slice, STORE_SIDE, loaded.image_size);
+                out.extend(probabilities(&loaded.model, batch, self.threads, &self.device));
+            }
+            Ok(out)
+        });
+        let mut probs = match probs {
+            Ok(p) => p.into_iter(),
+            Err(e) => {
+                let message = e.to_string();
+                for (_, reply) in group {
+                    let _ = reply.send(Err(ApiError::Internal(anyhow::anyhow!("{message}"))));
+                }
+                return;
+            }
+        };
+        for ((_, reply), n) in group.into_iter().zip(sizes) {
+            let _ = reply.send(Ok(ClassifyResult {
+                probabilities: probs.by_ref().take(n).collect(),
+                labels: loaded.labels.clone(),
+                checkpoint_id: model.checkpoint_id,
+            }));
+        }
+    }
+
+    fn attention(&mut self, model: &ModelRef, image: Vec<u8>) -> Result<AttentionResult, ApiError> {
+        let loaded = self.load(model)?;
+        let maps = guarded("attention", || {
+            let batch = eval_batch(&[&image], STORE_SIDE, loaded.image_size);
+            Ok(attention_maps(&loaded.model, batch, &self.device))
+        })?;
+        Ok(AttentionResult {
+            maps,
+            labels: loaded.labels.clone(),
+            grid: loaded.grid,
+            checkpoint_id: model.checkpoint_id,
+        })
+    }
+
+    fn load(&mut self, model: &ModelRef) -> Result<Arc<Loaded<B>>, ApiError> {
+        if let Some(i) = self.cache.iter().position(|(id, _)| *id == model.checkpoint_id) {
+            let hit = self.cache.remove(i);
+            self.cache.push(hit.clone());
+            return Ok(hit.1);
+        }
+        let path = match (&model.fallback, model.path.exists()) {
+            (Some(fallback), false) => fallback.clone(),
+            _ => model.path.clone(),
+        };
+        let device = self.device.clone();
+        let loaded = guarded("loading a checkpoint", move || {
+            let ckpt = Checkpoint::read(&path)?;
+            let cfg = ckpt.meta.config.model.clone();
+            Ok(Arc::new(Loaded {
+                model: ckpt.load_model::<B>(&device)?,
+                labels: Arc::new(ckpt.meta.class_names),
+                image_size: cfg.image_size,
+                grid: cfg.grid_size(),
+            }))
+        })?;
+        if self.cache.len() >= CACHE_SIZE {
+            self.cache.remove(0);
+        }
+        self.cache.push((model.checkpoint_id, loaded.clone()));
+        Ok(loaded)
+    }
+}
+
+impl<B: Backend> Inference<B> {
+    /// Runs `work` on a helper thread, answering inference requests until it is done.
+    pub fn while_serving<T: Send>(
+        &mut self,
+        rx: &Receiver<Request>,
+        work: impl FnOnce() -> T + Send,
+    ) -> T {
+        std::thread::scope(|s| {
+            let handle = s.spawn(work);
+            while !handle.is_finished() {
+                if let Ok(first) = rx.recv_timeout(std::time::Duration::from_millis(20)) {
+                    self.serve_with(first, rx);
+                }
+            }
+            match handle.join() {
+                Ok(v) => v,
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        })
+    }
+}

@@ -1,0 +1,213 @@
+//! Running one training job on the worker: mark it running, get its data, train with an
+//! observer that records epochs and checkpoints, serves inference between steps and stops on
+//! cancel or shutdown, then record how it ended.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use burn::tensor::backend::AutodiffBackend;
+use crossbeam_channel::Receiver;
+use tracing::{error, info, info_span, warn};
+use uuid::Uuid;
+
+use super::inference::Inference;
+use super::{JobUpdate, Request, WorkerContext};
+use crate::engine::model::Tlb;
+use crate::engine::train::{train, write_json, Outcome, TrainEvent, TrainObserver};
+use crate::store::{job_dir, now_ms, CheckpointRow, JobRow, JobState};
+
+/// How often progress goes out to watchers at most.
+const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+
+pub(super) fn run_job<B: AutodiffBackend>(
+    ctx: &WorkerContext,
+    device: &B::Device,
+    inference: &mut Inference<B::InnerBackend>,
+    rx: &Receiver<Request>,
+    job: JobRow,
+) {
+    let span = info_span!("job", id = %job.id);
+    let _enter = span.enter();
+    let id = job.id;
+    let block_on = |f| ctx.runtime.block_on(f);
+    if job.cancel_requested {
+        // Cancelled while the server was down.
+        finish(ctx, id, JobState::Cancelled, "", None);
+        return;
+    }
+    let cancel = Arc::new(AtomicBool::new(false));
+    *ctx.running.lock().expect("running slot") = Some((id, cancel.clone()));
+    let resumed = job.state == JobState::Running;
+    match block_on(ctx.store.mark_running(id, resumed)) {
+        Ok(true) => publish_state(ctx, id),
+        Ok(false) => {
+            // Cancelled between being picked and starting.
+            *ctx.running.lock().expect("running slot") = None;
+            return;
+        }
+        Err(e) => {
+            error!(error = %format!("{e:#}"), "marking the job running");
+            *ctx.running.lock().expect("running slot") = None;
+            std::thread::sleep(Duration::from_secs(1));
+            return;
+        }
+    }
+    info!(resumed, "job started");
+    let result = train_job::<B>(ctx, device, inference, rx, &job, cancel.clone());
+    *ctx.running.lock().expect("running slot") = None;
+    match result {
+        Ok((Outcome::Completed, test_accuracy)) => {
+            info!(?test_accuracy, "job succeeded");
+            finish(ctx, id, JobState::Succeeded, "", test_accuracy)
+        }
+        Ok((Outcome::Interrupted, _)) if cancel.load(Ordering::SeqCst) => {
+            info!("job cancelled");
+            finish(ctx, id, JobState::Cancelled, "", None)
+        }
+        Ok((Outcome::Interrupted, _)) => {
+            // Server shutdown: the job stays RUNNING and resumes on the next start.
+            info!("job checkpointed for shutdown; resumes on restart");
+        }
+        Err(e) => {
+            let message = format!("{e:#}");
+            warn!(error = %message, "job failed");
+            finish(ctx, id, JobState::Failed, &message, None)
+        }
+    }
+}
+
+fn train_job<B: AutodiffBackend>(
+    ctx: &WorkerContext,
+    device: &B::Device,
+    inference: &mut Inference<B::InnerBackend>,
+    rx: &Receiver<Request>,
+    job: &JobRow,
+    cancel: Arc<AtomicBool>,
+) -> anyhow::Result<(Outcome, Option<f64>)> {
+    let dataset = ctx
+        .datasets
+        .resolve(&job.dataset_format, &job.dataset_path)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let id = job.id;
+    let events = ctx.clone();
+    let datasets = ctx.datasets.clone();
+    // Reading (and maybe downloading) the data takes a while: serve inference meanwhile.
+    let splits = inference.while_serving(rx, move || {
+        datasets.prepare(&dataset, &mut |url, done, total| {
+            events.publish(
+                id,
+                JobUpdate::Download {
+                    url: url.to_string(),
+                    done,
+                    total,
+                },
+            )
+        })
+    })?;
+    let out = job_dir(&ctx.data_dir, id);
+    std::fs::create_dir_all(&out)?;
+    write_json(&out.join("labels.json"), &splits.class_names())?;
+    let mut config = job.config.clone();
+    if config.replicas == 0 {
+        config.replicas = ctx.device.replicas();
+    }
+    let mut observer = JobObserver::<B> {
+        ctx,
+        job: id,
+        cancel,
+        inference,
+        rx,
+        last_progress: None,
+        _backend: std::marker::PhantomData,
+    };
+    let run = catch_unwind(AssertUnwindSafe(|| {
+        train::<B>(&config, &splits, &out, device, true, &mut observer)
+    }));
+    match run {
+        Ok(r) => r.map(|(outcome, summary)| (outcome, summary.test_accuracy)),
+        Err(_) => Err(anyhow::anyhow!("training panicked (see the server log)")),
+    }
+}
+
+fn publish_state(ctx: &WorkerContext, id: Uuid) {
+    match ctx.runtime.block_on(ctx.store.get_job(id)) {
+        Ok(Some(row)) => ctx.publish(id, JobUpdate::State(row)),
+        Ok(None) => {}
+        Err(e) => error!(error = %format!("{e:#}"), "reading the job"),
+    }
+}
+
+fn finish(ctx: &WorkerContext, id: Uuid, state: JobState, error: &str, test: Option<f64>) {
+    match ctx.runtime.block_on(ctx.store.finish(id, state, error, test)) {
+        Ok(_) => publish_state(ctx, id),
+        Err(e) => error!(error = %format!("{e:#}"), "recording the job's end"),
+    }
+}
+
+struct JobObserver<'a, B: AutodiffBackend> {
+    ctx: &'a WorkerContext,
+    job: Uuid,
+    cancel: Arc<AtomicBool>,
+    inference: &'a mut Inference<B::InnerBackend>,
+    rx: &'a Receiver<Request>,
+    last_progress: Option<Instant>,
+    _backend: std::marker::PhantomData<B>,
+}
+
+impl<B: AutodiffBackend> TrainObserver<B> for JobObserver<'_, B> {
+    fn event(&mut self, event: &TrainEvent) {
+        let ctx = self.ctx;
+        match event {
+            TrainEvent::Progress(p) => {
+                let due = self.last_progress.is_none_or(|t| t.elapsed() >= PROGRESS_EVERY);
+                if due || p.step_in_epoch == p.steps_per_epoch {
+                    self.last_progress = Some(Instant::now());
+                    ctx.publish(self.job, JobUpdate::Progress(p.clone()));
+                }
+            }
+            TrainEvent::Epoch(m) => {
+                if let Err(e) = ctx.runtime.block_on(ctx.store.record_epoch(self.job, m)) {
+                    error!(error = %format!("{e:#}"), "recording an epoch");
+                }
+                ctx.publish(self.job, JobUpdate::Epoch(m.clone()));
+            }
+            TrainEvent::CheckpointSaved {
+                path,
+                epoch,
+                val_accuracy,
+                best,
+            } => {
+                let is_epoch_file = path
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("epoch-"));
+                if !is_epoch_file {
+                    return;
+                }
+                let row = CheckpointRow {
+                    id: Uuid::new_v4(),
+                    job_id: self.job,
+                    epoch: *epoch as u32,
+                    val_accuracy: *val_accuracy,
+                    path: path.clone(),
+                    is_best: *best,
+                    created_at_ms: now_ms(),
+                };
+                match ctx.runtime.block_on(ctx.store.record_checkpoint(&row)) {
+                    Ok(()) => ctx.publish(self.job, JobUpdate::Checkpoint(row)),
+                    Err(e) => error!(error = %format!("{e:#}"), "recording a checkpoint"),
+                }
+            }
+            TrainEvent::Started { .. } | TrainEvent::Finished(_) => {}
+        }
+    }
+
+    fn should_stop(&mut self) -> bool {
+        self.cancel.load(Ordering::SeqCst) || self.ctx.stop.load(Ordering::SeqCst)
+    }
+
+    fn between_steps(&mut self, _model: &Tlb<B>) {
+        self.inference.serve_pending(self.rx);
+    }
+}

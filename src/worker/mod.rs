@@ -1,0 +1,211 @@
+//! The device worker: one thread owns the burn device and the models on it. It runs queued
+//! training jobs one at a time and, between training steps and when idle, answers inference
+//! requests, batching those that arrived together.
+
+mod inference;
+mod job;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use burn::tensor::backend::AutodiffBackend;
+use crossbeam_channel::{Receiver, Sender};
+use tokio::sync::{broadcast, oneshot};
+use uuid::Uuid;
+
+pub use inference::{AttentionResult, ClassifyResult};
+
+use crate::engine::backend::DeviceSpec;
+use crate::engine::train::{EpochMetrics, Progress};
+use crate::server::datasets::Datasets;
+use crate::server::error::ApiError;
+use crate::store::{CheckpointRow, JobRow, Store};
+
+/// A checkpoint to run inference with.
+#[derive(Clone, Debug)]
+pub struct ModelRef {
+    pub checkpoint_id: Uuid,
+    pub path: PathBuf,
+    /// Read instead when `path` was pruned (a job's `best.ckpt` holds its best epoch).
+    pub fallback: Option<PathBuf>,
+}
+
+/// What the worker is asked to do.
+pub enum Request {
+    /// Class probabilities for planar RGB8 images of side [`crate::engine::infer::STORE_SIDE`].
+    Classify {
+        model: ModelRef,
+        images: Vec<Vec<u8>>,
+        reply: oneshot::Sender<Result<ClassifyResult, ApiError>>,
+    },
+    Attention {
+        model: ModelRef,
+        image: Vec<u8>,
+        reply: oneshot::Sender<Result<AttentionResult, ApiError>>,
+    },
+    /// A job was queued.
+    Wake,
+}
+
+/// Something that happened to a job, for `WatchJob` streams.
+#[derive(Clone, Debug)]
+pub enum JobUpdate {
+    State(JobRow),
+    Progress(Progress),
+    Epoch(EpochMetrics),
+    Checkpoint(CheckpointRow),
+    Download { url: String, done: u64, total: u64 },
+}
+
+/// A job update with the job it belongs to.
+pub type JobEvent = Arc<(Uuid, JobUpdate)>;
+
+/// The running job and the flag that cancels it.
+pub type RunningSlot = Arc<Mutex<Option<(Uuid, Arc<AtomicBool>)>>>;
+
+/// What the worker thread shares with the server.
+#[derive(Clone)]
+pub struct WorkerContext {
+    pub store: Store,
+    pub runtime: tokio::runtime::Handle,
+    pub events: broadcast::Sender<JobEvent>,
+    pub datasets: Datasets,
+    pub data_dir: PathBuf,
+    pub running: RunningSlot,
+    /// Raised on shutdown: the running job checkpoints and stays resumable.
+    pub stop: Arc<AtomicBool>,
+    pub device: DeviceSpec,
+}
+
+impl WorkerContext {
+    fn publish(&self, job: Uuid, update: JobUpdate) {
+        // No receiver only means nobody is watching.
+        let _ = self.events.send(Arc::new((job, update)));
+    }
+}
+
+/// The server's end of the worker.
+pub struct WorkerHandle {
+    tx: Sender<Request>,
+    stop: Arc<AtomicBool>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+fn gone() -> ApiError {
+    ApiError::Unavailable("the device worker has stopped (server shutting down)".into())
+}
+
+impl WorkerHandle {
+    /// Starts the worker thread; `ready` is called once the device is up.
+    pub fn start(ctx: WorkerContext, ready: impl FnOnce() + Send + 'static) -> Self {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let stop = ctx.stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("tlb-device-worker".into())
+            .spawn(move || {
+                let device = ctx.device.clone();
+                crate::with_backend!(device, |B, device| {
+                    Worker::<B> {
+                        inference: inference::Inference::new(device.clone(), ctx.device.replicas()),
+                        device,
+                        ctx,
+                        rx,
+                    }
+                    .run(ready)
+                })
+            })
+            .expect("spawning the worker thread");
+        Self {
+            tx,
+            stop,
+            thread: Mutex::new(Some(thread)),
+        }
+    }
+
+    pub async fn classify(
+        &self,
+        model: ModelRef,
+        images: Vec<Vec<u8>>,
+    ) -> Result<ClassifyResult, ApiError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Classify {
+                model,
+                images,
+                reply,
+            })
+            .map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+
+    pub async fn attention(
+        &self,
+        model: ModelRef,
+        image: Vec<u8>,
+    ) -> Result<AttentionResult, ApiError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Attention {
+                model,
+                image,
+                reply,
+            })
+            .map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+
+    /// Tells the worker a job was queued.
+    pub fn wake(&self) {
+        let _ = self.tx.send(Request::Wake);
+    }
+
+    /// Asks the worker to checkpoint the running job and stop; returns when it has.
+    pub fn stop_and_join(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.wake();
+        if let Some(t) = self.thread.lock().expect("worker handle").take() {
+            if t.join().is_err() {
+                tracing::error!("the device worker panicked");
+            }
+        }
+    }
+}
+
+struct Worker<B: AutodiffBackend> {
+    ctx: WorkerContext,
+    device: B::Device,
+    rx: Receiver<Request>,
+    inference: inference::Inference<B::InnerBackend>,
+}
+
+impl<B: AutodiffBackend> Worker<B> {
+    fn run(mut self, ready: impl FnOnce()) {
+        tracing::info!(device = ?self.ctx.device, "device worker ready");
+        ready();
+        while !self.ctx.stop.load(Ordering::SeqCst) {
+            self.inference.serve_pending(&self.rx);
+            let next = self.ctx.runtime.block_on(self.ctx.store.next_runnable());
+            match next {
+                Ok(Some(job)) => {
+                    job::run_job::<B>(&self.ctx, &self.device, &mut self.inference, &self.rx, job)
+                }
+                Ok(None) => {
+                    // Idle: wait for a request or a new job.
+                    if let Ok(first) = self.rx.recv_timeout(Duration::from_secs(5)) {
+                        self.inference.serve_with(first, &self.rx);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "reading the job queue");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+        }
+        // Answer what is already queued before going.
+        self.inference.serve_pending(&self.rx);
+        tracing::info!("device worker stopped");
+    }
+}

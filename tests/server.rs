@@ -1,0 +1,283 @@
+//! The real server on an ephemeral port, driven by the generated tonic client.
+
+mod common;
+
+use std::time::Duration;
+
+use common::server::{
+    encoded, final_state, png, start_request, wait_for, watch_to_end, Server,
+};
+use common::write_synthetic_cifar;
+use tlb::proto::v1 as pb;
+use tlb::proto::v1::job_event::Event;
+
+fn setup(train: usize) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    write_synthetic_cifar(&dir.path().join("datasets/synth"), train, 100);
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn train_watch_classify_and_attention() {
+    let dir = setup(600);
+    let server = Server::start(dir.path(), &[]);
+    let mut training = server.training().await;
+    let job_id = training
+        .start_training(start_request("tiny", 3, "synth"))
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
+    uuid::Uuid::parse_str(&job_id).unwrap();
+    let events = watch_to_end(&mut training, &job_id, Duration::from_secs(300)).await;
+
+    // The current state first, every epoch in order, a checkpoint per epoch, success last.
+    assert!(matches!(&events[0], Event::State(j) if j.job_id == job_id));
+    let epochs: Vec<u32> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Epoch(m) => Some(m.epoch),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(epochs, vec![1, 2, 3]);
+    let ckpt_epochs: Vec<u32> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Checkpoint(c) => Some(c.epoch),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ckpt_epochs, vec![1, 2, 3]);
+    assert!(events.iter().any(|e| matches!(e, Event::Progress(p) if p.total_steps > 0)));
+    assert!(events.iter().any(|e| matches!(e, Event::State(j) if j.state == pb::JobState::Running as i32)));
+    assert_eq!(final_state(&events), pb::JobState::Succeeded);
+
+    let job = training
+        .get_job(pb::GetJobRequest {
+            job_id: job_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(job.epochs_completed, 3);
+    assert!(job.test_accuracy.is_some());
+    assert!(job.started_at.is_some() && job.finished_at.is_some());
+    let ckpts = training
+        .list_checkpoints(pb::ListCheckpointsRequest {
+            job_id: job_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .checkpoints;
+    let best: Vec<_> = ckpts.iter().filter(|c| c.best).collect();
+    assert_eq!(best.len(), 1);
+    assert_eq!(best[0].checkpoint_id, job.best_checkpoint_id);
+
+    // Classify: a job id, a checkpoint id and the default model all answer.
+    let mut inference = server.inference().await;
+    let raw = pb::Image {
+        source: Some(pb::image::Source::Raw(pb::RawImage {
+            width: 20,
+            height: 10,
+            rgb8: vec![128; 20 * 10 * 3],
+        })),
+    };
+    let images = vec![encoded(png(32, 1)), encoded(png(64, 2)), raw];
+    for model in [job_id.clone(), job.best_checkpoint_id.clone(), String::new()] {
+        let out = inference
+            .classify(pb::ClassifyRequest {
+                model: model.clone(),
+                images: images.clone(),
+                top_k: 10,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(out.model, job.best_checkpoint_id);
+        assert_eq!(out.results.len(), 3);
+        for r in &out.results {
+            assert_eq!(r.predictions.len(), 10);
+            let sum: f32 = r.predictions.iter().map(|p| p.probability).sum();
+            assert!((sum - 1.0).abs() < 1e-4, "probabilities sum to {sum}");
+            assert!(r.predictions.windows(2).all(|w| w[0].probability >= w[1].probability));
+            assert!(!r.predictions[0].label.is_empty());
+        }
+    }
+
+    // GetAttention: per-chunk weights with their dimensions, the score grid, a PNG.
+    let att = inference
+        .get_attention(pb::GetAttentionRequest {
+            model: job_id.clone(),
+            image: Some(encoded(png(32, 3))),
+            render_overlay: true,
+            overlay_size: 128,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // tiny: 16 px images, patch 4 → 4×4 grid, chunks of 4 tokens, 4 latents, 1 head.
+    assert_eq!((att.grid_height, att.grid_width), (4, 4));
+    assert_eq!(att.num_chunks, 4);
+    assert_eq!(att.chunks.len(), 4);
+    let per_chunk = (att.num_heads * att.num_latents * att.chunk_size) as usize;
+    for (i, c) in att.chunks.iter().enumerate() {
+        assert_eq!(c.chunk_index as usize, i);
+        assert_eq!(c.weights.len(), per_chunk);
+        for row in c.weights.chunks(att.chunk_size as usize) {
+            let s: f32 = row.iter().sum();
+            assert!((s - 1.0).abs() < 1e-4, "attention row sums to {s}");
+        }
+    }
+    assert_eq!(att.token_scores.len(), 16);
+    let overlay = image::load_from_memory(&att.overlay_png).expect("a valid PNG");
+    assert_eq!((overlay.width(), overlay.height()), (128, 128));
+    assert!(att.prediction.is_some());
+
+    let models = inference
+        .list_models(pb::ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .models;
+    assert_eq!(models.len(), 1);
+    assert!(models[0].is_default);
+    assert_eq!(models[0].labels.len(), 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_running_and_queued_jobs() {
+    let dir = setup(600);
+    let server = Server::start(dir.path(), &[]);
+    let mut training = server.training().await;
+    let long = training
+        .start_training(start_request("tiny", 500, "synth"))
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
+    let queued = training
+        .start_training(start_request("tiny", 1, "synth"))
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
+    wait_for(&mut training, &long, |e| matches!(e, Event::Progress(_))).await;
+
+    // The second job waits behind the first; cancelling it is immediate.
+    let job = training
+        .cancel_job(pb::CancelJobRequest {
+            job_id: queued.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(job.state, pb::JobState::Cancelled as i32);
+
+    let job = training
+        .cancel_job(pb::CancelJobRequest {
+            job_id: long.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(job.state, pb::JobState::Cancelled as i32);
+    assert!(job.epochs_completed < 500);
+    let again = training
+        .cancel_job(pb::CancelJobRequest { job_id: long })
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), tonic::Code::FailedPrecondition);
+    assert!(again.message().contains("already ended"), "{}", again.message());
+
+    let listed = training
+        .list_jobs(pb::ListJobsRequest {
+            state: pb::JobState::Cancelled as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    assert_eq!(listed.len(), 2);
+    // Pages of one: two pages, then none.
+    let mut token = String::new();
+    let mut seen = Vec::new();
+    loop {
+        let page = training
+            .list_jobs(pb::ListJobsRequest {
+                state: 0,
+                page_size: 1,
+                page_token: token,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        seen.extend(page.jobs.into_iter().map(|j| j.job_id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(seen.len(), 2);
+    assert_ne!(seen[0], seen[1]);
+}
+
+/// Epoch numbers in a run's metrics file.
+fn metric_epochs(server_root: &std::path::Path, job_id: &str) -> Vec<u64> {
+    let path = server_root.join("data/jobs").join(job_id).join("metrics.jsonl");
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v.get("epoch").and_then(|e| e.as_u64()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_and_stopped_servers_resume_the_job() {
+    let dir = setup(1200);
+    let epochs = 12;
+    let mut server = Server::start(dir.path(), &[]);
+    let mut training = server.training().await;
+    let job_id = training
+        .start_training(start_request("tiny", epochs, "synth"))
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
+    wait_for(&mut training, &job_id, |e| matches!(e, Event::Checkpoint(_))).await;
+    // A crash: no chance to checkpoint.
+    server.signal_and_wait("KILL");
+    drop(training);
+
+    let mut server = Server::start(dir.path(), &[]);
+    let mut training = server.training().await;
+    wait_for(&mut training, &job_id, |e| matches!(e, Event::Progress(_))).await;
+    // A clean stop: the job checkpoints mid-epoch and stays RUNNING.
+    let status = server.signal_and_wait("TERM");
+    assert!(status.success(), "SIGTERM exit: {status}");
+    drop(training);
+    let last = dir.path().join("data/jobs").join(&job_id).join("checkpoints/last.ckpt");
+    let epoch_files = std::fs::read_dir(last.parent().unwrap()).unwrap().count();
+    assert!(last.exists() || epoch_files > 0);
+
+    let server = Server::start(dir.path(), &[]);
+    let mut training = server.training().await;
+    let events = watch_to_end(&mut training, &job_id, Duration::from_secs(300)).await;
+    assert_eq!(final_state(&events), pb::JobState::Succeeded);
+    let job = training
+        .get_job(pb::GetJobRequest {
+            job_id: job_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(job.restarts, 2);
+    assert_eq!(job.epochs_completed, epochs);
+    // Resumed from checkpoints, not retrained from scratch: epoch 1 ran once.
+    let ran = metric_epochs(dir.path(), &job_id);
+    assert_eq!(ran.iter().filter(|&&e| e == 1).count(), 1, "epochs run: {ran:?}");
+    assert_eq!(*ran.iter().max().unwrap(), epochs as u64);
+}
