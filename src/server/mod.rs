@@ -74,7 +74,8 @@ fn oversize_is_resource_exhausted<B>(mut res: http::Response<B>) -> http::Respon
         && headers
             .get("grpc-message")
             .and_then(|m| m.to_str().ok())
-            .is_some_and(|m| m.contains("message length too large"));
+            // The message is percent-encoded on the wire.
+            .is_some_and(|m| m.replace("%20", " ").contains("message length too large"));
     if oversize {
         res.headers_mut()
             .insert("grpc-status", http::HeaderValue::from_static("8"));
