@@ -4,9 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::server::{
-    encoded, final_state, png, start_request, wait_for, watch_to_end, Server,
-};
+use common::server::{encoded, final_state, png, start_request, wait_for, watch_to_end, Server};
 use common::write_synthetic_cifar;
 use tlb::proto::v1 as pb;
 use tlb::proto::v1::job_event::Event;
@@ -49,8 +47,12 @@ async fn train_watch_classify_and_attention() {
         })
         .collect();
     assert_eq!(ckpt_epochs, vec![1, 2, 3]);
-    assert!(events.iter().any(|e| matches!(e, Event::Progress(p) if p.total_steps > 0)));
-    assert!(events.iter().any(|e| matches!(e, Event::State(j) if j.state == pb::JobState::Running as i32)));
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, Event::Progress(p) if p.total_steps > 0)));
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, Event::State(j) if j.state == pb::JobState::Running as i32)));
     assert_eq!(final_state(&events), pb::JobState::Succeeded);
 
     let job = training
@@ -85,7 +87,11 @@ async fn train_watch_classify_and_attention() {
         })),
     };
     let images = vec![encoded(png(32, 1)), encoded(png(64, 2)), raw];
-    for model in [job_id.clone(), job.best_checkpoint_id.clone(), String::new()] {
+    for model in [
+        job_id.clone(),
+        job.best_checkpoint_id.clone(),
+        String::new(),
+    ] {
         let out = inference
             .classify(pb::ClassifyRequest {
                 model: model.clone(),
@@ -101,7 +107,10 @@ async fn train_watch_classify_and_attention() {
             assert_eq!(r.predictions.len(), 10);
             let sum: f32 = r.predictions.iter().map(|p| p.probability).sum();
             assert!((sum - 1.0).abs() < 1e-4, "probabilities sum to {sum}");
-            assert!(r.predictions.windows(2).all(|w| w[0].probability >= w[1].probability));
+            assert!(r
+                .predictions
+                .windows(2)
+                .all(|w| w[0].probability >= w[1].probability));
             assert!(!r.predictions[0].label.is_empty());
         }
     }
@@ -144,6 +153,94 @@ async fn train_watch_classify_and_attention() {
     assert_eq!(models.len(), 1);
     assert!(models[0].is_default);
     assert_eq!(models[0].labels.len(), 10);
+
+    // While a job trains, requests that arrive together share a forward pass, and each
+    // still gets its own answer.
+    let solo: Vec<Vec<f32>> = {
+        let mut out = Vec::new();
+        for seed in 0..8u8 {
+            let r = inference
+                .classify(pb::ClassifyRequest {
+                    model: job_id.clone(),
+                    images: vec![encoded(png(32, seed))],
+                    top_k: 10,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(r.batch_images, 1);
+            out.push(by_class(&r.results[0]));
+        }
+        out
+    };
+    let long = training
+        .start_training(start_request("tiny", 500, "synth"))
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
+    wait_for(&mut training, &long, |e| matches!(e, Event::Progress(_))).await;
+    let mut batched = false;
+    for _ in 0..10 {
+        let calls = (0..8u8).map(|seed| {
+            let mut client = inference.clone();
+            let model = job_id.clone();
+            async move {
+                client
+                    .classify(pb::ClassifyRequest {
+                        model,
+                        images: vec![encoded(png(32, seed))],
+                        top_k: 10,
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+            }
+        });
+        let answers = futures_join_all(calls).await;
+        for (seed, a) in answers.iter().enumerate() {
+            let got = by_class(&a.results[0]);
+            for (x, y) in got.iter().zip(&solo[seed]) {
+                assert!(
+                    (x - y).abs() < 1e-4,
+                    "image {seed}: {got:?} vs {:?}",
+                    solo[seed]
+                );
+            }
+        }
+        if answers.iter().any(|a| a.batch_images > 1) {
+            batched = true;
+            break;
+        }
+    }
+    assert!(batched, "concurrent requests were never batched");
+    training
+        .cancel_job(pb::CancelJobRequest { job_id: long })
+        .await
+        .unwrap();
+}
+
+/// Probabilities indexed by class.
+fn by_class(r: &pb::ClassifyResult) -> Vec<f32> {
+    let mut p = vec![0.0; r.predictions.len()];
+    for x in &r.predictions {
+        p[x.class_index as usize] = x.probability;
+    }
+    p
+}
+
+/// Runs futures concurrently on the test runtime and returns their outputs in order.
+async fn futures_join_all<F>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,7 +286,11 @@ async fn cancel_running_and_queued_jobs() {
         .await
         .unwrap_err();
     assert_eq!(again.code(), tonic::Code::FailedPrecondition);
-    assert!(again.message().contains("already ended"), "{}", again.message());
+    assert!(
+        again.message().contains("already ended"),
+        "{}",
+        again.message()
+    );
 
     let listed = training
         .list_jobs(pb::ListJobsRequest {
@@ -226,7 +327,10 @@ async fn cancel_running_and_queued_jobs() {
 
 /// Epoch numbers in a run's metrics file.
 fn metric_epochs(server_root: &std::path::Path, job_id: &str) -> Vec<u64> {
-    let path = server_root.join("data/jobs").join(job_id).join("metrics.jsonl");
+    let path = server_root
+        .join("data/jobs")
+        .join(job_id)
+        .join("metrics.jsonl");
     std::fs::read_to_string(path)
         .unwrap()
         .lines()
@@ -247,7 +351,10 @@ async fn killed_and_stopped_servers_resume_the_job() {
         .unwrap()
         .into_inner()
         .job_id;
-    wait_for(&mut training, &job_id, |e| matches!(e, Event::Checkpoint(_))).await;
+    wait_for(&mut training, &job_id, |e| {
+        matches!(e, Event::Checkpoint(_))
+    })
+    .await;
     // A crash: no chance to checkpoint.
     server.signal_and_wait("KILL");
     drop(training);
@@ -259,7 +366,11 @@ async fn killed_and_stopped_servers_resume_the_job() {
     let status = server.signal_and_wait("TERM");
     assert!(status.success(), "SIGTERM exit: {status}");
     drop(training);
-    let last = dir.path().join("data/jobs").join(&job_id).join("checkpoints/last.ckpt");
+    let last = dir
+        .path()
+        .join("data/jobs")
+        .join(&job_id)
+        .join("checkpoints/last.ckpt");
     let epoch_files = std::fs::read_dir(last.parent().unwrap()).unwrap().count();
     assert!(last.exists() || epoch_files > 0);
 
@@ -278,6 +389,10 @@ async fn killed_and_stopped_servers_resume_the_job() {
     assert_eq!(job.epochs_completed, epochs);
     // Resumed from checkpoints, not retrained from scratch: epoch 1 ran once.
     let ran = metric_epochs(dir.path(), &job_id);
-    assert_eq!(ran.iter().filter(|&&e| e == 1).count(), 1, "epochs run: {ran:?}");
+    assert_eq!(
+        ran.iter().filter(|&&e| e == 1).count(),
+        1,
+        "epochs run: {ran:?}"
+    );
     assert_eq!(*ran.iter().max().unwrap(), epochs as u64);
 }

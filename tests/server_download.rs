@@ -18,8 +18,11 @@ fn archive() -> Vec<u8> {
     write_synthetic_cifar(&dir.path().join("cifar-10-batches-bin"), 300, 50);
     let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     let mut tar = tar::Builder::new(gz);
-    tar.append_dir_all("cifar-10-batches-bin", dir.path().join("cifar-10-batches-bin"))
-        .unwrap();
+    tar.append_dir_all(
+        "cifar-10-batches-bin",
+        dir.path().join("cifar-10-batches-bin"),
+    )
+    .unwrap();
     tar.into_inner().unwrap().finish().unwrap()
 }
 

@@ -44,7 +44,11 @@ async fn bad_requests_get_precise_statuses() {
     // An image folder with a corrupt file: its job fails.
     for class in ["a", "b"] {
         std::fs::create_dir_all(datasets.join("broken").join(class)).unwrap();
-        std::fs::write(datasets.join("broken").join(class).join("ok.png"), png(8, 1)).unwrap();
+        std::fs::write(
+            datasets.join("broken").join(class).join("ok.png"),
+            png(8, 1),
+        )
+        .unwrap();
     }
     std::fs::write(datasets.join("broken/b/bad.png"), b"not a png").unwrap();
     let server = Server::start(dir.path(), &[]);
@@ -58,80 +62,243 @@ async fn bad_requests_get_precise_statuses() {
         images,
         top_k,
     };
-    expect(inf.classify(classify("", one.clone(), 1)).await, Code::FailedPrecondition, "no trained model");
+    expect(
+        inf.classify(classify("", one.clone(), 1)).await,
+        Code::FailedPrecondition,
+        "no trained model",
+    );
 
     // StartTraining: each field.
     let mut req = start_request("huge", 1, "synth");
-    expect(t.start_training(req.clone()).await, Code::InvalidArgument, "preset");
+    expect(
+        t.start_training(req.clone()).await,
+        Code::InvalidArgument,
+        "preset",
+    );
     req.preset = "tiny".into();
     req.dataset = None;
-    expect(t.start_training(req).await, Code::InvalidArgument, "dataset");
-    expect(t.start_training(dataset("mnist", "synth")).await, Code::InvalidArgument, "dataset.format");
-    expect(t.start_training(dataset("cifar10", "../synth")).await, Code::InvalidArgument, "escapes the datasets root");
-    expect(t.start_training(dataset("cifar10", "/etc")).await, Code::InvalidArgument, "escapes the datasets root");
-    expect(t.start_training(dataset("cifar10", "")).await, Code::InvalidArgument, "dataset.path");
-    expect(t.start_training(dataset("cifar10", "missing")).await, Code::FailedPrecondition, "--allow-download");
-    let chunk = pb::TrainingConfig { chunk_size: Some(5), ..Default::default() };
-    expect(t.start_training(with_config(chunk)).await, Code::InvalidArgument, "config.chunk_size");
-    let epochs = pb::TrainingConfig { epochs: Some(0), ..Default::default() };
-    expect(t.start_training(with_config(epochs)).await, Code::InvalidArgument, "config.epochs");
-    let lr = pb::TrainingConfig { lr: Some(-1.0), ..Default::default() };
-    expect(t.start_training(with_config(lr)).await, Code::InvalidArgument, "config.lr");
+    expect(
+        t.start_training(req).await,
+        Code::InvalidArgument,
+        "dataset",
+    );
+    expect(
+        t.start_training(dataset("mnist", "synth")).await,
+        Code::InvalidArgument,
+        "dataset.format",
+    );
+    expect(
+        t.start_training(dataset("cifar10", "../synth")).await,
+        Code::InvalidArgument,
+        "escapes the datasets root",
+    );
+    expect(
+        t.start_training(dataset("cifar10", "/etc")).await,
+        Code::InvalidArgument,
+        "escapes the datasets root",
+    );
+    expect(
+        t.start_training(dataset("cifar10", "")).await,
+        Code::InvalidArgument,
+        "dataset.path",
+    );
+    expect(
+        t.start_training(dataset("cifar10", "missing")).await,
+        Code::FailedPrecondition,
+        "--allow-download",
+    );
+    let chunk = pb::TrainingConfig {
+        chunk_size: Some(5),
+        ..Default::default()
+    };
+    expect(
+        t.start_training(with_config(chunk)).await,
+        Code::InvalidArgument,
+        "config.chunk_size",
+    );
+    let epochs = pb::TrainingConfig {
+        epochs: Some(0),
+        ..Default::default()
+    };
+    expect(
+        t.start_training(with_config(epochs)).await,
+        Code::InvalidArgument,
+        "config.epochs",
+    );
+    let lr = pb::TrainingConfig {
+        lr: Some(-1.0),
+        ..Default::default()
+    };
+    expect(
+        t.start_training(with_config(lr)).await,
+        Code::InvalidArgument,
+        "config.lr",
+    );
 
     // Ids and tokens.
     let get = |id: &str| pb::GetJobRequest { job_id: id.into() };
-    expect(t.get_job(get("not-a-uuid")).await, Code::InvalidArgument, "job_id");
+    expect(
+        t.get_job(get("not-a-uuid")).await,
+        Code::InvalidArgument,
+        "job_id",
+    );
     let unknown = uuid::Uuid::new_v4().to_string();
     expect(t.get_job(get(&unknown)).await, Code::NotFound, &unknown);
-    expect(t.watch_job(pb::WatchJobRequest { job_id: unknown.clone() }).await, Code::NotFound, "no job");
-    expect(t.list_checkpoints(pb::ListCheckpointsRequest { job_id: unknown.clone() }).await, Code::NotFound, "no job");
-    expect(t.cancel_job(pb::CancelJobRequest { job_id: unknown.clone() }).await, Code::NotFound, "no job");
-    let page = pb::ListJobsRequest { page_token: "garbage".into(), ..Default::default() };
+    expect(
+        t.watch_job(pb::WatchJobRequest {
+            job_id: unknown.clone(),
+        })
+        .await,
+        Code::NotFound,
+        "no job",
+    );
+    expect(
+        t.list_checkpoints(pb::ListCheckpointsRequest {
+            job_id: unknown.clone(),
+        })
+        .await,
+        Code::NotFound,
+        "no job",
+    );
+    expect(
+        t.cancel_job(pb::CancelJobRequest {
+            job_id: unknown.clone(),
+        })
+        .await,
+        Code::NotFound,
+        "no job",
+    );
+    let page = pb::ListJobsRequest {
+        page_token: "garbage".into(),
+        ..Default::default()
+    };
     expect(t.list_jobs(page).await, Code::InvalidArgument, "page_token");
-    let state = pb::ListJobsRequest { state: 42, ..Default::default() };
+    let state = pb::ListJobsRequest {
+        state: 42,
+        ..Default::default()
+    };
     expect(t.list_jobs(state).await, Code::InvalidArgument, "state");
 
     // A job that fails (corrupt image) has no checkpoint to classify with.
-    let failed = t.start_training(dataset("image-folder", "broken")).await.unwrap().into_inner().job_id;
+    let failed = t
+        .start_training(dataset("image-folder", "broken"))
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
     let events = watch_to_end(&mut t, &failed, Duration::from_secs(120)).await;
     assert_eq!(final_state(&events), pb::JobState::Failed);
     let job = t.get_job(get(&failed)).await.unwrap().into_inner();
     assert!(job.error.contains("bad.png"), "error: {}", job.error);
-    expect(inf.classify(classify(&failed, one.clone(), 1)).await, Code::FailedPrecondition, "no checkpoint");
-    expect(inf.classify(classify(&unknown, one.clone(), 1)).await, Code::NotFound, "no job or checkpoint");
-    expect(inf.classify(classify("model-x", one.clone(), 1)).await, Code::InvalidArgument, "model");
+    expect(
+        inf.classify(classify(&failed, one.clone(), 1)).await,
+        Code::FailedPrecondition,
+        "no checkpoint",
+    );
+    expect(
+        inf.classify(classify(&unknown, one.clone(), 1)).await,
+        Code::NotFound,
+        "no job or checkpoint",
+    );
+    expect(
+        inf.classify(classify("model-x", one.clone(), 1)).await,
+        Code::InvalidArgument,
+        "model",
+    );
 
     // A model to send bad images to.
-    let ok = t.start_training(start_request("tiny", 1, "synth")).await.unwrap().into_inner().job_id;
+    let ok = t
+        .start_training(start_request("tiny", 1, "synth"))
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
     let events = watch_to_end(&mut t, &ok, Duration::from_secs(120)).await;
     assert_eq!(final_state(&events), pb::JobState::Succeeded);
-    expect(inf.classify(classify(&ok, vec![], 1)).await, Code::InvalidArgument, "images");
+    expect(
+        inf.classify(classify(&ok, vec![], 1)).await,
+        Code::InvalidArgument,
+        "images",
+    );
     let bad = vec![encoded(png(32, 1)), encoded(b"GIF89a...".to_vec())];
-    expect(inf.classify(classify(&ok, bad, 1)).await, Code::InvalidArgument, "images[1].encoded");
+    expect(
+        inf.classify(classify(&ok, bad, 1)).await,
+        Code::InvalidArgument,
+        "images[1].encoded",
+    );
     let raw = |w, h, n| pb::Image {
-        source: Some(pb::image::Source::Raw(pb::RawImage { width: w, height: h, rgb8: vec![0; n] })),
+        source: Some(pb::image::Source::Raw(pb::RawImage {
+            width: w,
+            height: h,
+            rgb8: vec![0; n],
+        })),
     };
-    expect(inf.classify(classify(&ok, vec![raw(4, 4, 47)], 1)).await, Code::InvalidArgument, "images[0].raw.rgb8");
-    expect(inf.classify(classify(&ok, vec![raw(0, 4, 0)], 1)).await, Code::InvalidArgument, "images[0].raw");
-    expect(inf.classify(classify(&ok, vec![raw(5000, 1, 15000)], 1)).await, Code::ResourceExhausted, "4096");
-    expect(inf.classify(classify(&ok, vec![pb::Image { source: None }], 1)).await, Code::InvalidArgument, "images[0]");
-    expect(inf.classify(classify(&ok, one.clone(), 11)).await, Code::InvalidArgument, "top_k");
-    expect(inf.classify(classify(&ok, vec![raw(2, 2, 12); 257], 1)).await, Code::ResourceExhausted, "256");
+    expect(
+        inf.classify(classify(&ok, vec![raw(4, 4, 47)], 1)).await,
+        Code::InvalidArgument,
+        "images[0].raw.rgb8",
+    );
+    expect(
+        inf.classify(classify(&ok, vec![raw(0, 4, 0)], 1)).await,
+        Code::InvalidArgument,
+        "images[0].raw",
+    );
+    expect(
+        inf.classify(classify(&ok, vec![raw(5000, 1, 15000)], 1))
+            .await,
+        Code::ResourceExhausted,
+        "4096",
+    );
+    expect(
+        inf.classify(classify(&ok, vec![pb::Image { source: None }], 1))
+            .await,
+        Code::InvalidArgument,
+        "images[0]",
+    );
+    expect(
+        inf.classify(classify(&ok, one.clone(), 11)).await,
+        Code::InvalidArgument,
+        "top_k",
+    );
+    expect(
+        inf.classify(classify(&ok, vec![raw(2, 2, 12); 257], 1))
+            .await,
+        Code::ResourceExhausted,
+        "256",
+    );
     // A message over the 32 MiB limit.
     let huge = vec![raw(4096, 4096, 4096 * 4096 * 3)];
-    expect(inf.classify(classify(&ok, huge, 1)).await, Code::ResourceExhausted, "too large");
+    expect(
+        inf.classify(classify(&ok, huge, 1)).await,
+        Code::ResourceExhausted,
+        "too large",
+    );
     let att = |image: Option<pb::Image>, size| pb::GetAttentionRequest {
         model: ok.clone(),
         image,
         render_overlay: true,
         overlay_size: size,
     };
-    expect(inf.get_attention(att(None, 0)).await, Code::InvalidArgument, "image");
-    expect(inf.get_attention(att(Some(encoded(png(8, 1))), 5000)).await, Code::InvalidArgument, "overlay_size");
+    expect(
+        inf.get_attention(att(None, 0)).await,
+        Code::InvalidArgument,
+        "image",
+    );
+    expect(
+        inf.get_attention(att(Some(encoded(png(8, 1))), 5000)).await,
+        Code::InvalidArgument,
+        "overlay_size",
+    );
 
     // Still serving: the same requests done right succeed.
-    let out = inf.classify(classify(&ok, one.clone(), 3)).await.unwrap().into_inner();
+    let out = inf
+        .classify(classify(&ok, one.clone(), 3))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(out.results[0].predictions.len(), 3);
-    let done = t.cancel_job(pb::CancelJobRequest { job_id: ok.clone() }).await;
+    let done = t
+        .cancel_job(pb::CancelJobRequest { job_id: ok.clone() })
+        .await;
     expect(done, Code::FailedPrecondition, "already ended");
 }

@@ -149,7 +149,11 @@ fn job_line(j: &pb::Job) -> String {
         j.epochs_completed,
         j.epochs_total,
         val,
-        if j.error.is_empty() { String::new() } else { format!("  error: {}", j.error) }
+        if j.error.is_empty() {
+            String::new()
+        } else {
+            format!("  error: {}", j.error)
+        }
     )
 }
 

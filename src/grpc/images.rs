@@ -62,7 +62,10 @@ pub fn decode(field: &str, image: pb::Image, keep_rgb: bool) -> Result<Decoded, 
             let f = format!("{field}.raw");
             let (w, h) = (raw.width, raw.height);
             if w == 0 || h == 0 {
-                return Err(ApiError::field(&f, format!("width and height must be positive, got {w}x{h}")));
+                return Err(ApiError::field(
+                    &f,
+                    format!("width and height must be positive, got {w}x{h}"),
+                ));
             }
             if w > MAX_IMAGE_SIDE || h > MAX_IMAGE_SIDE {
                 return Err(too_large(&f, w, h));

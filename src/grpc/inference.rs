@@ -49,7 +49,10 @@ impl InferenceApi {
             return Ok(self.model_ref(&default.0));
         }
         let id = Uuid::parse_str(model).map_err(|_| {
-            ApiError::field("model", format!("'{model}' is not a UUID (a job or checkpoint id)"))
+            ApiError::field(
+                "model",
+                format!("'{model}' is not a UUID (a job or checkpoint id)"),
+            )
         })?;
         if let Some(job) = store.get_job(id).await? {
             let best = match job.best_checkpoint_id {
@@ -140,6 +143,7 @@ impl InferenceService for InferenceApi {
         Ok(Response::new(pb::ClassifyResponse {
             results,
             model: out.checkpoint_id.to_string(),
+            batch_images: out.batch_images as u32,
         }))
     }
 
@@ -173,9 +177,11 @@ impl InferenceService for InferenceApi {
         let overlay_png = match decoded.rgb {
             Some(rgb) => {
                 let (scores, grid) = (scores.clone(), out.grid);
-                tokio::task::spawn_blocking(move || png_bytes(&overlay(&rgb, &scores, grid, size, 0.5)))
-                    .await
-                    .map_err(|e| ApiError::Internal(anyhow::anyhow!("rendering task: {e}")))?
+                tokio::task::spawn_blocking(move || {
+                    png_bytes(&overlay(&rgb, &scores, grid, size, 0.5))
+                })
+                .await
+                .map_err(|e| ApiError::Internal(anyhow::anyhow!("rendering task: {e}")))?
             }
             None => Vec::new(),
         };

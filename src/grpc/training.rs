@@ -64,7 +64,10 @@ impl TrainingService for TrainingApi {
         };
         let preset = Preset::from_name(preset_name).map_err(|e| ApiError::field("preset", e))?;
         let dataset = r.dataset.ok_or_else(|| {
-            ApiError::field("dataset", "is required: {format: cifar10|cifar100|image-folder, path}")
+            ApiError::field(
+                "dataset",
+                "is required: {format: cifar10|cifar100|image-folder, path}",
+            )
         })?;
         let resolved = self.0.datasets.resolve(&dataset.format, &dataset.path)?;
         let mut config = preset.config();
@@ -76,7 +79,11 @@ impl TrainingService for TrainingApi {
             .validate()
             .map_err(|e| ApiError::field(&format!("config.{}", e.field), e.message))?;
         let job = JobRow::queued(preset_name, config, &dataset.format, &dataset.path);
-        self.0.store.insert_job(&job).await.map_err(ApiError::from)?;
+        self.0
+            .store
+            .insert_job(&job)
+            .await
+            .map_err(ApiError::from)?;
         info!(job = %job.id, preset = preset_name, dataset = %dataset.path, "job queued");
         self.0.worker.wake();
         Ok(Response::new(pb::StartTrainingResponse {
@@ -142,10 +149,10 @@ impl TrainingService for TrainingApi {
         if store.cancel_queued(job.id).await.map_err(ApiError::from)? {
             info!(job = %job.id, "queued job cancelled");
             let row = self.job("job_id", &job.id.to_string()).await?;
-            let _ = self
-                .0
-                .events
-                .send(std::sync::Arc::new((job.id, JobUpdate::State(row.clone()))));
+            let _ = self.0.events.send(std::sync::Arc::new((
+                job.id,
+                JobUpdate::State(Box::new(row.clone())),
+            )));
             return Ok(Response::new(convert::job(&row)));
         }
         store.request_cancel(job.id).await.map_err(ApiError::from)?;
@@ -221,7 +228,7 @@ async fn forward_events(
     tx: tokio::sync::mpsc::Sender<Result<pb::JobEvent, Status>>,
 ) {
     let id = job.id;
-    let first = convert::event(&JobUpdate::State(job.clone()));
+    let first = convert::event(&JobUpdate::State(Box::new(job.clone())));
     if tx.send(Ok(first)).await.is_err() || job.state.is_terminal() {
         return;
     }
@@ -247,7 +254,7 @@ async fn forward_events(
                 match state.store.get_job(id).await {
                     Ok(Some(row)) => {
                         let ended = row.state.is_terminal();
-                        (convert::event(&JobUpdate::State(row)), ended)
+                        (convert::event(&JobUpdate::State(Box::new(row))), ended)
                     }
                     _ => return,
                 }

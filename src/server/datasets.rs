@@ -93,7 +93,11 @@ impl Datasets {
                  --allow-download",
                 full.display(),
                 marker(format),
-                if format == DatasetFormat::Cifar10 { "cifar-10-binary.tar.gz" } else { "cifar-100-binary.tar.gz" },
+                if format == DatasetFormat::Cifar10 {
+                    "cifar-10-binary.tar.gz"
+                } else {
+                    "cifar-100-binary.tar.gz"
+                },
             )));
         }
         Ok(ResolvedDataset {
@@ -110,7 +114,8 @@ impl Datasets {
         progress: &mut dyn FnMut(&str, u64, u64),
     ) -> anyhow::Result<Splits> {
         let spec = &dataset.spec;
-        if spec.format != DatasetFormat::ImageFolder && !spec.path.join(marker(spec.format)).exists()
+        if spec.format != DatasetFormat::ImageFolder
+            && !spec.path.join(marker(spec.format)).exists()
         {
             anyhow::ensure!(
                 self.allow_download,
@@ -121,7 +126,13 @@ impl Datasets {
                 DatasetFormat::Cifar10 => &self.cifar10,
                 _ => &self.cifar100,
             };
-            download_cifar(source, &self.root, &spec.path, marker(spec.format), progress)?;
+            download_cifar(
+                source,
+                &self.root,
+                &spec.path,
+                marker(spec.format),
+                progress,
+            )?;
         }
         Ok(spec.load()?)
     }

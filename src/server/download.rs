@@ -24,8 +24,7 @@ pub fn download_cifar(
     progress: &mut dyn FnMut(&str, u64, u64),
 ) -> Result<()> {
     let staging = root.join(format!(".download-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&staging)
-        .with_context(|| format!("creating {}", staging.display()))?;
+    std::fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
     let result = fetch_and_install(source, &staging, target, marker, progress);
     let _ = std::fs::remove_dir_all(&staging);
     result

@@ -272,11 +272,11 @@ impl Store {
 
     /// Best checkpoints of every job that has one, newest job first.
     pub async fn best_checkpoints(&self) -> Result<Vec<(CheckpointRow, JobState)>> {
-        let rows = sqlx::query(&format!(
+        let rows = sqlx::query(
             "SELECT c.id, c.job_id, c.epoch, c.val_accuracy, c.path, c.is_best, c.created_at_ms, \
              j.state FROM checkpoints c JOIN jobs j ON j.id = c.job_id \
-             WHERE c.is_best ORDER BY j.created_at_ms DESC, j.id DESC"
-        ))
+             WHERE c.is_best ORDER BY j.created_at_ms DESC, j.id DESC",
+        )
         .fetch_all(&self.pool)
         .await?;
         rows.iter()

@@ -24,6 +24,8 @@ pub struct ClassifyResult {
     pub probabilities: Vec<Vec<f32>>,
     pub labels: Arc<Vec<String>>,
     pub checkpoint_id: Uuid,
+    /// Images in the batch this request was part of.
+    pub batch_images: usize,
 }
 
 pub struct AttentionResult {
@@ -42,6 +44,8 @@ struct Loaded<B: Backend> {
 }
 
 type ClassifyReply = tokio::sync::oneshot::Sender<Result<ClassifyResult, ApiError>>;
+/// Classify requests for one model: each request's images and where its answer goes.
+type ClassifyGroup = (ModelRef, Vec<(Vec<Vec<u8>>, ClassifyReply)>);
 
 pub struct Inference<B: Backend> {
     device: B::Device,
@@ -84,7 +88,7 @@ impl<B: Backend> Inference<B> {
 
     fn serve(&mut self, requests: Vec<Request>) {
         // Classify requests grouped by model, in arrival order.
-        let mut groups: Vec<(ModelRef, Vec<(Vec<Vec<u8>>, ClassifyReply)>)> = Vec::new();
+        let mut groups: Vec<ClassifyGroup> = Vec::new();
         for request in requests {
             match request {
                 Request::Classify {
@@ -125,7 +129,11 @@ impl<B: Backend> Inference<B> {
             }
         };
         let sizes: Vec<usize> = group.iter().map(|(imgs, _)| imgs.len()).collect();
-        tracing::debug!(requests = sizes.len(), images = sizes.iter().sum::<usize>(), "classify batch");
+        tracing::debug!(
+            requests = sizes.len(),
+            images = sizes.iter().sum::<usize>(),
+            "classify batch"
+        );
         let all: Vec<&[u8]> = group
             .iter()
             .flat_map(|(imgs, _)| imgs.iter().map(Vec::as_slice))
@@ -134,10 +142,17 @@ impl<B: Backend> Inference<B> {
             let mut out = Vec::with_capacity(all.len());
             for slice in all.chunks(MAX_FORWARD) {
                 let batch = eval_batch(slice, STORE_SIDE, loaded.image_size);
-                out.extend(probabilities(&loaded.model, batch, self.threads, &self.device));
+                out.extend(probabilities(
+                    &loaded.model,
+                    batch,
+                    self.threads,
+                    &self.device,
+                ));
             }
             Ok(out)
         });
+        let batch_images = all.len();
+        drop(all);
         let mut probs = match probs {
             Ok(p) => p.into_iter(),
             Err(e) => {
@@ -153,6 +168,7 @@ impl<B: Backend> Inference<B> {
                 probabilities: probs.by_ref().take(n).collect(),
                 labels: loaded.labels.clone(),
                 checkpoint_id: model.checkpoint_id,
+                batch_images,
             }));
         }
     }
@@ -172,7 +188,11 @@ impl<B: Backend> Inference<B> {
     }
 
     fn load(&mut self, model: &ModelRef) -> Result<Arc<Loaded<B>>, ApiError> {
-        if let Some(i) = self.cache.iter().position(|(id, _)| *id == model.checkpoint_id) {
+        if let Some(i) = self
+            .cache
+            .iter()
+            .position(|(id, _)| *id == model.checkpoint_id)
+        {
             let hit = self.cache.remove(i);
             self.cache.push(hit.clone());
             return Ok(hit.1);

