@@ -166,7 +166,15 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     with_backend!(a.device.clone(), |B, device| {
         let model = ckpt.load_model::<B>(&device)?.valid();
         let threads = a.device.replicas();
-        let (loss, acc) = evaluate(&model, &split, cfg.model.image_size, 256, threads, &device);
+        let (loss, acc) = evaluate(
+            &model,
+            &split,
+            cfg.model.image_size,
+            256,
+            threads,
+            &device,
+            &mut || {},
+        );
         println!(
             "{}",
             serde_json::json!({"split": a.split, "images": split.len(), "loss": loss, "accuracy": acc})

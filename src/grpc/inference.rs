@@ -115,13 +115,17 @@ impl InferenceService for InferenceApi {
             .into());
         }
         let k = r.top_k.max(1) as usize;
+        let t = std::time::Instant::now();
         let model = self.resolve_model(&r.model).await?;
+        let resolved = t.elapsed();
         let decoded = decode_all(r.images, false).await?;
+        let decoded_at = t.elapsed();
         let out = self
             .0
             .worker
             .classify(model, decoded.into_iter().map(|d| d.planar).collect())
             .await?;
+        tracing::debug!(?resolved, ?decoded_at, worker = ?t.elapsed(), "classify timings");
         let classes = out.labels.len();
         if k > classes {
             return Err(ApiError::field(

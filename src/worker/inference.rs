@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::{ModelRef, Request};
 use crate::engine::infer::{attention_maps, eval_batch, probabilities, AttentionMaps, STORE_SIDE};
-use crate::engine::model::Tlb;
+use crate::engine::model::{with_rng_lock, Tlb};
 use crate::engine::train::Checkpoint;
 use crate::server::error::ApiError;
 
@@ -141,13 +141,16 @@ impl<B: Backend> Inference<B> {
         let probs = guarded("classification", || {
             let mut out = Vec::with_capacity(all.len());
             for slice in all.chunks(MAX_FORWARD) {
+                let t = std::time::Instant::now();
                 let batch = eval_batch(slice, STORE_SIDE, loaded.image_size);
+                let prep = t.elapsed();
                 out.extend(probabilities(
                     &loaded.model,
                     batch,
                     self.threads,
                     &self.device,
                 ));
+                tracing::debug!(images = slice.len(), ?prep, total = ?t.elapsed(), "forward");
             }
             Ok(out)
         });
@@ -206,7 +209,8 @@ impl<B: Backend> Inference<B> {
             let ckpt = Checkpoint::read(&path)?;
             let cfg = ckpt.meta.config.model.clone();
             Ok(Arc::new(Loaded {
-                model: ckpt.load_model::<B>(&device)?,
+                // Initialisation draws from burn's RNG: not while a training thread does.
+                model: with_rng_lock(|| ckpt.load_model::<B>(&device))?,
                 labels: Arc::new(ckpt.meta.class_names),
                 image_size: cfg.image_size,
                 grid: cfg.grid_size(),

@@ -215,4 +215,8 @@ impl<B: AutodiffBackend> TrainObserver<B> for JobObserver<'_, B> {
     fn between_steps(&mut self, _model: &Tlb<B>) {
         self.inference.serve_pending(self.rx);
     }
+
+    fn between_batches(&mut self) {
+        self.inference.serve_pending(self.rx);
+    }
 }

@@ -32,6 +32,13 @@ fn next_seed() -> u64 {
     })
 }
 
+/// Runs `f` while no dropout mask is being drawn: for anything else that uses burn's RNG
+/// (a model's initialisation) while training threads run.
+pub fn with_rng_lock<T>(f: impl FnOnce() -> T) -> T {
+    let _guard = DRAW_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    f()
+}
+
 /// Inverted dropout with keep probability `1 - p`; the identity outside training.
 pub fn dropout<B: Backend, const D: usize>(x: Tensor<B, D>, p: f64) -> Tensor<B, D> {
     let device = x.device();

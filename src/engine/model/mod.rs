@@ -7,5 +7,5 @@ mod tlb;
 
 pub use block::{standardize, Affine, Block, FoldedBlock, Projection, LN_EPS};
 pub use config::{ConfigError, Readout, TlbConfig};
-pub use dropout::{dropout, set_dropout_stream};
+pub use dropout::{dropout, set_dropout_stream, with_rng_lock};
 pub use tlb::{Tlb, TlbAttention, TlbOutput};

@@ -88,6 +88,7 @@ pub fn forward_sharded<B: Backend>(
 }
 
 /// Plain (unsmoothed) loss and accuracy of `model` on `split`, without augmentation.
+/// `between_batches` runs after each batch (a server answers requests there).
 pub fn evaluate<B: Backend>(
     model: &Tlb<B>,
     split: &Split,
@@ -95,6 +96,7 @@ pub fn evaluate<B: Backend>(
     batch_size: usize,
     threads: usize,
     device: &B::Device,
+    between_batches: &mut dyn FnMut(),
 ) -> (f64, f64) {
     let plan = EpochPlan {
         batch_size,
@@ -112,6 +114,7 @@ pub fn evaluate<B: Backend>(
         loss_sum += loss.into_scalar().elem::<f64>() * n as f64;
         correct += hits;
         seen += n;
+        between_batches();
     }
     (
         loss_sum / seen.max(1) as f64,

@@ -79,6 +79,9 @@ pub trait TrainObserver<B: burn::tensor::backend::AutodiffBackend> {
     }
     /// Called between optimiser steps with the current weights: a place to serve inference.
     fn between_steps(&mut self, _model: &crate::engine::model::Tlb<B>) {}
+    /// Called between the micro-batches of a step and between evaluation batches: a place to
+    /// serve inference too (it must not draw from burn's RNG outside `with_rng_lock`).
+    fn between_batches(&mut self) {}
 }
 
 /// An observer that passes events to a closure and never stops the run.

@@ -16,5 +16,5 @@ pub use events::{
     TrainObserver,
 };
 pub use export::{export_safetensors, named_tensors};
-pub use step::{replica, step_grads, StepGrads};
+pub use step::{replica, step_grads, step_grads_with, StepGrads};
 pub use trainer::{train, RunDir};

@@ -43,6 +43,7 @@ fn shard_grads<B: AutodiffBackend>(
     total: usize,
     micro: usize,
     smoothing: f64,
+    between_micro: &mut dyn FnMut(),
 ) -> StepGrads {
     let n = images.dims()[0];
     let mut acc = GradientsAccumulator::<Tlb<B>>::new();
@@ -65,6 +66,9 @@ fn shard_grads<B: AutodiffBackend>(
         );
         loss_sum += loss.into_scalar().elem::<f64>() * len as f64;
         correct += hits;
+        if start + len < n {
+            between_micro();
+        }
     }
     StepGrads {
         grads: acc.grads(),
@@ -75,7 +79,6 @@ fn shard_grads<B: AutodiffBackend>(
 
 /// Gradients of one step over `images`, split across `replicas` threads. Dropout masks are a
 /// function of `stream` and the replica index, so the result is deterministic.
-#[allow(clippy::too_many_arguments)]
 pub fn step_grads<B: AutodiffBackend>(
     model: &Tlb<B>,
     images: Tensor<B, 4>,
@@ -85,12 +88,37 @@ pub fn step_grads<B: AutodiffBackend>(
     smoothing: f64,
     stream: u64,
 ) -> StepGrads {
+    step_grads_with(
+        model,
+        images,
+        labels,
+        replicas,
+        micro,
+        smoothing,
+        stream,
+        &mut || {},
+    )
+}
+
+/// [`step_grads`], calling `between_micro` on this thread between micro-batches (a server
+/// answers requests there, so a long accumulated step does not hold them up).
+#[allow(clippy::too_many_arguments)]
+pub fn step_grads_with<B: AutodiffBackend>(
+    model: &Tlb<B>,
+    images: Tensor<B, 4>,
+    labels: Tensor<B, 1, Int>,
+    replicas: usize,
+    micro: usize,
+    smoothing: f64,
+    stream: u64,
+    between_micro: &mut dyn FnMut(),
+) -> StepGrads {
     let n = images.dims()[0];
     let per = n.div_ceil(replicas.clamp(1, n.max(1)));
     let micro = micro.min(per).max(1);
     if per >= n {
         set_dropout_stream(mix64(stream));
-        return shard_grads(model, images, labels, n, micro, smoothing);
+        return shard_grads(model, images, labels, n, micro, smoothing, between_micro);
     }
     let shards: Vec<(Tensor<B, 4>, Tensor<B, 1, Int>)> = (0..n)
         .step_by(per)
@@ -111,12 +139,12 @@ pub fn step_grads<B: AutodiffBackend>(
                 let rep = replica(model);
                 scope.spawn(move || {
                     set_dropout_stream(mix64(stream ^ (i as u64 + 1)));
-                    shard_grads(&rep, x, y, n, micro, smoothing)
+                    shard_grads(&rep, x, y, n, micro, smoothing, &mut || {})
                 })
             })
             .collect();
         set_dropout_stream(mix64(stream));
-        let first = shard_grads(model, x0, y0, n, micro, smoothing);
+        let first = shard_grads(model, x0, y0, n, micro, smoothing, between_micro);
         std::iter::once(first)
             .chain(
                 handles

@@ -16,7 +16,7 @@ use super::checkpoint::{
 use super::config::TrainConfig;
 use super::eval::{batch_tensors, evaluate};
 use super::events::{EpochMetrics, FinalMetrics, Outcome, Progress, TrainEvent, TrainObserver};
-use super::step::step_grads;
+use super::step::step_grads_with;
 use crate::engine::data::{mix64, EpochPlan, Loader, Splits};
 use crate::engine::model::Tlb;
 
@@ -176,7 +176,7 @@ pub fn train<B: AutodiffBackend>(
             lr = config.lr_at(meta.global_step, steps_per_epoch);
             let n = batch.len();
             let (images, labels) = batch_tensors::<B>(batch, device);
-            let step = step_grads(
+            let step = step_grads_with(
                 &model,
                 images,
                 labels,
@@ -184,6 +184,7 @@ pub fn train<B: AutodiffBackend>(
                 micro,
                 config.label_smoothing,
                 step_seed(config.seed, meta.global_step),
+                &mut || observer.between_batches(),
             );
             let (step_loss, step_correct) = (step.loss_sum, step.correct);
             model = optim.step(lr, model, step.grads);
@@ -219,6 +220,7 @@ pub fn train<B: AutodiffBackend>(
             eval_batch,
             config.replicas.max(1),
             device,
+            &mut || observer.between_batches(),
         );
         let metrics = EpochMetrics {
             epoch: epoch + 1,
@@ -291,6 +293,7 @@ pub fn train<B: AutodiffBackend>(
             eval_batch,
             config.replicas.max(1),
             device,
+            &mut || observer.between_batches(),
         )
     });
     let summary = FinalMetrics {
