@@ -12,10 +12,21 @@ use common::write_synthetic_cifar;
 use tlb::proto::v1 as pb;
 use tlb::proto::v1::job_event::Event;
 
-/// A CIFAR-10-style archive: `cifar-10-batches-bin/*.bin` in a .tar.gz.
-fn archive() -> Vec<u8> {
+/// A CIFAR-10-style archive: `cifar-10-batches-bin/*.bin` in a .tar.gz, plus `padding`
+/// incompressible bytes.
+fn archive(padding: usize) -> Vec<u8> {
     let dir = tempfile::tempdir().unwrap();
     write_synthetic_cifar(&dir.path().join("cifar-10-batches-bin"), 300, 50);
+    let mut x = 0x9e3779b97f4a7c15u64;
+    let noise: Vec<u8> = (0..padding)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(dir.path().join("cifar-10-batches-bin/padding"), noise).unwrap();
     let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     let mut tar = tar::Builder::new(gz);
     tar.append_dir_all(
@@ -26,8 +37,9 @@ fn archive() -> Vec<u8> {
     tar.into_inner().unwrap().finish().unwrap()
 }
 
-/// Serves `body` to up to `count` GET requests on a free loopback port.
-fn http_server(body: Vec<u8>, count: usize) -> String {
+/// Serves `body` to up to `count` GET requests on a free loopback port, pausing `pause`
+/// after each 16 KiB.
+fn http_server(body: Vec<u8>, count: usize, pause: Duration) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
@@ -43,7 +55,13 @@ fn http_server(body: Vec<u8>, count: usize) -> String {
                 body.len()
             );
             stream.write_all(head.as_bytes()).unwrap();
-            stream.write_all(&body).unwrap();
+            for piece in body.chunks(16 << 10) {
+                // The client may hang up (an abandoned download).
+                if stream.write_all(piece).is_err() {
+                    break;
+                }
+                std::thread::sleep(pause);
+            }
         }
     });
     format!("http://{addr}/cifar.tar.gz")
@@ -65,9 +83,9 @@ fn request(format: &str, path: &str) -> pb::StartTrainingRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_cifar_is_downloaded_checked_and_installed() {
-    let body = archive();
+    let body = archive(0);
     let md5 = format!("{:x}", md5::compute(&body));
-    let url = http_server(body.clone(), 2);
+    let url = http_server(body.clone(), 2, Duration::ZERO);
     let dir = tempfile::tempdir().unwrap();
     // cifar100 points at the same archive with a wrong checksum.
     let server = Server::start(
@@ -127,4 +145,39 @@ async fn missing_cifar_is_downloaded_checked_and_installed() {
         .into_inner();
     assert!(job.error.contains("checksum mismatch"), "{}", job.error);
     assert!(!dir.path().join("datasets/c100").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_job_abandons_its_download() {
+    let body = archive(3 << 20);
+    let md5 = format!("{:x}", md5::compute(&body));
+    // About 2 s for the whole archive.
+    let url = http_server(body, 1, Duration::from_millis(10));
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        dir.path(),
+        &[
+            "--allow-download",
+            "--cifar10-url",
+            &url,
+            "--cifar10-md5",
+            &md5,
+        ],
+    );
+    let mut t = server.training().await;
+    let id = t
+        .start_training(request("cifar10", "slow"))
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
+    common::server::wait_for(&mut t, &id, |e| matches!(e, Event::Download(_))).await;
+    let job = t
+        .cancel_job(pb::CancelJobRequest { job_id: id })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(job.state, pb::JobState::Cancelled as i32);
+    assert!(job.error.is_empty(), "{}", job.error);
+    assert!(!dir.path().join("datasets/slow").exists());
 }

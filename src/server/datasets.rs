@@ -107,11 +107,12 @@ impl Datasets {
         })
     }
 
-    /// Downloads the dataset if needed, then reads and splits it (blocking).
+    /// Downloads the dataset if needed, then reads and splits it (blocking). `progress`
+    /// returns false to abandon a download.
     pub fn prepare(
         &self,
         dataset: &ResolvedDataset,
-        progress: &mut dyn FnMut(&str, u64, u64),
+        progress: &mut dyn FnMut(&str, u64, u64) -> bool,
     ) -> anyhow::Result<Splits> {
         let spec = &dataset.spec;
         if spec.format != DatasetFormat::ImageFolder

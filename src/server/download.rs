@@ -15,13 +15,14 @@ pub struct DownloadSource {
 }
 
 /// Fetches `source`, checks it, and installs the folder holding `marker` at `target`.
-/// `progress(url, bytes_done, bytes_total)` is called about every MiB (total 0 = unknown).
+/// `progress(url, bytes_done, bytes_total)` is called about every MiB (total 0 = unknown);
+/// when it returns false the download is abandoned.
 pub fn download_cifar(
     source: &DownloadSource,
     root: &Path,
     target: &Path,
     marker: &str,
-    progress: &mut dyn FnMut(&str, u64, u64),
+    progress: &mut dyn FnMut(&str, u64, u64) -> bool,
 ) -> Result<()> {
     let staging = root.join(format!(".download-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
@@ -35,7 +36,7 @@ fn fetch_and_install(
     staging: &Path,
     target: &Path,
     marker: &str,
-    progress: &mut dyn FnMut(&str, u64, u64),
+    progress: &mut dyn FnMut(&str, u64, u64) -> bool,
 ) -> Result<()> {
     tracing::info!(url = %source.url, "downloading dataset");
     let response = ureq::get(&source.url)
@@ -51,7 +52,7 @@ fn fetch_and_install(
     let mut hash = md5::Context::new();
     let (mut done, mut reported) = (0u64, 0u64);
     let mut buf = vec![0u8; 1 << 16];
-    progress(&source.url, 0, total);
+    let _ = progress(&source.url, 0, total);
     loop {
         let n = reader.read(&mut buf).context("reading the download")?;
         if n == 0 {
@@ -61,12 +62,14 @@ fn fetch_and_install(
         file.write_all(&buf[..n])?;
         done += n as u64;
         if done - reported >= 1 << 20 {
-            progress(&source.url, done, total);
+            if !progress(&source.url, done, total) {
+                bail!("download of {} abandoned (job stopped)", source.url);
+            }
             reported = done;
         }
     }
     file.sync_all()?;
-    progress(&source.url, done, total);
+    let _ = progress(&source.url, done, total);
     let digest = format!("{:x}", hash.finalize());
     if !digest.eq_ignore_ascii_case(&source.md5) {
         bail!(

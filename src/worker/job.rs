@@ -93,8 +93,13 @@ fn train_job<B: AutodiffBackend>(
     let id = job.id;
     let events = ctx.clone();
     let datasets = ctx.datasets.clone();
+    let stopped = {
+        let (cancel, stop) = (cancel.clone(), ctx.stop.clone());
+        move || cancel.load(Ordering::SeqCst) || stop.load(Ordering::SeqCst)
+    };
+    let keep_going = stopped.clone();
     // Reading (and maybe downloading) the data takes a while: serve inference meanwhile.
-    let splits = inference.while_serving(rx, move || {
+    let prepared = inference.while_serving(rx, move || {
         datasets.prepare(&dataset, &mut |url, done, total| {
             events.publish(
                 id,
@@ -103,9 +108,16 @@ fn train_job<B: AutodiffBackend>(
                     done,
                     total,
                 },
-            )
+            );
+            !keep_going()
         })
-    })?;
+    });
+    let splits = match prepared {
+        Ok(splits) => splits,
+        // Cancelled or shutting down mid-download: not a failure.
+        Err(_) if stopped() => return Ok((Outcome::Interrupted, None)),
+        Err(e) => return Err(e),
+    };
     let out = job_dir(&ctx.data_dir, id);
     std::fs::create_dir_all(&out)?;
     write_json(&out.join("labels.json"), &splits.class_names())?;
