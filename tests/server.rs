@@ -396,3 +396,80 @@ async fn killed_and_stopped_servers_resume_the_job() {
     );
     assert_eq!(*ran.iter().max().unwrap(), epochs as u64);
 }
+
+/// Runs the `tlb` client against `server`; returns (success, stdout, stderr).
+fn client(server: &Server, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tlb"))
+        .args(args)
+        .arg("--server")
+        .arg(&server.addr)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_client_subcommands() {
+    let dir = setup(600);
+    let server = Server::start(dir.path(), &[]);
+    let (ok, out, err) = client(
+        &server,
+        &[
+            "train",
+            "--preset",
+            "tiny",
+            "--dataset",
+            "synth",
+            "--epochs",
+            "2",
+            "--watch",
+        ],
+    );
+    assert!(ok, "{err}");
+    let job = out.lines().next().unwrap().trim().to_string();
+    uuid::Uuid::parse_str(&job).unwrap();
+    assert!(out.contains("test accuracy"), "{out}");
+    assert!(err.contains("epoch   2:"), "watch printed: {err}");
+
+    let (ok, out, _) = client(&server, &["jobs"]);
+    assert!(
+        ok && out.contains(&job) && out.contains("SUCCEEDED"),
+        "{out}"
+    );
+    let (ok, out, _) = client(&server, &["checkpoints", &job]);
+    assert!(ok && out.contains("best"), "{out}");
+
+    let img = dir.path().join("x.png");
+    std::fs::write(&img, png(32, 9)).unwrap();
+    let img = img.to_str().unwrap();
+    let (ok, out, err) = client(
+        &server,
+        &["classify", img, img, "--model", &job, "--top-k", "2"],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().count(), 2, "{out}");
+    let overlay = dir.path().join("overlay.png");
+    let (ok, _, err) = client(
+        &server,
+        &[
+            "attention",
+            img,
+            "--out",
+            overlay.to_str().unwrap(),
+            "--size",
+            "64",
+        ],
+    );
+    assert!(ok, "{err}");
+    let drawn = image::open(&overlay).unwrap();
+    assert_eq!((drawn.width(), drawn.height()), (64, 64));
+
+    let (ok, _, err) = client(&server, &["cancel", &job]);
+    assert!(!ok && err.contains("FailedPrecondition"), "{err}");
+    let (ok, _, err) = client(&server, &["jobs", "--state", "sleeping"]);
+    assert!(!ok && err.contains("unknown state"), "{err}");
+}
