@@ -13,7 +13,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 for run in "cpu-small 256 30" "reference 256 20" "reference 1024 10"; do
     set -- $run
     echo "== bench $*"
-    timeout 150 "$BIN" bench --preset "$1" --batch "$2" --steps "$3" --device cuda:0 \
+    timeout 100 "$BIN" bench --preset "$1" --batch "$2" --steps "$3" --device cuda:0 \
         2>>"$OUT/bench.err" | tee -a "$OUT/bench.jsonl"
     echo
 done
@@ -24,7 +24,7 @@ echo "== server on cuda:0"
 PID=$!
 for _ in $(seq 100); do grep -q "listening on" "$OUT/serve.out" && break; sleep 0.2; done
 S="--server http://$(sed -n 's/^tlb listening on //p' "$OUT/serve.out")"
-timeout 200 "$BIN" train $S --preset reference --format cifar10 --dataset cifar10-mini --epochs 2 --watch \
+timeout 150 "$BIN" train $S --preset reference --format cifar10 --dataset cifar10-mini --epochs 2 --watch \
     >"$OUT/train.txt" 2>&1
 cat "$OUT/train.txt"
 JOB=$(head -1 "$OUT/train.txt")
