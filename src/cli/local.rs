@@ -232,7 +232,7 @@ pub fn attention(a: AttentionArgs) -> Result<()> {
 pub fn export(a: ExportArgs) -> Result<()> {
     let ckpt = Checkpoint::read(&a.checkpoint)?;
     let device = crate::engine::backend::cpu_device();
-    let model = ckpt.load_model::<crate::engine::backend::Cpu>(&device)?;
+    let model = ckpt.into_model::<crate::engine::backend::Cpu>(&device)?;
     export_safetensors(&model, &a.out)?;
     eprintln!("wrote {}", a.out.display());
     Ok(())

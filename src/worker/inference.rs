@@ -208,10 +208,11 @@ impl<B: Backend> Inference<B> {
         let loaded = guarded("loading a checkpoint", move || {
             let ckpt = Checkpoint::read(&path)?;
             let cfg = ckpt.meta.config.model.clone();
+            let labels = Arc::new(ckpt.meta.class_names.clone());
             Ok(Arc::new(Loaded {
                 // Initialisation draws from burn's RNG: not while a training thread does.
-                model: with_rng_lock(|| ckpt.load_model::<B>(&device))?,
-                labels: Arc::new(ckpt.meta.class_names),
+                model: with_rng_lock(|| ckpt.into_model::<B>(&device))?,
+                labels,
                 image_size: cfg.image_size,
                 grid: cfg.grid_size(),
             }))

@@ -119,12 +119,24 @@ impl Checkpoint {
         write_atomic(path, &self.encode()?)
     }
 
-    /// Builds the model this checkpoint holds.
+    /// Builds the model this checkpoint holds (copies the record; see [`Self::into_model`]).
     pub fn load_model<B: Backend>(&self, device: &B::Device) -> Result<Tlb<B>> {
-        let model: Tlb<B> = self.meta.config.model.init(device)?;
-        let record = load_record::<B, _>(self.model.clone(), device)?;
-        Ok(model.load_record(record))
+        model_from(&self.meta, self.model.clone(), device)
     }
+
+    /// Builds the model this checkpoint holds, consuming the checkpoint (no copy).
+    pub fn into_model<B: Backend>(self, device: &B::Device) -> Result<Tlb<B>> {
+        model_from(&self.meta, self.model, device)
+    }
+}
+
+fn model_from<B: Backend>(
+    meta: &CheckpointMeta,
+    record: Vec<u8>,
+    device: &B::Device,
+) -> Result<Tlb<B>> {
+    let model: Tlb<B> = meta.config.model.init(device)?;
+    Ok(model.load_record(load_record::<B, _>(record, device)?))
 }
 
 /// Writes `bytes` to `path` so that a crash leaves either the old file or the new one.

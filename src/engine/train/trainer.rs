@@ -130,7 +130,7 @@ pub fn train<B: AutodiffBackend>(
     let total_steps = steps_per_epoch * config.epochs;
     let image_size = config.model.image_size;
     let mut best_model = match ckpts.best_path().exists() && meta.best_epoch.is_some() {
-        true => Some(Checkpoint::read(&ckpts.best_path())?.load_model::<B::InnerBackend>(device)?),
+        true => Some(Checkpoint::read(&ckpts.best_path())?.into_model::<B::InnerBackend>(device)?),
         false => None,
     };
     observer.event(&TrainEvent::Started {
