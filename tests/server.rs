@@ -4,7 +4,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::server::{encoded, final_state, png, start_request, wait_for, watch_to_end, Server};
+use common::server::{
+    encoded, final_state, get_job, png, start_job, start_request, wait_for, watch_to_end, Server,
+};
 use common::write_synthetic_cifar;
 use tlb::proto::v1 as pb;
 use tlb::proto::v1::job_event::Event;
@@ -20,12 +22,7 @@ async fn train_watch_classify_and_attention() {
     let dir = setup(600);
     let server = Server::start(dir.path(), &[]);
     let mut training = server.training().await;
-    let job_id = training
-        .start_training(start_request("tiny", 3, "synth"))
-        .await
-        .unwrap()
-        .into_inner()
-        .job_id;
+    let job_id = start_job(&mut training, start_request("tiny", 3, "synth")).await;
     uuid::Uuid::parse_str(&job_id).unwrap();
     let events = watch_to_end(&mut training, &job_id, Duration::from_secs(300)).await;
 
@@ -55,13 +52,7 @@ async fn train_watch_classify_and_attention() {
         .any(|e| matches!(e, Event::State(j) if j.state == pb::JobState::Running as i32)));
     assert_eq!(final_state(&events), pb::JobState::Succeeded);
 
-    let job = training
-        .get_job(pb::GetJobRequest {
-            job_id: job_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let job = get_job(&mut training, &job_id).await;
     assert_eq!(job.epochs_completed, 3);
     assert!(job.test_accuracy.is_some());
     assert!(job.started_at.is_some() && job.finished_at.is_some());
@@ -173,12 +164,7 @@ async fn train_watch_classify_and_attention() {
         }
         out
     };
-    let long = training
-        .start_training(start_request("tiny", 500, "synth"))
-        .await
-        .unwrap()
-        .into_inner()
-        .job_id;
+    let long = start_job(&mut training, start_request("tiny", 500, "synth")).await;
     wait_for(&mut training, &long, |e| matches!(e, Event::Progress(_))).await;
     let mut batched = false;
     for _ in 0..10 {
@@ -248,18 +234,8 @@ async fn cancel_running_and_queued_jobs() {
     let dir = setup(600);
     let server = Server::start(dir.path(), &[]);
     let mut training = server.training().await;
-    let long = training
-        .start_training(start_request("tiny", 500, "synth"))
-        .await
-        .unwrap()
-        .into_inner()
-        .job_id;
-    let queued = training
-        .start_training(start_request("tiny", 1, "synth"))
-        .await
-        .unwrap()
-        .into_inner()
-        .job_id;
+    let long = start_job(&mut training, start_request("tiny", 500, "synth")).await;
+    let queued = start_job(&mut training, start_request("tiny", 1, "synth")).await;
     wait_for(&mut training, &long, |e| matches!(e, Event::Progress(_))).await;
 
     // The second job waits behind the first; cancelling it is immediate.
@@ -345,12 +321,7 @@ async fn killed_and_stopped_servers_resume_the_job() {
     let epochs = 12;
     let mut server = Server::start(dir.path(), &[]);
     let mut training = server.training().await;
-    let job_id = training
-        .start_training(start_request("tiny", epochs, "synth"))
-        .await
-        .unwrap()
-        .into_inner()
-        .job_id;
+    let job_id = start_job(&mut training, start_request("tiny", epochs, "synth")).await;
     wait_for(&mut training, &job_id, |e| {
         matches!(e, Event::Checkpoint(_))
     })
@@ -378,13 +349,7 @@ async fn killed_and_stopped_servers_resume_the_job() {
     let mut training = server.training().await;
     let events = watch_to_end(&mut training, &job_id, Duration::from_secs(300)).await;
     assert_eq!(final_state(&events), pb::JobState::Succeeded);
-    let job = training
-        .get_job(pb::GetJobRequest {
-            job_id: job_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let job = get_job(&mut training, &job_id).await;
     assert_eq!(job.restarts, 2);
     assert_eq!(job.epochs_completed, epochs);
     // Resumed from checkpoints, not retrained from scratch: epoch 1 ran once.

@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::time::Duration;
 
-use common::server::{final_state, Server};
+use common::server::{final_state, get_job, start_job, Server};
 use common::write_synthetic_cifar;
 use tlb::proto::v1 as pb;
 use tlb::proto::v1::job_event::Event;
@@ -103,12 +103,7 @@ async fn missing_cifar_is_downloaded_checked_and_installed() {
         ],
     );
     let mut t = server.training().await;
-    let id = t
-        .start_training(request("cifar10", "downloaded/cifar10"))
-        .await
-        .unwrap()
-        .into_inner()
-        .job_id;
+    let id = start_job(&mut t, request("cifar10", "downloaded/cifar10")).await;
     let events = common::server::watch_to_end(&mut t, &id, Duration::from_secs(120)).await;
     assert_eq!(final_state(&events), pb::JobState::Succeeded, "{events:?}");
     let downloaded: Vec<u64> = events
@@ -130,19 +125,10 @@ async fn missing_cifar_is_downloaded_checked_and_installed() {
         .collect();
     assert!(leftovers.is_empty());
 
-    let id = t
-        .start_training(request("cifar100", "c100"))
-        .await
-        .unwrap()
-        .into_inner()
-        .job_id;
+    let id = start_job(&mut t, request("cifar100", "c100")).await;
     let events = common::server::watch_to_end(&mut t, &id, Duration::from_secs(120)).await;
     assert_eq!(final_state(&events), pb::JobState::Failed);
-    let job = t
-        .get_job(pb::GetJobRequest { job_id: id })
-        .await
-        .unwrap()
-        .into_inner();
+    let job = get_job(&mut t, &id).await;
     assert!(job.error.contains("checksum mismatch"), "{}", job.error);
     assert!(!dir.path().join("datasets/c100").exists());
 }
@@ -165,12 +151,7 @@ async fn cancelling_a_job_abandons_its_download() {
         ],
     );
     let mut t = server.training().await;
-    let id = t
-        .start_training(request("cifar10", "slow"))
-        .await
-        .unwrap()
-        .into_inner()
-        .job_id;
+    let id = start_job(&mut t, request("cifar10", "slow")).await;
     common::server::wait_for(&mut t, &id, |e| matches!(e, Event::Download(_))).await;
     let job = t
         .cancel_job(pb::CancelJobRequest { job_id: id })

@@ -4,7 +4,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::server::{encoded, final_state, png, start_request, watch_to_end, Server};
+use common::server::{
+    encoded, final_state, get_job, png, start_job, start_request, watch_to_end, Server,
+};
 use common::write_synthetic_cifar;
 use tlb::proto::v1 as pb;
 use tonic::Code;
@@ -180,15 +182,10 @@ async fn bad_requests_get_precise_statuses() {
     expect(t.list_jobs(state).await, Code::InvalidArgument, "state");
 
     // A job that fails (corrupt image) has no checkpoint to classify with.
-    let failed = t
-        .start_training(dataset("image-folder", "broken"))
-        .await
-        .unwrap()
-        .into_inner()
-        .job_id;
+    let failed = start_job(&mut t, dataset("image-folder", "broken")).await;
     let events = watch_to_end(&mut t, &failed, Duration::from_secs(120)).await;
     assert_eq!(final_state(&events), pb::JobState::Failed);
-    let job = t.get_job(get(&failed)).await.unwrap().into_inner();
+    let job = get_job(&mut t, &failed).await;
     assert!(job.error.contains("bad.png"), "error: {}", job.error);
     expect(
         inf.classify(classify(&failed, one.clone(), 1)).await,
@@ -207,12 +204,7 @@ async fn bad_requests_get_precise_statuses() {
     );
 
     // A model to send bad images to.
-    let ok = t
-        .start_training(start_request("tiny", 1, "synth"))
-        .await
-        .unwrap()
-        .into_inner()
-        .job_id;
+    let ok = start_job(&mut t, start_request("tiny", 1, "synth")).await;
     let events = watch_to_end(&mut t, &ok, Duration::from_secs(120)).await;
     assert_eq!(final_state(&events), pb::JobState::Succeeded);
     expect(

@@ -187,3 +187,26 @@ pub fn encoded(bytes: Vec<u8>) -> pb::Image {
         source: Some(pb::image::Source::Encoded(bytes)),
     }
 }
+
+/// Starts a job and returns its id.
+pub async fn start_job(
+    client: &mut TrainingServiceClient<Channel>,
+    request: pb::StartTrainingRequest,
+) -> String {
+    client
+        .start_training(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id
+}
+
+pub async fn get_job(client: &mut TrainingServiceClient<Channel>, job_id: &str) -> pb::Job {
+    client
+        .get_job(pb::GetJobRequest {
+            job_id: job_id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
