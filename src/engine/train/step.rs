@@ -34,6 +34,29 @@ pub struct StepGrads {
     pub correct: usize,
 }
 
+/// `images` and `labels` cut into consecutive pieces of at most `size` (no copy when one
+/// piece holds everything).
+fn pieces<B: AutodiffBackend>(
+    images: Tensor<B, 4>,
+    labels: Tensor<B, 1, Int>,
+    size: usize,
+) -> Vec<(Tensor<B, 4>, Tensor<B, 1, Int>)> {
+    let n = images.dims()[0];
+    if size >= n {
+        return vec![(images, labels)];
+    }
+    (0..n)
+        .step_by(size.max(1))
+        .map(|start| {
+            let len = size.min(n - start);
+            (
+                images.clone().narrow(0, start, len),
+                labels.clone().narrow(0, start, len),
+            )
+        })
+        .collect()
+}
+
 /// Gradients of `model` on one shard, `micro` images at a time, each micro-batch's loss
 /// weighted by its share of the whole step (`total` images).
 fn shard_grads<B: AutodiffBackend>(
@@ -45,19 +68,12 @@ fn shard_grads<B: AutodiffBackend>(
     smoothing: f64,
     between_micro: &mut dyn FnMut(),
 ) -> StepGrads {
-    let n = images.dims()[0];
     let mut acc = GradientsAccumulator::<Tlb<B>>::new();
     let (mut loss_sum, mut correct) = (0.0, 0);
-    for start in (0..n).step_by(micro.max(1)) {
-        let len = micro.min(n - start);
-        let (x, y) = if len == n {
-            (images.clone(), labels.clone())
-        } else {
-            (
-                images.clone().narrow(0, start, len),
-                labels.clone().narrow(0, start, len),
-            )
-        };
+    let parts = pieces(images, labels, micro);
+    let last = parts.len() - 1;
+    for (i, (x, y)) in parts.into_iter().enumerate() {
+        let len = x.dims()[0];
         let (loss, hits) = loss_and_correct(model.forward(x), y, smoothing);
         let weighted = loss.clone() * (len as f64 / total as f64);
         acc.accumulate(
@@ -66,7 +82,7 @@ fn shard_grads<B: AutodiffBackend>(
         );
         loss_sum += loss.into_scalar().elem::<f64>() * len as f64;
         correct += hits;
-        if start + len < n {
+        if i < last {
             between_micro();
         }
     }
@@ -120,16 +136,7 @@ pub fn step_grads_with<B: AutodiffBackend>(
         set_dropout_stream(mix64(stream));
         return shard_grads(model, images, labels, n, micro, smoothing, between_micro);
     }
-    let shards: Vec<(Tensor<B, 4>, Tensor<B, 1, Int>)> = (0..n)
-        .step_by(per)
-        .map(|s| {
-            let len = per.min(n - s);
-            (
-                images.clone().narrow(0, s, len),
-                labels.clone().narrow(0, s, len),
-            )
-        })
-        .collect();
+    let shards = pieces(images, labels, per);
     let results: Vec<StepGrads> = std::thread::scope(|scope| {
         let mut shards = shards.into_iter();
         let (x0, y0) = shards.next().expect("at least one shard");
