@@ -1,7 +1,6 @@
 //! Client subcommands: talk to a running `tlb serve` over gRPC.
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -95,30 +94,13 @@ pub struct AttentionClientArgs {
     pub size: u32,
 }
 
-#[derive(Args, Debug)]
-pub struct ServeBenchArgs {
-    #[command(flatten)]
-    pub server: ServerArg,
-    #[arg(long, default_value = "")]
-    pub model: String,
-    /// A PNG or JPEG to send (every image of a batch is this one).
-    #[arg(long)]
-    pub image: PathBuf,
-    /// Images per Classify request.
-    #[arg(long, default_value_t = 1)]
-    pub batch: usize,
-    /// Requests to time (after 3 warm-up requests).
-    #[arg(long, default_value_t = 100)]
-    pub requests: usize,
-}
-
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub(super) fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?)
 }
 
-async fn channel(s: &ServerArg) -> Result<Channel> {
+pub(super) async fn channel(s: &ServerArg) -> Result<Channel> {
     Channel::from_shared(s.server.clone())
         .context("bad --server address")?
         .connect()
@@ -126,7 +108,7 @@ async fn channel(s: &ServerArg) -> Result<Channel> {
         .with_context(|| format!("connecting to {}", s.server))
 }
 
-fn status_err(s: tonic::Status) -> anyhow::Error {
+pub(super) fn status_err(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", s.code(), s.message())
 }
 
@@ -341,7 +323,7 @@ pub fn checkpoints(a: JobArg) -> Result<()> {
     })
 }
 
-fn encoded(path: &PathBuf) -> Result<pb::Image> {
+pub(super) fn encoded(path: &PathBuf) -> Result<pb::Image> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     Ok(pb::Image {
         source: Some(pb::image::Source::Encoded(bytes)),
@@ -398,47 +380,6 @@ pub fn attention(a: AttentionClientArgs) -> Result<()> {
             out.grid_height,
             out.grid_width,
             a.out.display()
-        );
-        Ok(())
-    })
-}
-
-fn percentile(sorted: &[f64], q: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-/// Classify latency and throughput through gRPC; prints one JSON line.
-pub fn serve_bench(a: ServeBenchArgs) -> Result<()> {
-    runtime()?.block_on(async {
-        let mut client = InferenceServiceClient::new(channel(&a.server).await?)
-            .max_encoding_message_size(64 << 20);
-        let image = encoded(&a.image)?;
-        let request = pb::ClassifyRequest {
-            model: a.model.clone(),
-            images: vec![image; a.batch],
-            top_k: 1,
-        };
-        for _ in 0..3 {
-            client.classify(request.clone()).await.map_err(status_err)?;
-        }
-        let mut times = Vec::with_capacity(a.requests);
-        let start = Instant::now();
-        for _ in 0..a.requests {
-            let t = Instant::now();
-            client.classify(request.clone()).await.map_err(status_err)?;
-            times.push(t.elapsed().as_secs_f64() * 1e3);
-        }
-        let total = start.elapsed();
-        times.sort_by(f64::total_cmp);
-        println!(
-            "{}",
-            serde_json::json!({
-                "batch": a.batch, "requests": a.requests,
-                "p50_ms": percentile(&times, 0.5), "p99_ms": percentile(&times, 0.99),
-                "max_ms": times.last(),
-                "images_per_sec": (a.batch * a.requests) as f64 / total.as_secs_f64().max(1e-9),
-            })
         );
         Ok(())
     })

@@ -3,6 +3,7 @@
 mod bench;
 mod client;
 mod local;
+mod serve_bench;
 
 use std::path::PathBuf;
 
@@ -42,7 +43,7 @@ pub enum Command {
     /// Fetch a per-chunk attention overlay PNG from the server.
     Attention(client::AttentionClientArgs),
     /// Classify latency and throughput through the server; prints one JSON line.
-    BenchServe(client::ServeBenchArgs),
+    BenchServe(serve_bench::ServeBenchArgs),
     /// Train a model offline (no server), with a progress bar and a metrics JSONL file.
     TrainLocal(TrainLocalArgs),
     /// Accuracy and loss of a checkpoint on a dataset split.
@@ -176,7 +177,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Checkpoints(a) => client::checkpoints(a),
         Command::Classify(a) => client::classify(a),
         Command::Attention(a) => client::attention(a),
-        Command::BenchServe(a) => client::serve_bench(a),
+        Command::BenchServe(a) => serve_bench::serve_bench(a),
         Command::TrainLocal(a) => local::train_local(a),
         Command::Eval(a) => local::eval(a),
         Command::Plot(a) => local::plot(a),
