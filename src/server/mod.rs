@@ -141,17 +141,26 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
         device: args.device.clone(),
     };
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let worker = Arc::new(WorkerHandle::start(ctx, move || {
-        let _ = ready_tx.send(());
+    let worker = Arc::new(WorkerHandle::start(ctx, move |result| {
+        let _ = ready_tx.send(result);
     }));
+    // SERVING once the worker owns a working device; without one the server stops.
+    let (fatal_tx, fatal_rx) = tokio::sync::oneshot::channel::<String>();
     let reporter = health.clone();
     tokio::spawn(async move {
-        // Serving only once the worker owns its device.
-        if ready_rx.await.is_ok() {
-            for name in std::iter::once("").chain(SERVICES) {
-                reporter
-                    .set_service_status(name, ServingStatus::Serving)
-                    .await;
+        match ready_rx.await {
+            Ok(Ok(())) => {
+                for name in std::iter::once("").chain(SERVICES) {
+                    reporter
+                        .set_service_status(name, ServingStatus::Serving)
+                        .await;
+                }
+            }
+            Ok(Err(why)) => {
+                let _ = fatal_tx.send(why);
+            }
+            Err(_) => {
+                let _ = fatal_tx.send("the device worker stopped while starting".into());
             }
         }
     });
@@ -191,10 +200,16 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
     // Scripts and tests read the bound address (useful with port 0) from this line.
     println!("tlb listening on {local}");
 
+    let fatal = Arc::new(Mutex::new(None::<String>));
     let shutdown = {
-        let (worker, health) = (worker.clone(), health.clone());
+        let (worker, health, fatal) = (worker.clone(), health.clone(), fatal.clone());
         async move {
-            shutdown_signal().await;
+            tokio::select! {
+                _ = shutdown_signal() => {}
+                Ok(why) = fatal_rx => {
+                    *fatal.lock().expect("fatal slot") = Some(why);
+                }
+            }
             for name in std::iter::once("").chain(SERVICES) {
                 health
                     .set_service_status(name, ServingStatus::NotServing)
@@ -223,6 +238,9 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
         )
         .await?;
     tokio::task::spawn_blocking(move || worker.stop_and_join()).await?;
+    if let Some(why) = fatal.lock().expect("fatal slot").take() {
+        anyhow::bail!(why);
+    }
     info!("stopped");
     Ok(())
 }

@@ -99,8 +99,12 @@ fn gone() -> ApiError {
 }
 
 impl WorkerHandle {
-    /// Starts the worker thread; `ready` is called once the device is up.
-    pub fn start(ctx: WorkerContext, ready: impl FnOnce() + Send + 'static) -> Self {
+    /// Starts the worker thread; `ready` is called once the device answered a first operation
+    /// (or with why it did not).
+    pub fn start(
+        ctx: WorkerContext,
+        ready: impl FnOnce(Result<(), String>) + Send + 'static,
+    ) -> Self {
         let (tx, rx) = crossbeam_channel::unbounded();
         let stop = ctx.stop.clone();
         let thread = std::thread::Builder::new()
@@ -186,9 +190,30 @@ impl<B: AutodiffBackend> Worker<B> {
         }
     }
 
-    fn run(mut self, ready: impl FnOnce()) {
+    fn run(mut self, ready: impl FnOnce(Result<(), String>)) {
+        // A first round trip initialises the device (a CUDA context takes a moment).
+        let probe = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            burn::tensor::Tensor::<B::InnerBackend, 1>::ones([1], &self.device)
+                .into_data()
+                .to_vec::<f32>()
+                .map_err(|e| format!("{e:?}"))
+        }));
+        match probe {
+            Ok(Ok(v)) if v == [1.0] => {}
+            other => {
+                let why = match other {
+                    Ok(Err(e)) => e,
+                    Ok(Ok(v)) => format!("read back {v:?}"),
+                    Err(_) => "the backend panicked".into(),
+                };
+                let why = format!("device {:?} is not usable: {why}", self.ctx.device);
+                tracing::error!("{why}");
+                ready(Err(why));
+                return;
+            }
+        }
         tracing::info!(device = ?self.ctx.device, "device worker ready");
-        ready();
+        ready(Ok(()));
         while !self.ctx.stop.load(Ordering::SeqCst) {
             self.inference.serve_pending(&self.rx);
             let next = self.ctx.runtime.block_on(self.ctx.store.next_runnable());
