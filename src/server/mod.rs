@@ -43,6 +43,10 @@ pub struct ServeArgs {
     /// cpu, or cuda:N in a build with the `cuda` feature.
     #[arg(long, env = "TLB_DEVICE", default_value = "cpu")]
     pub device: DeviceSpec,
+    /// Where Classify/GetAttention run: the --device by default, or e.g. `cpu` beside a GPU
+    /// (a single image is answered faster there: the recurrence is launch-bound on a GPU).
+    #[arg(long, env = "TLB_INFERENCE_DEVICE")]
+    pub inference_device: Option<DeviceSpec>,
     /// Download CIFAR-10/100 archives that are missing under the datasets root.
     #[arg(long, env = "TLB_ALLOW_DOWNLOAD")]
     pub allow_download: bool,
@@ -139,6 +143,7 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
         running: running.clone(),
         stop: stop.clone(),
         device: args.device.clone(),
+        inference_device: args.inference_device.clone().unwrap_or(args.device.clone()),
     };
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let worker = Arc::new(WorkerHandle::start(ctx, move |result| {

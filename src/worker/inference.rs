@@ -47,6 +47,55 @@ type ClassifyReply = tokio::sync::oneshot::Sender<Result<ClassifyResult, ApiErro
 /// Classify requests for one model: each request's images and where its answer goes.
 type ClassifyGroup = (ModelRef, Vec<(Vec<Vec<u8>>, ClassifyReply)>);
 
+/// Answers inference requests on some backend (the training device's, or another one).
+pub trait Serve {
+    /// Answers `requests`, batching those for the same model.
+    fn serve(&mut self, requests: Vec<Request>);
+}
+
+impl<B: Backend> Serve for Inference<B> {
+    fn serve(&mut self, requests: Vec<Request>) {
+        self.serve_all(requests)
+    }
+}
+
+impl dyn Serve + '_ {
+    /// Answers every request already waiting.
+    pub fn serve_pending(&mut self, rx: &Receiver<Request>) {
+        let waiting: Vec<Request> = rx.try_iter().collect();
+        if !waiting.is_empty() {
+            self.serve(waiting);
+        }
+    }
+
+    /// Answers `first` and whatever arrived with it.
+    pub fn serve_with(&mut self, first: Request, rx: &Receiver<Request>) {
+        let mut all = vec![first];
+        all.extend(rx.try_iter());
+        self.serve(all);
+    }
+
+    /// Runs `work` on a helper thread, answering inference requests until it is done.
+    pub fn while_serving<T: Send>(
+        &mut self,
+        rx: &Receiver<Request>,
+        work: impl FnOnce() -> T + Send,
+    ) -> T {
+        std::thread::scope(|s| {
+            let handle = s.spawn(work);
+            while !handle.is_finished() {
+                if let Ok(first) = rx.recv_timeout(std::time::Duration::from_millis(20)) {
+                    self.serve_with(first, rx);
+                }
+            }
+            match handle.join() {
+                Ok(v) => v,
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        })
+    }
+}
+
 pub struct Inference<B: Backend> {
     device: B::Device,
     threads: usize,
@@ -71,22 +120,7 @@ impl<B: Backend> Inference<B> {
         }
     }
 
-    /// Answers every request already waiting.
-    pub fn serve_pending(&mut self, rx: &Receiver<Request>) {
-        let waiting: Vec<Request> = rx.try_iter().collect();
-        if !waiting.is_empty() {
-            self.serve(waiting);
-        }
-    }
-
-    /// Answers `first` and whatever arrived with it.
-    pub fn serve_with(&mut self, first: Request, rx: &Receiver<Request>) {
-        let mut all = vec![first];
-        all.extend(rx.try_iter());
-        self.serve(all);
-    }
-
-    fn serve(&mut self, requests: Vec<Request>) {
+    fn serve_all(&mut self, requests: Vec<Request>) {
         // Classify requests grouped by model, in arrival order.
         let mut groups: Vec<ClassifyGroup> = Vec::new();
         for request in requests {
@@ -222,27 +256,5 @@ impl<B: Backend> Inference<B> {
         }
         self.cache.push((model.checkpoint_id, loaded.clone()));
         Ok(loaded)
-    }
-}
-
-impl<B: Backend> Inference<B> {
-    /// Runs `work` on a helper thread, answering inference requests until it is done.
-    pub fn while_serving<T: Send>(
-        &mut self,
-        rx: &Receiver<Request>,
-        work: impl FnOnce() -> T + Send,
-    ) -> T {
-        std::thread::scope(|s| {
-            let handle = s.spawn(work);
-            while !handle.is_finished() {
-                if let Ok(first) = rx.recv_timeout(std::time::Duration::from_millis(20)) {
-                    self.serve_with(first, rx);
-                }
-            }
-            match handle.join() {
-                Ok(v) => v,
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
-        })
     }
 }

@@ -12,7 +12,7 @@ use crossbeam_channel::Receiver;
 use tracing::{error, info, info_span, warn};
 use uuid::Uuid;
 
-use super::inference::Inference;
+use super::inference::Serve;
 use super::{JobUpdate, Request, WorkerContext};
 use crate::engine::model::Tlb;
 use crate::engine::train::{train, write_json, Outcome, TrainEvent, TrainObserver};
@@ -24,7 +24,7 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 pub(super) fn run_job<B: AutodiffBackend>(
     ctx: &WorkerContext,
     device: &B::Device,
-    inference: &mut Inference<B::InnerBackend>,
+    inference: &mut dyn Serve,
     rx: &Receiver<Request>,
     job: JobRow,
 ) {
@@ -81,7 +81,7 @@ pub(super) fn run_job<B: AutodiffBackend>(
 fn train_job<B: AutodiffBackend>(
     ctx: &WorkerContext,
     device: &B::Device,
-    inference: &mut Inference<B::InnerBackend>,
+    inference: &mut dyn Serve,
     rx: &Receiver<Request>,
     job: &JobRow,
     cancel: Arc<AtomicBool>,
@@ -165,7 +165,7 @@ struct JobObserver<'a, B: AutodiffBackend> {
     ctx: &'a WorkerContext,
     job: Uuid,
     cancel: Arc<AtomicBool>,
-    inference: &'a mut Inference<B::InnerBackend>,
+    inference: &'a mut dyn Serve,
     rx: &'a Receiver<Request>,
     last_progress: Option<Instant>,
     _backend: std::marker::PhantomData<B>,

@@ -78,6 +78,8 @@ pub struct WorkerContext {
     /// Raised on shutdown: the running job checkpoints and stays resumable.
     pub stop: Arc<AtomicBool>,
     pub device: DeviceSpec,
+    /// Where inference runs: the training device, or (e.g.) the CPU beside a GPU.
+    pub inference_device: DeviceSpec,
 }
 
 impl WorkerContext {
@@ -176,12 +178,24 @@ struct Worker<B: AutodiffBackend> {
     ctx: WorkerContext,
     device: B::Device,
     rx: Receiver<Request>,
-    inference: inference::Inference<B::InnerBackend>,
+    inference: Box<dyn inference::Serve>,
 }
 
 impl<B: AutodiffBackend> Worker<B> {
     fn new(ctx: WorkerContext, device: B::Device, rx: Receiver<Request>) -> Self {
-        let inference = inference::Inference::new(device.clone(), ctx.device.replicas());
+        let inference: Box<dyn inference::Serve> = if ctx.inference_device == ctx.device {
+            Box::new(inference::Inference::<B::InnerBackend>::new(
+                device.clone(),
+                ctx.device.replicas(),
+            ))
+        } else {
+            let spec = ctx.inference_device.clone();
+            crate::with_backend!(spec.clone(), |IB, idevice| {
+                Box::new(inference::Inference::<
+                    <IB as burn::tensor::backend::AutodiffBackend>::InnerBackend,
+                >::new(idevice, spec.replicas()))
+            })
+        };
         Self {
             ctx,
             device,
@@ -218,9 +232,13 @@ impl<B: AutodiffBackend> Worker<B> {
             self.inference.serve_pending(&self.rx);
             let next = self.ctx.runtime.block_on(self.ctx.store.next_runnable());
             match next {
-                Ok(Some(job)) => {
-                    job::run_job::<B>(&self.ctx, &self.device, &mut self.inference, &self.rx, job)
-                }
+                Ok(Some(job)) => job::run_job::<B>(
+                    &self.ctx,
+                    &self.device,
+                    self.inference.as_mut(),
+                    &self.rx,
+                    job,
+                ),
                 Ok(None) => {
                     // Idle: wait for a request or a new job.
                     if let Ok(first) = self.rx.recv_timeout(Duration::from_secs(5)) {
