@@ -438,3 +438,60 @@ async fn cli_client_subcommands() {
     let (ok, _, err) = client(&server, &["jobs", "--state", "sleeping"]);
     assert!(!ok && err.contains("unknown state"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inference_thread_answers_during_training() {
+    let dir = setup(600);
+    // First a model, with a plain server.
+    let job_id = {
+        let server = Server::start(dir.path(), &[]);
+        let mut training = server.training().await;
+        let id = start_job(&mut training, start_request("tiny", 1, "synth")).await;
+        let events = watch_to_end(&mut training, &id, Duration::from_secs(120)).await;
+        assert_eq!(final_state(&events), pb::JobState::Succeeded);
+        id
+    };
+    let server = Server::start(dir.path(), &["--inference-device", "cpu"]);
+    let mut training = server.training().await;
+    let long = start_job(&mut training, start_request("tiny", 500, "synth")).await;
+    wait_for(&mut training, &long, |e| matches!(e, Event::Progress(_))).await;
+    let mut inference = server.inference().await;
+    for seed in 0..5u8 {
+        let out = inference
+            .classify(pb::ClassifyRequest {
+                model: job_id.clone(),
+                images: vec![encoded(png(32, seed)); 3],
+                top_k: 10,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(out.results.len(), 3);
+        let sum: f32 = out.results[0]
+            .predictions
+            .iter()
+            .map(|p| p.probability)
+            .sum();
+        assert!((sum - 1.0).abs() < 1e-4);
+        assert_eq!(by_class(&out.results[0]), by_class(&out.results[2]));
+    }
+    let att = inference
+        .get_attention(pb::GetAttentionRequest {
+            model: job_id,
+            image: Some(encoded(png(32, 1))),
+            render_overlay: false,
+            overlay_size: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(att.chunks.len(), 4);
+    assert!(att.overlay_png.is_empty());
+    // The job trained on meanwhile and still does.
+    let job = get_job(&mut training, &long).await;
+    assert_eq!(job.state, pb::JobState::Running as i32);
+    training
+        .cancel_job(pb::CancelJobRequest { job_id: long })
+        .await
+        .unwrap();
+}

@@ -43,8 +43,9 @@ pub struct ServeArgs {
     /// cpu, or cuda:N in a build with the `cuda` feature.
     #[arg(long, env = "TLB_DEVICE", default_value = "cpu")]
     pub device: DeviceSpec,
-    /// Where Classify/GetAttention run: the --device by default, or e.g. `cpu` beside a GPU
-    /// (a single image is answered faster there: the recurrence is launch-bound on a GPU).
+    /// Answer Classify/GetAttention on this device from a thread of their own, even during a
+    /// training step (e.g. `cpu` beside a GPU). Unset: the device worker answers them
+    /// between training steps.
     #[arg(long, env = "TLB_INFERENCE_DEVICE")]
     pub inference_device: Option<DeviceSpec>,
     /// Download CIFAR-10/100 archives that are missing under the datasets root.
@@ -143,7 +144,7 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
         running: running.clone(),
         stop: stop.clone(),
         device: args.device.clone(),
-        inference_device: args.inference_device.clone().unwrap_or(args.device.clone()),
+        inference_device: args.inference_device.clone(),
     };
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let worker = Arc::new(WorkerHandle::start(ctx, move |result| {

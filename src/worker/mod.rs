@@ -78,8 +78,9 @@ pub struct WorkerContext {
     /// Raised on shutdown: the running job checkpoints and stays resumable.
     pub stop: Arc<AtomicBool>,
     pub device: DeviceSpec,
-    /// Where inference runs: the training device, or (e.g.) the CPU beside a GPU.
-    pub inference_device: DeviceSpec,
+    /// `None`: the device worker answers inference between training steps. `Some(d)`: a
+    /// thread of its own answers it on `d` (e.g. the CPU beside a GPU), even during a step.
+    pub inference_device: Option<DeviceSpec>,
 }
 
 impl WorkerContext {
@@ -91,9 +92,12 @@ impl WorkerContext {
 
 /// The server's end of the worker.
 pub struct WorkerHandle {
+    /// To the device worker (jobs; inference too when it runs on the training device).
     tx: Sender<Request>,
+    /// Where Classify/GetAttention go: `tx`, or the inference thread of another device.
+    infer_tx: Sender<Request>,
     stop: Arc<AtomicBool>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 fn gone() -> ApiError {
@@ -109,6 +113,7 @@ impl WorkerHandle {
     ) -> Self {
         let (tx, rx) = crossbeam_channel::unbounded();
         let stop = ctx.stop.clone();
+        let inference_device = ctx.inference_device.clone();
         let thread = std::thread::Builder::new()
             .name("tlb-device-worker".into())
             .spawn(move || {
@@ -118,10 +123,33 @@ impl WorkerHandle {
                 })
             })
             .expect("spawning the worker thread");
+        let mut threads = vec![thread];
+        let infer_tx = if let Some(inference_device) = inference_device {
+            // Inference on a thread of its own, answering even while a step runs.
+            let (infer_tx, infer_rx) = crossbeam_channel::unbounded();
+            let stop = stop.clone();
+            let thread = std::thread::Builder::new()
+                .name("tlb-inference".into())
+                .spawn(move || {
+                    crate::with_backend!(inference_device.clone(), |IB, device| {
+                        let mut engine =
+                            inference::Inference::<
+                                <IB as burn::tensor::backend::AutodiffBackend>::InnerBackend,
+                            >::new(device, inference_device.replicas());
+                        serve_until_stopped(&mut engine, &infer_rx, &stop)
+                    })
+                })
+                .expect("spawning the inference thread");
+            threads.push(thread);
+            infer_tx
+        } else {
+            tx.clone()
+        };
         Self {
             tx,
+            infer_tx,
             stop,
-            thread: Mutex::new(Some(thread)),
+            threads: Mutex::new(threads),
         }
     }
 
@@ -131,7 +159,7 @@ impl WorkerHandle {
         images: Vec<Vec<u8>>,
     ) -> Result<ClassifyResult, ApiError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
+        self.infer_tx
             .send(Request::Classify {
                 model,
                 images,
@@ -147,7 +175,7 @@ impl WorkerHandle {
         image: Vec<u8>,
     ) -> Result<AttentionResult, ApiError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
+        self.infer_tx
             .send(Request::Attention {
                 model,
                 image,
@@ -166,12 +194,28 @@ impl WorkerHandle {
     pub fn stop_and_join(&self) {
         self.stop.store(true, Ordering::SeqCst);
         self.wake();
-        if let Some(t) = self.thread.lock().expect("worker handle").take() {
+        for t in std::mem::take(&mut *self.threads.lock().expect("worker handle")) {
             if t.join().is_err() {
-                tracing::error!("the device worker panicked");
+                tracing::error!("a worker thread panicked");
             }
         }
     }
+}
+
+/// The inference thread's loop: answer requests until shutdown.
+fn serve_until_stopped(
+    engine: &mut dyn inference::Serve,
+    rx: &Receiver<Request>,
+    stop: &AtomicBool,
+) {
+    loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(first) => engine.serve_with(first, rx),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) if !stop.load(Ordering::SeqCst) => {}
+            Err(_) => break,
+        }
+    }
+    engine.serve_pending(rx);
 }
 
 struct Worker<B: AutodiffBackend> {
@@ -183,19 +227,9 @@ struct Worker<B: AutodiffBackend> {
 
 impl<B: AutodiffBackend> Worker<B> {
     fn new(ctx: WorkerContext, device: B::Device, rx: Receiver<Request>) -> Self {
-        let inference: Box<dyn inference::Serve> = if ctx.inference_device == ctx.device {
-            Box::new(inference::Inference::<B::InnerBackend>::new(
-                device.clone(),
-                ctx.device.replicas(),
-            ))
-        } else {
-            let spec = ctx.inference_device.clone();
-            crate::with_backend!(spec.clone(), |IB, idevice| {
-                Box::new(inference::Inference::<
-                    <IB as burn::tensor::backend::AutodiffBackend>::InnerBackend,
-                >::new(idevice, spec.replicas()))
-            })
-        };
+        let inference: Box<dyn inference::Serve> = Box::new(
+            inference::Inference::<B::InnerBackend>::new(device.clone(), ctx.device.replicas()),
+        );
         Self {
             ctx,
             device,
