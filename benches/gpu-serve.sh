@@ -2,21 +2,23 @@
 # GPU serving figures: bare engine inference at batch 1 and 64 vs Classify through
 # `tlb serve --device cuda:0`, idle and while a `reference` job trains (cifar10-mini).
 #   benches/gpu-serve.sh BIN DATASETS_ROOT IMG [INFERENCE_DEVICE]   (figures under $OUT)
+# INFERENCE_DEVICE cpu: `--inference-device cpu` (a CPU thread answers while the GPU trains);
+# SKIP_ENGINE=1 skips the bare engine benchmark.
 set -uo pipefail
 BIN=${1:-runs/gpu/tlb}
 DATA=${2:-runs/gpu/datasets}
 IMG=${3:-runs/gpu/cat32.png}
-INF=${4:-cuda:0}
+INF=${4:-}
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
-for b in 1 64; do
-    timeout 100 "$BIN" bench --preset reference --batch $b --steps 10 --device "$INF" | tee -a "$OUT/engine.jsonl"
+[ -n "${SKIP_ENGINE:-}" ] || for b in 1 64; do
+    timeout 100 "$BIN" bench --preset reference --batch $b --steps 10 --device "${INF:-cuda:0}" | tee -a "$OUT/engine.jsonl"
     echo
 done
-"$BIN" serve --addr 127.0.0.1:0 --device cuda:0 --inference-device "$INF" --data-dir "$OUT/data" --datasets-root "$DATA" \
+"$BIN" serve --addr 127.0.0.1:0 --device cuda:0 ${INF:+--inference-device "$INF"} --data-dir "$OUT/data" --datasets-root "$DATA" \
     >"$OUT/serve.out" 2>"$OUT/serve.log" &
 PID=$!
-echo "== inference on $INF"
+echo "== inference on ${INF:-the training device, between steps}"
 for _ in $(seq 100); do grep -q "listening on" "$OUT/serve.out" && break; sleep 0.2; done
 S="--server http://$(sed -n 's/^tlb listening on //p' "$OUT/serve.out")"
 JOB=$("$BIN" train $S --preset reference --format cifar10 --dataset cifar10-mini --epochs 60)
