@@ -282,6 +282,17 @@ async fn bad_requests_get_precise_statuses() {
         "overlay_size",
     );
 
+    // A checkpoint whose files were removed behind the server's back.
+    let gone = start_job(&mut t, start_request("tiny", 1, "synth")).await;
+    let events = watch_to_end(&mut t, &gone, Duration::from_secs(120)).await;
+    assert_eq!(final_state(&events), pb::JobState::Succeeded);
+    std::fs::remove_dir_all(dir.path().join("data/jobs").join(&gone).join("checkpoints")).unwrap();
+    expect(
+        inf.classify(classify(&gone, one.clone(), 1)).await,
+        Code::FailedPrecondition,
+        "no file",
+    );
+
     // Still serving: the same requests done right succeed.
     let out = inf
         .classify(classify(&ok, one.clone(), 3))

@@ -25,6 +25,18 @@ impl ApiError {
     pub fn field(field: &str, message: impl std::fmt::Display) -> Self {
         Self::InvalidArgument(format!("{field}: {message}"))
     }
+
+    /// The same error again, to answer several requests with it.
+    pub fn duplicate(&self) -> Self {
+        match self {
+            Self::InvalidArgument(m) => Self::InvalidArgument(m.clone()),
+            Self::NotFound(m) => Self::NotFound(m.clone()),
+            Self::FailedPrecondition(m) => Self::FailedPrecondition(m.clone()),
+            Self::ResourceExhausted(m) => Self::ResourceExhausted(m.clone()),
+            Self::Unavailable(m) => Self::Unavailable(m.clone()),
+            Self::Internal(e) => Self::Internal(anyhow::anyhow!("{e:#}")),
+        }
+    }
 }
 
 impl From<ApiError> for Status {

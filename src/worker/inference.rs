@@ -155,9 +155,8 @@ impl<B: Backend> Inference<B> {
         let loaded = match self.load(model) {
             Ok(l) => l,
             Err(e) => {
-                let message = e.to_string();
                 for (_, reply) in group {
-                    let _ = reply.send(Err(ApiError::Internal(anyhow::anyhow!("{message}"))));
+                    let _ = reply.send(Err(e.duplicate()));
                 }
                 return;
             }
@@ -193,9 +192,8 @@ impl<B: Backend> Inference<B> {
         let mut probs = match probs {
             Ok(p) => p.into_iter(),
             Err(e) => {
-                let message = e.to_string();
                 for (_, reply) in group {
-                    let _ = reply.send(Err(ApiError::Internal(anyhow::anyhow!("{message}"))));
+                    let _ = reply.send(Err(e.duplicate()));
                 }
                 return;
             }
@@ -238,6 +236,13 @@ impl<B: Backend> Inference<B> {
             (Some(fallback), false) => fallback.clone(),
             _ => model.path.clone(),
         };
+        if !path.exists() {
+            return Err(ApiError::FailedPrecondition(format!(
+                "checkpoint {} has no file any more ({} was removed)",
+                model.checkpoint_id,
+                path.display()
+            )));
+        }
         let device = self.device.clone();
         let loaded = guarded("loading a checkpoint", move || {
             let ckpt = Checkpoint::read(&path)?;
