@@ -10,7 +10,7 @@ use crate::engine::viz::{overlay, png_bytes, token_scores};
 use crate::proto::v1 as pb;
 use crate::proto::v1::inference_service_server::InferenceService;
 use crate::server::error::ApiError;
-use crate::store::{job_dir, CheckpointRow, JobState};
+use crate::store::{job_dir, CheckpointRow};
 use crate::worker::ModelRef;
 
 const OVERLAY_DEFAULT: u32 = 256;
@@ -35,18 +35,14 @@ impl InferenceApi {
     async fn resolve_model(&self, model: &str) -> Result<ModelRef, ApiError> {
         let store = &self.0.store;
         if model.is_empty() {
-            let models = store.best_checkpoints().await?;
-            let default = models
-                .iter()
-                .find(|(_, s)| *s == JobState::Succeeded)
-                .ok_or_else(|| {
-                    ApiError::FailedPrecondition(
-                        "no trained model yet: no job has succeeded. Train one with \
+            let default = store.default_checkpoint().await?.ok_or_else(|| {
+                ApiError::FailedPrecondition(
+                    "no trained model yet: no job has succeeded. Train one with \
                          StartTraining, or name a job or checkpoint in `model`"
-                            .into(),
-                    )
-                })?;
-            return Ok(self.model_ref(&default.0));
+                        .into(),
+                )
+            })?;
+            return Ok(self.model_ref(&default));
         }
         let id = Uuid::parse_str(model).map_err(|_| {
             ApiError::field(
@@ -219,18 +215,15 @@ impl InferenceService for InferenceApi {
         &self,
         _request: Request<pb::ListModelsRequest>,
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
-        let rows = self
-            .0
-            .store
-            .best_checkpoints()
+        let store = &self.0.store;
+        let rows = store.best_checkpoints().await.map_err(ApiError::from)?;
+        let default = store
+            .default_checkpoint()
             .await
-            .map_err(ApiError::from)?;
-        let default = rows
-            .iter()
-            .find(|(_, s)| *s == JobState::Succeeded)
-            .map(|(c, _)| c.id);
+            .map_err(ApiError::from)?
+            .map(|c| c.id);
         let mut models = Vec::with_capacity(rows.len());
-        for (row, _) in &rows {
+        for row in &rows {
             let labels = self.labels_of(row.job_id).await;
             models.push(pb::ModelInfo {
                 model_id: row.id.to_string(),

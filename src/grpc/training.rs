@@ -28,8 +28,12 @@ const CANCEL_WAIT: Duration = Duration::from_secs(30);
 pub struct TrainingApi(pub AppState);
 
 impl TrainingApi {
-    async fn job(&self, field: &str, id: &str) -> Result<JobRow, ApiError> {
-        let id = parse_uuid(field, id)?;
+    /// The job a request's `job_id` names.
+    async fn job(&self, job_id: &str) -> Result<JobRow, ApiError> {
+        self.job_by_id(parse_uuid("job_id", job_id)?).await
+    }
+
+    async fn job_by_id(&self, id: Uuid) -> Result<JobRow, ApiError> {
         self.0
             .store
             .get_job(id)
@@ -95,7 +99,7 @@ impl TrainingService for TrainingApi {
         &self,
         request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
-        let job = self.job("job_id", &request.get_ref().job_id).await?;
+        let job = self.job(&request.get_ref().job_id).await?;
         Ok(Response::new(convert::job(&job)))
     }
 
@@ -134,7 +138,7 @@ impl TrainingService for TrainingApi {
         &self,
         request: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
-        let job = self.job("job_id", &request.get_ref().job_id).await?;
+        let job = self.job(&request.get_ref().job_id).await?;
         let store = &self.0.store;
         if job.state.is_terminal() {
             return Err(ApiError::FailedPrecondition(format!(
@@ -148,7 +152,7 @@ impl TrainingService for TrainingApi {
         let mut events = self.0.events.subscribe();
         if store.cancel_queued(job.id).await.map_err(ApiError::from)? {
             info!(job = %job.id, "queued job cancelled");
-            let row = self.job("job_id", &job.id.to_string()).await?;
+            let row = self.job_by_id(job.id).await?;
             let _ = self.0.events.send(std::sync::Arc::new((
                 job.id,
                 JobUpdate::State(Box::new(row.clone())),
@@ -181,7 +185,7 @@ impl TrainingService for TrainingApi {
         if ended.is_err() {
             info!(job = %job.id, "cancel requested; the job is still stopping");
         }
-        let row = self.job("job_id", &job.id.to_string()).await?;
+        let row = self.job_by_id(job.id).await?;
         Ok(Response::new(convert::job(&row)))
     }
 
@@ -194,7 +198,7 @@ impl TrainingService for TrainingApi {
         let id = parse_uuid("job_id", &request.get_ref().job_id)?;
         // Subscribe first: nothing between the snapshot and the stream is lost.
         let events = self.0.events.subscribe();
-        let job = self.job("job_id", &id.to_string()).await?;
+        let job = self.job_by_id(id).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let state = self.0.clone();
         tokio::spawn(forward_events(state, job, events, tx));
@@ -207,7 +211,7 @@ impl TrainingService for TrainingApi {
         &self,
         request: Request<pb::ListCheckpointsRequest>,
     ) -> Result<Response<pb::ListCheckpointsResponse>, Status> {
-        let job = self.job("job_id", &request.get_ref().job_id).await?;
+        let job = self.job(&request.get_ref().job_id).await?;
         let rows = self
             .0
             .store

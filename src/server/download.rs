@@ -83,7 +83,7 @@ fn fetch_and_install(
     tar::Archive::new(gz)
         .unpack(&extracted)
         .context("extracting the archive")?;
-    let folder = find_marker(&extracted, marker)?
+    let folder = find_marker(&extracted, marker, 2)?
         .with_context(|| format!("the archive from {} has no {marker}", source.url))?;
     if let Some(parent) = target.parent() {
         std::fs::create_dir_all(parent)?;
@@ -103,30 +103,20 @@ fn fetch_and_install(
     Ok(())
 }
 
-/// The folder under `dir` (itself or below, two levels deep) that holds `marker`.
-fn find_marker(dir: &Path, marker: &str) -> Result<Option<PathBuf>> {
+/// The folder under `dir` (itself or up to `depth` levels below) that holds `marker`.
+fn find_marker(dir: &Path, marker: &str, depth: usize) -> Result<Option<PathBuf>> {
     if dir.join(marker).is_file() {
         return Ok(Some(dir.to_path_buf()));
+    }
+    if depth == 0 {
+        return Ok(None);
     }
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
         if path.is_dir() {
-            if path.join(marker).is_file() {
-                return Ok(Some(path));
-            }
-            if let Some(found) = find_marker_shallow(&path, marker)? {
+            if let Some(found) = find_marker(&path, marker, depth - 1)? {
                 return Ok(Some(found));
             }
-        }
-    }
-    Ok(None)
-}
-
-fn find_marker_shallow(dir: &Path, marker: &str) -> Result<Option<PathBuf>> {
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        if path.is_dir() && path.join(marker).is_file() {
-            return Ok(Some(path));
         }
     }
     Ok(None)

@@ -88,6 +88,13 @@ fn oversize_is_resource_exhausted<B>(mut res: http::Response<B>) -> http::Respon
     res
 }
 
+/// Sets the overall health status and each service's.
+async fn set_health(health: &tonic_health::server::HealthReporter, status: ServingStatus) {
+    for name in std::iter::once("").chain(SERVICES) {
+        health.set_service_status(name, status).await;
+    }
+}
+
 async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
@@ -126,11 +133,7 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
         },
     };
     let (health, health_service) = tonic_health::server::health_reporter();
-    for name in std::iter::once("").chain(SERVICES) {
-        health
-            .set_service_status(name, ServingStatus::NotServing)
-            .await;
-    }
+    set_health(&health, ServingStatus::NotServing).await;
     let (events, _) = broadcast::channel(4096);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let stop = Arc::new(AtomicBool::new(false));
@@ -144,23 +147,22 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
         running: running.clone(),
         stop: stop.clone(),
         device: args.device.clone(),
-        inference_device: args.inference_device.clone(),
     };
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let worker = Arc::new(WorkerHandle::start(ctx, move |result| {
-        let _ = ready_tx.send(result);
-    }));
+    let worker = Arc::new(WorkerHandle::start(
+        ctx,
+        args.inference_device.clone(),
+        move |result| {
+            let _ = ready_tx.send(result);
+        },
+    ));
     // SERVING once the worker owns a working device; without one the server stops.
     let (fatal_tx, fatal_rx) = tokio::sync::oneshot::channel::<String>();
     let reporter = health.clone();
     tokio::spawn(async move {
         match ready_rx.await {
             Ok(Ok(())) => {
-                for name in std::iter::once("").chain(SERVICES) {
-                    reporter
-                        .set_service_status(name, ServingStatus::Serving)
-                        .await;
-                }
+                set_health(&reporter, ServingStatus::Serving).await;
             }
             Ok(Err(why)) => {
                 let _ = fatal_tx.send(why);
@@ -216,11 +218,7 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
                     *fatal.lock().expect("fatal slot") = Some(why);
                 }
             }
-            for name in std::iter::once("").chain(SERVICES) {
-                health
-                    .set_service_status(name, ServingStatus::NotServing)
-                    .await;
-            }
+            set_health(&health, ServingStatus::NotServing).await;
             let _ = shutdown_tx.send(true);
             // The running job checkpoints now, while open calls finish.
             stop.store(true, Ordering::SeqCst);

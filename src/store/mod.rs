@@ -27,6 +27,10 @@ const JOB_COLUMNS: &str = "id, state, preset, config_json, dataset_format, datas
     created_at_ms, started_at_ms, finished_at_ms, epochs_completed, epochs_total, \
     latest_metrics_json, best_checkpoint_id, test_accuracy, error, restarts, cancel_requested";
 const CHECKPOINT_COLUMNS: &str = "id, job_id, epoch, val_accuracy, path, is_best, created_at_ms";
+/// Best checkpoints joined to their jobs (`WHERE` open for more conditions).
+const BEST_CHECKPOINTS: &str = "SELECT c.id, c.job_id, c.epoch, c.val_accuracy, c.path, \
+    c.is_best, c.created_at_ms FROM checkpoints c JOIN jobs j ON j.id = c.job_id WHERE c.is_best";
+const NEWEST_JOB_FIRST: &str = "ORDER BY j.created_at_ms DESC, j.id DESC";
 
 impl Store {
     /// Opens (creating if needed) `<data_dir>/tlb.db` and applies the migrations.
@@ -271,21 +275,21 @@ impl Store {
     }
 
     /// Best checkpoints of every job that has one, newest job first.
-    pub async fn best_checkpoints(&self) -> Result<Vec<(CheckpointRow, JobState)>> {
-        let rows = sqlx::query(
-            "SELECT c.id, c.job_id, c.epoch, c.val_accuracy, c.path, c.is_best, c.created_at_ms, \
-             j.state FROM checkpoints c JOIN jobs j ON j.id = c.job_id \
-             WHERE c.is_best ORDER BY j.created_at_ms DESC, j.id DESC",
-        )
-        .fetch_all(&self.pool)
+    pub async fn best_checkpoints(&self) -> Result<Vec<CheckpointRow>> {
+        let rows = sqlx::query(&format!("{BEST_CHECKPOINTS} {NEWEST_JOB_FIRST}"))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(CheckpointRow::from_row).collect()
+    }
+
+    /// The default model: the best checkpoint of the newest job that succeeded.
+    pub async fn default_checkpoint(&self) -> Result<Option<CheckpointRow>> {
+        let row = sqlx::query(&format!(
+            "{BEST_CHECKPOINTS} AND j.state = 'SUCCEEDED' {NEWEST_JOB_FIRST} LIMIT 1"
+        ))
+        .fetch_optional(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                use sqlx::Row;
-                let state: String = r.try_get("state")?;
-                Ok((CheckpointRow::from_row(r)?, state.parse()?))
-            })
-            .collect()
+        row.map(|r| CheckpointRow::from_row(&r)).transpose()
     }
 }
 

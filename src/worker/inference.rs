@@ -51,6 +51,21 @@ type ClassifyGroup = (ModelRef, Vec<(Vec<Vec<u8>>, ClassifyReply)>);
 pub trait Serve {
     /// Answers `requests`, batching those for the same model.
     fn serve(&mut self, requests: Vec<Request>);
+
+    /// Answers every request already waiting.
+    fn serve_pending(&mut self, rx: &Receiver<Request>) {
+        let waiting: Vec<Request> = rx.try_iter().collect();
+        if !waiting.is_empty() {
+            self.serve(waiting);
+        }
+    }
+
+    /// Answers `first` and whatever arrived with it.
+    fn serve_with(&mut self, first: Request, rx: &Receiver<Request>) {
+        let mut all = vec![first];
+        all.extend(rx.try_iter());
+        self.serve(all);
+    }
 }
 
 impl<B: Backend> Serve for Inference<B> {
@@ -60,21 +75,6 @@ impl<B: Backend> Serve for Inference<B> {
 }
 
 impl dyn Serve + '_ {
-    /// Answers every request already waiting.
-    pub fn serve_pending(&mut self, rx: &Receiver<Request>) {
-        let waiting: Vec<Request> = rx.try_iter().collect();
-        if !waiting.is_empty() {
-            self.serve(waiting);
-        }
-    }
-
-    /// Answers `first` and whatever arrived with it.
-    pub fn serve_with(&mut self, first: Request, rx: &Receiver<Request>) {
-        let mut all = vec![first];
-        all.extend(rx.try_iter());
-        self.serve(all);
-    }
-
     /// Runs `work` on a helper thread, answering inference requests until it is done.
     pub fn while_serving<T: Send>(
         &mut self,

@@ -16,6 +16,7 @@ use crossbeam_channel::{Receiver, Sender};
 use tokio::sync::{broadcast, oneshot};
 use uuid::Uuid;
 
+use inference::Serve as _;
 pub use inference::{AttentionResult, ClassifyResult};
 
 use crate::engine::backend::DeviceSpec;
@@ -78,9 +79,6 @@ pub struct WorkerContext {
     /// Raised on shutdown: the running job checkpoints and stays resumable.
     pub stop: Arc<AtomicBool>,
     pub device: DeviceSpec,
-    /// `None`: the device worker answers inference between training steps. `Some(d)`: a
-    /// thread of its own answers it on `d` (e.g. the CPU beside a GPU), even during a step.
-    pub inference_device: Option<DeviceSpec>,
 }
 
 impl WorkerContext {
@@ -106,14 +104,16 @@ fn gone() -> ApiError {
 
 impl WorkerHandle {
     /// Starts the worker thread; `ready` is called once the device answered a first operation
-    /// (or with why it did not).
+    /// (or with why it did not). `inference_device`: `None`, the worker answers inference
+    /// between training steps; `Some(d)`, a thread of its own answers it on `d` (e.g. the CPU
+    /// beside a GPU), even during a step.
     pub fn start(
         ctx: WorkerContext,
+        inference_device: Option<DeviceSpec>,
         ready: impl FnOnce(Result<(), String>) + Send + 'static,
     ) -> Self {
         let (tx, rx) = crossbeam_channel::unbounded();
         let stop = ctx.stop.clone();
-        let inference_device = ctx.inference_device.clone();
         let thread = std::thread::Builder::new()
             .name("tlb-device-worker".into())
             .spawn(move || {
@@ -222,14 +222,12 @@ struct Worker<B: AutodiffBackend> {
     ctx: WorkerContext,
     device: B::Device,
     rx: Receiver<Request>,
-    inference: Box<dyn inference::Serve>,
+    inference: inference::Inference<B::InnerBackend>,
 }
 
 impl<B: AutodiffBackend> Worker<B> {
     fn new(ctx: WorkerContext, device: B::Device, rx: Receiver<Request>) -> Self {
-        let inference: Box<dyn inference::Serve> = Box::new(
-            inference::Inference::<B::InnerBackend>::new(device.clone(), ctx.device.replicas()),
-        );
+        let inference = inference::Inference::new(device.clone(), ctx.device.replicas());
         Self {
             ctx,
             device,
@@ -266,13 +264,9 @@ impl<B: AutodiffBackend> Worker<B> {
             self.inference.serve_pending(&self.rx);
             let next = self.ctx.runtime.block_on(self.ctx.store.next_runnable());
             match next {
-                Ok(Some(job)) => job::run_job::<B>(
-                    &self.ctx,
-                    &self.device,
-                    self.inference.as_mut(),
-                    &self.rx,
-                    job,
-                ),
+                Ok(Some(job)) => {
+                    job::run_job::<B>(&self.ctx, &self.device, &mut self.inference, &self.rx, job)
+                }
                 Ok(None) => {
                     // Idle: wait for a request or a new job.
                     if let Ok(first) = self.rx.recv_timeout(Duration::from_secs(5)) {
