@@ -258,8 +258,8 @@ async fn bad_requests_get_precise_statuses() {
         Code::ResourceExhausted,
         "256",
     );
-    // A message over the 32 MiB limit.
-    let huge = vec![raw(4096, 4096, 4096 * 4096 * 3)];
+    // A message over the 64 MiB limit (two of the largest raw images).
+    let huge = vec![raw(4096, 4096, 4096 * 4096 * 3); 2];
     expect(
         inf.classify(classify(&ok, huge, 1)).await,
         Code::ResourceExhausted,

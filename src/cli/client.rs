@@ -239,6 +239,7 @@ async fn watch_job(client: &mut TrainingServiceClient<Channel>, job_id: &str) ->
                 bar.set_position(d.bytes_done);
                 bar.set_prefix("download");
             }
+            Some(Event::Warning(w)) => say(format!("warning: {}", w.message)),
             None => {}
         }
     }
@@ -250,7 +251,13 @@ async fn watch_job(client: &mut TrainingServiceClient<Channel>, job_id: &str) ->
             }
             Ok(())
         }
-        Some(j) => bail!("job {} ended {}", j.job_id, state_name(j.state)),
+        Some(j) if j.error.is_empty() => bail!("job {} ended {}", j.job_id, state_name(j.state)),
+        Some(j) => bail!(
+            "job {} ended {}: {}",
+            j.job_id,
+            state_name(j.state),
+            j.error
+        ),
         None => bail!("the stream ended without a state"),
     }
 }

@@ -132,6 +132,11 @@ pub fn train_local(a: TrainLocalArgs) -> Result<()> {
         TrainEvent::CheckpointSaved { path, best, .. } => {
             tracing::debug!(path = %path.display(), best, "checkpoint saved")
         }
+        TrainEvent::CheckpointSkipped(s) => say(format!(
+            "skipped checkpoint {} ({}); resuming from an older one",
+            s.path.display(),
+            s.reason
+        )),
         TrainEvent::Finished(f) => say(format!(
             "done: {} epochs, best validation {:.2}% (epoch {}), test {}",
             f.epochs_completed,

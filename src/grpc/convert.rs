@@ -117,6 +117,9 @@ pub fn event(update: &JobUpdate) -> pb::JobEvent {
             bytes_done: *done,
             bytes_total: *total,
         }),
+        JobUpdate::Warning(message) => Event::Warning(pb::JobWarning {
+            message: message.clone(),
+        }),
     };
     pb::JobEvent { event: Some(event) }
 }

@@ -5,7 +5,7 @@ use std::io::Cursor;
 
 use image::{ImageError, ImageReader, Limits, RgbImage};
 
-use super::MAX_IMAGE_SIDE;
+use super::{MAX_IMAGE_SIDE, MAX_REQUEST_PIXELS};
 use crate::engine::data::rgb_to_planar;
 use crate::engine::infer::STORE_SIDE;
 use crate::proto::v1 as pb;
@@ -23,6 +23,43 @@ fn too_large(field: &str, w: u32, h: u32) -> ApiError {
     ApiError::ResourceExhausted(format!(
         "{field}: {w}x{h} pixels; the limit is {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE}"
     ))
+}
+
+/// Width × height of `image`, read from its header (nothing is decoded).
+fn pixels(field: &str, image: &pb::Image) -> Result<u64, ApiError> {
+    use pb::image::Source;
+    let (w, h) = match &image.source {
+        None => return Err(ApiError::field(field, "has neither encoded nor raw set")),
+        Some(Source::Raw(raw)) => (raw.width, raw.height),
+        Some(Source::Encoded(bytes)) => ImageReader::new(Cursor::new(bytes.as_slice()))
+            .with_guessed_format()
+            .ok()
+            .and_then(|r| r.into_dimensions().ok())
+            .ok_or_else(|| {
+                ApiError::field(
+                    &format!("{field}.encoded"),
+                    "not a decodable PNG or JPEG image (unreadable header)",
+                )
+            })?,
+    };
+    Ok(u64::from(w) * u64::from(h))
+}
+
+/// Refuses a request whose images hold more than [`MAX_REQUEST_PIXELS`] together, before
+/// any of them is decoded.
+pub fn check_pixel_budget(images: &[pb::Image]) -> Result<(), ApiError> {
+    let mut total = 0u64;
+    for (i, image) in images.iter().enumerate() {
+        total += pixels(&format!("images[{i}]"), image)?;
+    }
+    if total > MAX_REQUEST_PIXELS {
+        return Err(ApiError::ResourceExhausted(format!(
+            "images: {total} pixels in one request; the limit is {MAX_REQUEST_PIXELS} \
+             (e.g. one {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE} image or 256 of 256x256): send \
+             fewer or smaller images per request"
+        )));
+    }
+    Ok(())
 }
 
 /// Decodes `image` (the request field `field`); keeps the RGB image when `keep_rgb`.

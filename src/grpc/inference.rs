@@ -3,7 +3,7 @@
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use super::images::{decode, Decoded};
+use super::images::{check_pixel_budget, decode, Decoded};
 use super::{AppState, MAX_BATCH};
 use crate::engine::infer::top_k;
 use crate::engine::viz::{overlay, png_bytes, token_scores};
@@ -110,6 +110,7 @@ impl InferenceService for InferenceApi {
             ))
             .into());
         }
+        check_pixel_budget(&r.images)?;
         let k = r.top_k.max(1) as usize;
         let t = std::time::Instant::now();
         let model = self.resolve_model(&r.model).await?;

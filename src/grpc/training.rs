@@ -82,6 +82,8 @@ impl TrainingService for TrainingApi {
         config
             .validate()
             .map_err(|e| ApiError::field(&format!("config.{}", e.field), e.message))?;
+        // Only now the state of the machine: arguments are judged first.
+        self.0.admission.check(&config)?;
         let job = JobRow::queued(preset_name, config, &dataset.format, &dataset.path);
         self.0
             .store

@@ -5,6 +5,8 @@
 pub mod datasets;
 pub mod download;
 pub mod error;
+pub mod lock;
+pub mod resources;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,6 +21,7 @@ use tonic_health::ServingStatus;
 use tracing::info;
 
 use crate::engine::backend::DeviceSpec;
+use crate::engine::train::remove_stale_temp_files;
 use crate::grpc::{AppState, InferenceApi, TrainingApi, MAX_MESSAGE_BYTES};
 use crate::proto::v1::inference_service_server::InferenceServiceServer;
 use crate::proto::v1::training_service_server::TrainingServiceServer;
@@ -26,6 +29,8 @@ use crate::store::Store;
 use crate::worker::{WorkerContext, WorkerHandle};
 use datasets::{Datasets, CIFAR100_MD5, CIFAR100_URL, CIFAR10_MD5, CIFAR10_URL};
 use download::DownloadSource;
+use lock::DataDirLock;
+use resources::Admission;
 
 const SERVICES: [&str; 2] = ["tlb.v1.TrainingService", "tlb.v1.InferenceService"];
 
@@ -61,6 +66,14 @@ pub struct ServeArgs {
     pub cifar100_url: String,
     #[arg(long, env = "TLB_CIFAR100_MD5", default_value = CIFAR100_MD5)]
     pub cifar100_md5: String,
+    /// Free bytes the data dir must keep besides a new job's checkpoints; StartTraining is
+    /// refused (RESOURCE_EXHAUSTED) below it.
+    #[arg(long, env = "TLB_MIN_FREE_BYTES", default_value_t = 64 << 20)]
+    pub min_free_bytes: u64,
+    /// A job the server died running this many times in a row (no checkpoint in between) is
+    /// marked FAILED instead of resumed again.
+    #[arg(long, env = "TLB_CRASH_LOOP_LIMIT", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub crash_loop_limit: u32,
 }
 
 pub fn serve(args: ServeArgs) -> Result<()> {
@@ -119,6 +132,15 @@ async fn shutdown_signal() {
 async fn serve_async(args: ServeArgs) -> Result<()> {
     std::fs::create_dir_all(&args.datasets_root)
         .with_context(|| format!("creating {}", args.datasets_root.display()))?;
+    // One server per data dir; held until this function returns.
+    let _lock = DataDirLock::acquire(&args.data_dir)?;
+    let stale = remove_stale_temp_files(&args.data_dir.join("jobs"));
+    if stale > 0 {
+        tracing::warn!(
+            files = stale,
+            "removed temp files of writes cut short by a crash"
+        );
+    }
     let store = Store::open(&args.data_dir).await?;
     let datasets = Datasets {
         root: args.datasets_root.clone(),
@@ -147,6 +169,7 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
         running: running.clone(),
         stop: stop.clone(),
         device: args.device.clone(),
+        crash_loop_limit: args.crash_loop_limit,
     };
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let worker = Arc::new(WorkerHandle::start(
@@ -181,6 +204,11 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
         data_dir: args.data_dir.clone(),
         running,
         shutdown: shutdown_rx,
+        admission: Admission {
+            data_dir: args.data_dir.clone(),
+            min_free_bytes: args.min_free_bytes,
+            device: args.device.clone(),
+        },
     };
     // Each reflection version also lists the other, so `grpcurl list` shows both.
     let reflection = || {

@@ -1,5 +1,10 @@
 //! The job store: training jobs and their checkpoints in SQL (SQLite embedded), schema in
 //! `migrations/`. Every state change is one transaction; timestamps are UTC milliseconds.
+//!
+//! A write that fails (a full disk, say) rolls back and its connection is closed rather than
+//! pooled again, so no connection is left inside a transaction holding a lock or an old
+//! snapshot: the store answers from one truth and writes again as soon as space is back. A
+//! row that cannot be read is logged and left out of lists; it fails only RPCs about itself.
 
 mod rows;
 
@@ -8,8 +13,12 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::SqlitePool;
+use sqlx::pool::PoolConnection;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{Connection, Sqlite, SqlitePool};
 use uuid::Uuid;
 
 pub use rows::{now_ms, CheckpointRow, JobRow, JobState};
@@ -25,14 +34,58 @@ pub struct Store {
 /// Columns of `jobs`, in the order [`JobRow::from_row`] reads them.
 const JOB_COLUMNS: &str = "id, state, preset, config_json, dataset_format, dataset_path, \
     created_at_ms, started_at_ms, finished_at_ms, epochs_completed, epochs_total, \
-    latest_metrics_json, best_checkpoint_id, test_accuracy, error, restarts, cancel_requested";
+    latest_metrics_json, best_checkpoint_id, test_accuracy, error, restarts, cancel_requested, \
+    unclean_exits, run_open";
 const CHECKPOINT_COLUMNS: &str = "id, job_id, epoch, val_accuracy, path, is_best, created_at_ms";
 /// Best checkpoints joined to their jobs (`WHERE` open for more conditions).
 const BEST_CHECKPOINTS: &str = "SELECT c.id, c.job_id, c.epoch, c.val_accuracy, c.path, \
     c.is_best, c.created_at_ms FROM checkpoints c JOIN jobs j ON j.id = c.job_id WHERE c.is_best";
 const NEWEST_JOB_FIRST: &str = "ORDER BY j.created_at_ms DESC, j.id DESC";
 
+/// A pooled connection serving one write: closed instead of pooled again unless its
+/// transaction committed (also when the write's future is dropped half-way).
+struct WriteConn {
+    conn: PoolConnection<Sqlite>,
+    committed: bool,
+}
+
+impl Drop for WriteConn {
+    fn drop(&mut self) {
+        if !self.committed {
+            self.conn.close_on_drop();
+        }
+    }
+}
+
+/// Rows that parse; the others are logged and left out (one bad row must not fail a list).
+fn readable<T>(rows: &[SqliteRow], parse: impl Fn(&SqliteRow) -> Result<T>) -> Vec<T> {
+    rows.iter()
+        .filter_map(|r| {
+            parse(r)
+                .map_err(|e| tracing::error!(error = %format!("{e:#}"), "unreadable row skipped"))
+                .ok()
+        })
+        .collect()
+}
+
 impl Store {
+    /// Runs `body` in one transaction and commits it; on any failure the transaction is
+    /// rolled back and the connection closed.
+    async fn write<T>(
+        &self,
+        body: impl AsyncFnOnce(&mut SqliteConnection) -> Result<T>,
+    ) -> Result<T> {
+        let mut guard = WriteConn {
+            conn: self.pool.acquire().await?,
+            committed: false,
+        };
+        let mut tx = guard.conn.begin().await?;
+        let value = body(&mut tx).await?;
+        tx.commit().await?;
+        guard.committed = true;
+        Ok(value)
+    }
+
     /// Opens (creating if needed) `<data_dir>/tlb.db` and applies the migrations.
     pub async fn open(data_dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(data_dir)
@@ -58,23 +111,25 @@ impl Store {
     }
 
     pub async fn insert_job(&self, job: &JobRow) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO jobs (id, state, preset, config_json, dataset_format, dataset_path, \
-             created_at_ms, epochs_total) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        )
-        .bind(job.id.to_string())
-        .bind(job.state.as_str())
-        .bind(&job.preset)
-        .bind(serde_json::to_string(&job.config)?)
-        .bind(&job.dataset_format)
-        .bind(&job.dataset_path)
-        .bind(job.created_at_ms)
-        .bind(job.epochs_total as i64)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
+        let config = serde_json::to_string(&job.config)?;
+        self.write(async |c| {
+            sqlx::query(
+                "INSERT INTO jobs (id, state, preset, config_json, dataset_format, \
+                 dataset_path, created_at_ms, epochs_total) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            )
+            .bind(job.id.to_string())
+            .bind(job.state.as_str())
+            .bind(&job.preset)
+            .bind(config)
+            .bind(&job.dataset_format)
+            .bind(&job.dataset_path)
+            .bind(job.created_at_ms)
+            .bind(job.epochs_total as i64)
+            .execute(c)
+            .await?;
+            Ok(())
+        })
+        .await
     }
 
     pub async fn get_job(&self, id: Uuid) -> Result<Option<JobRow>> {
@@ -105,103 +160,126 @@ impl Store {
         .bind(limit as i64)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(JobRow::from_row).collect()
+        Ok(readable(&rows, JobRow::from_row))
     }
 
     /// The job the worker should run next: one that was running when the server stopped
-    /// (to resume it), else the oldest queued one.
+    /// (to resume it), else the oldest queued one. Unreadable rows are passed over.
     pub async fn next_runnable(&self) -> Result<Option<JobRow>> {
-        let row = sqlx::query(&format!(
+        let rows = sqlx::query(&format!(
             "SELECT {JOB_COLUMNS} FROM jobs WHERE state IN ('RUNNING', 'QUEUED') \
-             ORDER BY CASE state WHEN 'RUNNING' THEN 0 ELSE 1 END, created_at_ms, id LIMIT 1"
+             ORDER BY CASE state WHEN 'RUNNING' THEN 0 ELSE 1 END, created_at_ms, id"
         ))
-        .fetch_optional(&self.pool)
+        .fetch_all(&self.pool)
         .await?;
-        row.map(|r| JobRow::from_row(&r)).transpose()
+        Ok(readable(&rows, JobRow::from_row).into_iter().next())
     }
 
-    /// QUEUED/RUNNING → RUNNING; counts a restart when the job was already running. False
-    /// when the job was cancelled or finished in the meantime.
+    /// QUEUED/RUNNING → RUNNING; counts a restart when the job was already running, and an
+    /// unclean exit when the server that ran it last died doing so. False when the job was
+    /// cancelled or finished in the meantime.
     pub async fn mark_running(&self, id: Uuid, resumed: bool) -> Result<bool> {
-        let mut tx = self.pool.begin().await?;
-        let done = sqlx::query(
-            "UPDATE jobs SET state = 'RUNNING', started_at_ms = COALESCE(started_at_ms, $2), \
-             restarts = restarts + $3 WHERE id = $1 AND state IN ('QUEUED', 'RUNNING')",
-        )
-        .bind(id.to_string())
-        .bind(now_ms())
-        .bind(i64::from(resumed))
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(done.rows_affected() == 1)
+        self.write(async |c| {
+            let done = sqlx::query(
+                "UPDATE jobs SET state = 'RUNNING', started_at_ms = COALESCE(started_at_ms, $2), \
+                 restarts = restarts + $3, \
+                 unclean_exits = unclean_exits + CASE WHEN run_open THEN 1 ELSE 0 END, \
+                 run_open = TRUE WHERE id = $1 AND state IN ('QUEUED', 'RUNNING')",
+            )
+            .bind(id.to_string())
+            .bind(now_ms())
+            .bind(i64::from(resumed))
+            .execute(c)
+            .await?;
+            Ok(done.rows_affected() == 1)
+        })
+        .await
+    }
+
+    /// The running job was checkpointed and left cleanly (shutdown): not an unclean exit.
+    pub async fn close_run(&self, id: Uuid) -> Result<()> {
+        self.write(async |c| {
+            sqlx::query("UPDATE jobs SET run_open = FALSE WHERE id = $1")
+                .bind(id.to_string())
+                .execute(c)
+                .await?;
+            Ok(())
+        })
+        .await
     }
 
     pub async fn record_epoch(&self, id: Uuid, metrics: &EpochMetrics) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "UPDATE jobs SET epochs_completed = $2, latest_metrics_json = $3 WHERE id = $1",
-        )
-        .bind(id.to_string())
-        .bind(metrics.epoch as i64)
-        .bind(serde_json::to_string(metrics)?)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
+        let json = serde_json::to_string(metrics)?;
+        self.write(async |c| {
+            sqlx::query(
+                "UPDATE jobs SET epochs_completed = $2, latest_metrics_json = $3 WHERE id = $1",
+            )
+            .bind(id.to_string())
+            .bind(metrics.epoch as i64)
+            .bind(json)
+            .execute(c)
+            .await?;
+            Ok(())
+        })
+        .await
     }
 
     /// Records an epoch checkpoint; a new best takes the best flag from the older ones.
     /// Rows whose files the trainer pruned are dropped (the best one stays: `best.ckpt`).
+    /// A saved checkpoint is progress: the job's unclean exits start counting again.
     pub async fn record_checkpoint(&self, ckpt: &CheckpointRow) -> Result<()> {
         let job = ckpt.job_id.to_string();
-        let mut tx = self.pool.begin().await?;
-        if ckpt.is_best {
-            sqlx::query("UPDATE checkpoints SET is_best = FALSE WHERE job_id = $1")
-                .bind(&job)
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query("UPDATE jobs SET best_checkpoint_id = $2 WHERE id = $1")
-                .bind(&job)
-                .bind(ckpt.id.to_string())
-                .execute(&mut *tx)
-                .await?;
-        }
-        // A resumed job may write an epoch again: the newer file replaces the row.
-        sqlx::query("DELETE FROM checkpoints WHERE job_id = $1 AND epoch = $2")
-            .bind(&job)
-            .bind(ckpt.epoch as i64)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(&format!(
-            "INSERT INTO checkpoints ({CHECKPOINT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"
-        ))
-        .bind(ckpt.id.to_string())
-        .bind(&job)
-        .bind(ckpt.epoch as i64)
-        .bind(ckpt.val_accuracy)
-        .bind(ckpt.path.to_string_lossy().into_owned())
-        .bind(ckpt.is_best)
-        .bind(ckpt.created_at_ms)
-        .execute(&mut *tx)
-        .await?;
-        let rows = sqlx::query(&format!(
-            "SELECT {CHECKPOINT_COLUMNS} FROM checkpoints WHERE job_id = $1 AND NOT is_best"
-        ))
-        .bind(&job)
-        .fetch_all(&mut *tx)
-        .await?;
-        for row in rows {
-            let row = CheckpointRow::from_row(&row)?;
-            if !row.path.exists() {
-                sqlx::query("DELETE FROM checkpoints WHERE id = $1")
-                    .bind(row.id.to_string())
-                    .execute(&mut *tx)
+        self.write(async |c| {
+            if ckpt.is_best {
+                sqlx::query("UPDATE checkpoints SET is_best = FALSE WHERE job_id = $1")
+                    .bind(&job)
+                    .execute(&mut *c)
+                    .await?;
+                sqlx::query("UPDATE jobs SET best_checkpoint_id = $2 WHERE id = $1")
+                    .bind(&job)
+                    .bind(ckpt.id.to_string())
+                    .execute(&mut *c)
                     .await?;
             }
-        }
-        tx.commit().await?;
-        Ok(())
+            sqlx::query("UPDATE jobs SET unclean_exits = 0 WHERE id = $1")
+                .bind(&job)
+                .execute(&mut *c)
+                .await?;
+            // A resumed job may write an epoch again: the newer file replaces the row.
+            sqlx::query("DELETE FROM checkpoints WHERE job_id = $1 AND epoch = $2")
+                .bind(&job)
+                .bind(ckpt.epoch as i64)
+                .execute(&mut *c)
+                .await?;
+            sqlx::query(&format!(
+                "INSERT INTO checkpoints ({CHECKPOINT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+            ))
+            .bind(ckpt.id.to_string())
+            .bind(&job)
+            .bind(ckpt.epoch as i64)
+            .bind(ckpt.val_accuracy)
+            .bind(ckpt.path.to_string_lossy().into_owned())
+            .bind(ckpt.is_best)
+            .bind(ckpt.created_at_ms)
+            .execute(&mut *c)
+            .await?;
+            let rows = sqlx::query(&format!(
+                "SELECT {CHECKPOINT_COLUMNS} FROM checkpoints WHERE job_id = $1 AND NOT is_best"
+            ))
+            .bind(&job)
+            .fetch_all(&mut *c)
+            .await?;
+            for row in readable(&rows, CheckpointRow::from_row) {
+                if !row.path.exists() {
+                    sqlx::query("DELETE FROM checkpoints WHERE id = $1")
+                        .bind(row.id.to_string())
+                        .execute(&mut *c)
+                        .await?;
+                }
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// Moves a queued or running job to a final state. False if it already was final.
@@ -213,44 +291,51 @@ impl Store {
         test_accuracy: Option<f64>,
     ) -> Result<bool> {
         debug_assert!(state.is_terminal());
-        let mut tx = self.pool.begin().await?;
-        let done = sqlx::query(
-            "UPDATE jobs SET state = $2, error = $3, test_accuracy = $4, finished_at_ms = $5 \
-             WHERE id = $1 AND state IN ('QUEUED', 'RUNNING')",
-        )
-        .bind(id.to_string())
-        .bind(state.as_str())
-        .bind(error)
-        .bind(test_accuracy)
-        .bind(now_ms())
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(done.rows_affected() == 1)
+        self.write(async |c| {
+            let done = sqlx::query(
+                "UPDATE jobs SET state = $2, error = $3, test_accuracy = $4, finished_at_ms = $5, \
+                 run_open = FALSE WHERE id = $1 AND state IN ('QUEUED', 'RUNNING')",
+            )
+            .bind(id.to_string())
+            .bind(state.as_str())
+            .bind(error)
+            .bind(test_accuracy.filter(|a| a.is_finite()))
+            .bind(now_ms())
+            .execute(c)
+            .await?;
+            Ok(done.rows_affected() == 1)
+        })
+        .await
     }
 
     /// QUEUED → CANCELLED. False when the job was not queued (any more).
     pub async fn cancel_queued(&self, id: Uuid) -> Result<bool> {
-        let mut tx = self.pool.begin().await?;
-        let done = sqlx::query(
-            "UPDATE jobs SET state = 'CANCELLED', finished_at_ms = $2, cancel_requested = TRUE \
-             WHERE id = $1 AND state = 'QUEUED'",
-        )
-        .bind(id.to_string())
-        .bind(now_ms())
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(done.rows_affected() == 1)
+        self.write(async |c| {
+            let done = sqlx::query(
+                "UPDATE jobs SET state = 'CANCELLED', finished_at_ms = $2, \
+                 cancel_requested = TRUE WHERE id = $1 AND state = 'QUEUED'",
+            )
+            .bind(id.to_string())
+            .bind(now_ms())
+            .execute(c)
+            .await?;
+            Ok(done.rows_affected() == 1)
+        })
+        .await
     }
 
     /// Remembers a cancel request for a running job (it survives a restart).
     pub async fn request_cancel(&self, id: Uuid) -> Result<()> {
-        sqlx::query("UPDATE jobs SET cancel_requested = TRUE WHERE id = $1 AND state = 'RUNNING'")
+        self.write(async |c| {
+            sqlx::query(
+                "UPDATE jobs SET cancel_requested = TRUE WHERE id = $1 AND state = 'RUNNING'",
+            )
             .bind(id.to_string())
-            .execute(&self.pool)
+            .execute(c)
             .await?;
-        Ok(())
+            Ok(())
+        })
+        .await
     }
 
     /// A job's checkpoints, oldest first.
@@ -261,7 +346,7 @@ impl Store {
         .bind(job_id.to_string())
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(CheckpointRow::from_row).collect()
+        Ok(readable(&rows, CheckpointRow::from_row))
     }
 
     pub async fn get_checkpoint(&self, id: Uuid) -> Result<Option<CheckpointRow>> {
@@ -279,7 +364,7 @@ impl Store {
         let rows = sqlx::query(&format!("{BEST_CHECKPOINTS} {NEWEST_JOB_FIRST}"))
             .fetch_all(&self.pool)
             .await?;
-        rows.iter().map(CheckpointRow::from_row).collect()
+        Ok(readable(&rows, CheckpointRow::from_row))
     }
 
     /// The default model: the best checkpoint of the newest job that succeeded.

@@ -78,6 +78,10 @@ pub struct JobRow {
     pub error: String,
     pub restarts: u32,
     pub cancel_requested: bool,
+    /// Times the server died while running the job since its last checkpoint.
+    pub unclean_exits: u32,
+    /// A server runs the job now (or died running it: found so when the job is picked up).
+    pub run_open: bool,
 }
 
 fn uuid(s: &str) -> Result<Uuid> {
@@ -105,15 +109,28 @@ impl JobRow {
             error: String::new(),
             restarts: 0,
             cancel_requested: false,
+            unclean_exits: 0,
+            run_open: false,
         }
     }
 
     pub(super) fn from_row(r: &SqliteRow) -> Result<Self> {
+        let id = uuid(r.try_get("id")?)?;
+        Self::parse(id, r).with_context(|| format!("job {id} in the store is unreadable"))
+    }
+
+    fn parse(id: Uuid, r: &SqliteRow) -> Result<Self> {
         let config: String = r.try_get("config_json")?;
         let metrics: Option<String> = r.try_get("latest_metrics_json")?;
         let best: Option<String> = r.try_get("best_checkpoint_id")?;
+        // Metrics are informative: unreadable ones are dropped, not the job.
+        let latest_metrics = metrics.and_then(|m| {
+            serde_json::from_str(&m)
+                .map_err(|e| tracing::warn!(job = %id, error = %e, "unreadable metrics dropped"))
+                .ok()
+        });
         Ok(Self {
-            id: uuid(r.try_get("id")?)?,
+            id,
             state: r.try_get::<String, _>("state")?.parse()?,
             preset: r.try_get("preset")?,
             config: serde_json::from_str(&config).context("job config in the store")?,
@@ -124,15 +141,14 @@ impl JobRow {
             finished_at_ms: r.try_get("finished_at_ms")?,
             epochs_completed: r.try_get::<i64, _>("epochs_completed")? as u32,
             epochs_total: r.try_get::<i64, _>("epochs_total")? as u32,
-            latest_metrics: metrics
-                .map(|m| serde_json::from_str(&m))
-                .transpose()
-                .context("job metrics in the store")?,
+            latest_metrics,
             best_checkpoint_id: best.as_deref().map(uuid).transpose()?,
             test_accuracy: r.try_get("test_accuracy")?,
             error: r.try_get("error")?,
             restarts: r.try_get::<i64, _>("restarts")? as u32,
             cancel_requested: r.try_get("cancel_requested")?,
+            unclean_exits: r.try_get::<i64, _>("unclean_exits")? as u32,
+            run_open: r.try_get("run_open")?,
         })
     }
 }

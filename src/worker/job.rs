@@ -15,7 +15,7 @@ use uuid::Uuid;
 use super::inference::Serve;
 use super::{JobUpdate, Request, WorkerContext};
 use crate::engine::model::Tlb;
-use crate::engine::train::{train, write_json, Outcome, TrainEvent, TrainObserver};
+use crate::engine::train::{train, write_json, Outcome, TrainEvent, TrainObserver, CORRUPT_SUFFIX};
 use crate::store::{job_dir, now_ms, CheckpointRow, JobRow, JobState};
 
 /// How often progress goes out to watchers at most.
@@ -34,7 +34,20 @@ pub(super) fn run_job<B: AutodiffBackend>(
     let block_on = |f| ctx.runtime.block_on(f);
     if job.cancel_requested {
         // Cancelled while the server was down.
-        finish(ctx, id, JobState::Cancelled, "", None);
+        finish(ctx, inference, rx, id, JobState::Cancelled, "", None);
+        return;
+    }
+    // The last server died running it: once too often (without a checkpoint between), and
+    // it is not resumed into the same death again.
+    let deaths = job.unclean_exits + u32::from(job.run_open);
+    if job.run_open && deaths >= ctx.crash_loop_limit {
+        let message = format!(
+            "the server stopped {deaths} times while running this job (killed or crashed, \
+             with no checkpoint saved in between); not resuming it again. See the server log \
+             and the host's kernel log (e.g. the OOM killer) for why"
+        );
+        error!(deaths, "crash loop: job failed instead of resumed");
+        finish(ctx, inference, rx, id, JobState::Failed, &message, None);
         return;
     }
     let cancel = Arc::new(AtomicBool::new(false));
@@ -60,20 +73,31 @@ pub(super) fn run_job<B: AutodiffBackend>(
     match result {
         Ok((Outcome::Completed, test_accuracy)) => {
             info!(?test_accuracy, "job succeeded");
-            finish(ctx, id, JobState::Succeeded, "", test_accuracy)
+            finish(
+                ctx,
+                inference,
+                rx,
+                id,
+                JobState::Succeeded,
+                "",
+                test_accuracy,
+            )
         }
         Ok((Outcome::Interrupted, _)) if cancel.load(Ordering::SeqCst) => {
             info!("job cancelled");
-            finish(ctx, id, JobState::Cancelled, "", None)
+            finish(ctx, inference, rx, id, JobState::Cancelled, "", None)
         }
         Ok((Outcome::Interrupted, _)) => {
             // Server shutdown: the job stays RUNNING and resumes on the next start.
+            if let Err(e) = ctx.runtime.block_on(ctx.store.close_run(id)) {
+                error!(error = %format!("{e:#}"), "recording the clean stop");
+            }
             info!("job checkpointed for shutdown; resumes on restart");
         }
         Err(e) => {
             let message = format!("{e:#}");
             warn!(error = %message, "job failed");
-            finish(ctx, id, JobState::Failed, &message, None)
+            finish(ctx, inference, rx, id, JobState::Failed, &message, None)
         }
     }
 }
@@ -151,13 +175,39 @@ fn publish_state(ctx: &WorkerContext, id: Uuid) {
     }
 }
 
-fn finish(ctx: &WorkerContext, id: Uuid, state: JobState, error: &str, test: Option<f64>) {
-    match ctx
-        .runtime
-        .block_on(ctx.store.finish(id, state, error, test))
-    {
-        Ok(_) => publish_state(ctx, id),
-        Err(e) => error!(error = %format!("{e:#}"), "recording the job's end"),
+/// Records how the job ended. The store may refuse for a while (a full disk): then this
+/// retries every second, answering inference meanwhile, until it is written or the server
+/// stops (the job then stays RUNNING and is resumed on the next start).
+fn finish(
+    ctx: &WorkerContext,
+    inference: &mut dyn Serve,
+    rx: &Receiver<Request>,
+    id: Uuid,
+    state: JobState,
+    error: &str,
+    test: Option<f64>,
+) {
+    loop {
+        match ctx
+            .runtime
+            .block_on(ctx.store.finish(id, state, error, test))
+        {
+            Ok(_) => return publish_state(ctx, id),
+            Err(e) => error!(
+                error = %format!("{e:#}"),
+                state = state.as_str(),
+                "recording the job's end; retrying"
+            ),
+        }
+        let until = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < until {
+            if ctx.stop.load(Ordering::SeqCst) {
+                return;
+            }
+            if let Ok(first) = rx.recv_timeout(Duration::from_millis(100)) {
+                inference.serve_with(first, rx);
+            }
+        }
     }
 }
 
@@ -215,6 +265,16 @@ impl<B: AutodiffBackend> TrainObserver<B> for JobObserver<'_, B> {
                     Ok(()) => ctx.publish(self.job, JobUpdate::Checkpoint(row)),
                     Err(e) => error!(error = %format!("{e:#}"), "recording a checkpoint"),
                 }
+            }
+            TrainEvent::CheckpointSkipped(skipped) => {
+                // The reason starts with the file's path.
+                let message = format!(
+                    "a checkpoint failed verification and was skipped for an older one \
+                     (renamed to *{CORRUPT_SUFFIX}): {}",
+                    skipped.reason
+                );
+                warn!("{message}");
+                ctx.publish(self.job, JobUpdate::Warning(message));
             }
             TrainEvent::Started { .. } | TrainEvent::Finished(_) => {}
         }

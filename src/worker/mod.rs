@@ -58,7 +58,13 @@ pub enum JobUpdate {
     Progress(Progress),
     Epoch(EpochMetrics),
     Checkpoint(CheckpointRow),
-    Download { url: String, done: u64, total: u64 },
+    Download {
+        url: String,
+        done: u64,
+        total: u64,
+    },
+    /// Something the job's owner should know (e.g. a corrupt checkpoint was skipped).
+    Warning(String),
 }
 
 /// A job update with the job it belongs to.
@@ -79,6 +85,9 @@ pub struct WorkerContext {
     /// Raised on shutdown: the running job checkpoints and stays resumable.
     pub stop: Arc<AtomicBool>,
     pub device: DeviceSpec,
+    /// A job the server died running this many times without a checkpoint in between is
+    /// failed instead of resumed again.
+    pub crash_loop_limit: u32,
 }
 
 impl WorkerContext {

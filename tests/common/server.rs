@@ -19,14 +19,25 @@ pub struct Server {
 impl Server {
     /// Starts a server on `root/data` and `root/datasets` with extra flags.
     pub fn start(root: &Path, extra: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tlb"))
-            .args(["serve", "--addr", "127.0.0.1:0", "--data-dir"])
+        Self::spawn(Self::command(root, extra), root)
+    }
+
+    /// The command [`Self::start`] runs, to adjust before [`Self::spawn`].
+    pub fn command(root: &Path, extra: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tlb"));
+        cmd.args(["serve", "--addr", "127.0.0.1:0", "--data-dir"])
             .arg(root.join("data"))
             .arg("--datasets-root")
             .arg(root.join("datasets"))
             .args(extra)
             .env("TLB_THREADS", "1")
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "warn");
+        cmd
+    }
+
+    /// Runs `cmd` (a `tlb serve`) and waits for its address.
+    pub fn spawn(mut cmd: Command, root: &Path) -> Self {
+        let mut child = cmd
             .stdout(Stdio::piped())
             .spawn()
             .expect("starting tlb serve");

@@ -1,10 +1,13 @@
 //! Checkpoints: model and optimiser state plus where the run stands, in one file written
 //! atomically (temp file, fsync, rename, fsync of the directory).
 //!
-//! Layout: `TLBCKPT1`, then three length-prefixed (u64 LE) sections: the JSON
-//! [`CheckpointMeta`], the model record and the optimiser record (burn's bincode records).
+//! Layout: `TLBCKPT2`, then three length-prefixed (u64 LE) sections: the JSON
+//! [`CheckpointMeta`], the model record and the optimiser record (burn's bincode records),
+//! then the CRC-32 (u32 LE) of every byte before it. Reading verifies it, so a file whose
+//! bytes changed on disk is refused instead of loaded as garbage weights. `TLBCKPT1` files
+//! (no checksum, written before it existed) are still read.
 
-use std::io::Write;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -16,7 +19,13 @@ use serde::{Deserialize, Serialize};
 use super::config::TrainConfig;
 use crate::engine::model::Tlb;
 
-const MAGIC: &[u8; 8] = b"TLBCKPT1";
+const MAGIC: &[u8; 8] = b"TLBCKPT2";
+/// The format before checksums: read, never written.
+const MAGIC_V1: &[u8; 8] = b"TLBCKPT1";
+/// Temp files of [`write_atomic`] are named `.<file>.tmp-<random>`.
+const TEMP_MARKER: &str = ".tmp-";
+/// Suffix a checkpoint that failed verification is renamed to.
+pub const CORRUPT_SUFFIX: &str = ".corrupt";
 
 /// Where a run stands. The run's randomness is a pure function of `(seed, epoch, step)`
 /// (shuffling, augmentation and dropout are re-seeded from them), so this *is* its RNG state.
@@ -73,40 +82,39 @@ impl Checkpoint {
     pub fn encode(&self) -> Result<Vec<u8>> {
         let meta = serde_json::to_vec(&self.meta)?;
         let mut out =
-            Vec::with_capacity(8 + 24 + meta.len() + self.model.len() + self.optimizer.len());
+            Vec::with_capacity(8 + 28 + meta.len() + self.model.len() + self.optimizer.len());
         out.extend_from_slice(MAGIC);
         for section in [&meta, &self.model, &self.optimizer] {
             out.extend_from_slice(&(section.len() as u64).to_le_bytes());
             out.extend_from_slice(section);
         }
+        let crc = crc32fast::hash(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
         Ok(out)
     }
 
+    /// Parses and verifies a checkpoint file's bytes.
     pub fn decode(bytes: &[u8]) -> Result<Self> {
-        if bytes.len() < 8 || &bytes[..8] != MAGIC {
-            bail!("not a tlb checkpoint (bad magic)");
-        }
-        let mut rest = &bytes[8..];
-        let mut sections = Vec::with_capacity(3);
-        for name in ["metadata", "model", "optimizer"] {
-            if rest.len() < 8 {
-                bail!("checkpoint truncated before its {name} section");
+        let [meta, model, optimizer] = match bytes.get(..8) {
+            Some(m) if m == MAGIC => {
+                let (body, tail) = bytes.split_at(bytes.len().saturating_sub(4).max(8));
+                let stored = <[u8; 4]>::try_from(tail).ok().map(u32::from_le_bytes);
+                if stored != Some(crc32fast::hash(body)) {
+                    // Say what else is wrong, if the layout shows it (a cut-short file).
+                    let detail = split_sections(&body[8..])
+                        .err()
+                        .map_or("its bytes changed".into(), |e| e.to_string());
+                    bail!("checksum mismatch: the file is corrupt ({detail})");
+                }
+                split_sections(&body[8..])?
             }
-            let len = u64::from_le_bytes(rest[..8].try_into().unwrap()) as usize;
-            rest = &rest[8..];
-            if rest.len() < len {
-                bail!("checkpoint truncated inside its {name} section");
-            }
-            sections.push(rest[..len].to_vec());
-            rest = &rest[len..];
-        }
-        let optimizer = sections.pop().unwrap();
-        let model = sections.pop().unwrap();
-        let meta = serde_json::from_slice(&sections[0]).context("checkpoint metadata")?;
+            Some(m) if m == MAGIC_V1 => split_sections(&bytes[8..])?,
+            _ => bail!("not a tlb checkpoint (bad magic)"),
+        };
         Ok(Self {
-            meta,
-            model,
-            optimizer,
+            meta: serde_json::from_slice(meta).context("checkpoint metadata")?,
+            model: model.to_vec(),
+            optimizer: optimizer.to_vec(),
         })
     }
 
@@ -139,26 +147,77 @@ fn model_from<B: Backend>(
     Ok(model.load_record(load_record::<B, _>(record, device)?))
 }
 
-/// Writes `bytes` to `path` so that a crash leaves either the old file or the new one.
+/// The three length-prefixed sections (metadata, model, optimizer) that make up `body`.
+fn split_sections(mut body: &[u8]) -> Result<[&[u8]; 3]> {
+    let mut sections = [&[][..]; 3];
+    for (slot, name) in sections.iter_mut().zip(["metadata", "model", "optimizer"]) {
+        let Some((len, rest)) = body.split_first_chunk::<8>() else {
+            bail!("checkpoint truncated before its {name} section");
+        };
+        let len = u64::from_le_bytes(*len) as usize;
+        if rest.len() < len {
+            bail!("checkpoint truncated inside its {name} section");
+        }
+        (*slot, body) = rest.split_at(len);
+    }
+    if !body.is_empty() {
+        bail!(
+            "checkpoint has {} unexpected bytes after its sections",
+            body.len()
+        );
+    }
+    Ok(sections)
+}
+
+/// Writes `bytes` to `path` so that a crash leaves either the old file or the new one. A
+/// write that fails (a full disk, say) removes its temp file; one cut short by a crash leaves
+/// it for [`remove_stale_temp_files`].
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name().unwrap_or_default().to_string_lossy(),
-        std::process::id()
-    ));
-    {
-        let mut f =
-            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming onto {}", path.display()))?;
+    let prefix = format!(
+        ".{}{TEMP_MARKER}",
+        path.file_name().unwrap_or_default().to_string_lossy()
+    );
+    // Dropped on any error below, which deletes the file.
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&prefix)
+        .tempfile_in(dir)
+        .with_context(|| format!("creating a temp file in {}", dir.display()))?;
+    tmp.write_all(bytes)
+        .and_then(|()| tmp.as_file().sync_all())
+        .with_context(|| format!("writing {}", tmp.path().display()))?;
+    tmp.persist(path)
+        .map_err(|e| e.error)
+        .with_context(|| format!("renaming onto {}", path.display()))?;
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }
     Ok(())
+}
+
+/// Deletes the temp files that writes cut short by a crash left under `root` (recursively);
+/// returns how many. Only for a directory no other process writes to.
+pub fn remove_stale_temp_files(root: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Ok(kind) = entry.file_type() else {
+            continue;
+        };
+        if kind.is_dir() {
+            removed += remove_stale_temp_files(&entry.path());
+        } else if name.starts_with('.')
+            && name.contains(TEMP_MARKER)
+            && std::fs::remove_file(entry.path()).is_ok()
+        {
+            removed += 1;
+        }
+    }
+    removed
 }
 
 /// Writes a value as pretty JSON, atomically.
@@ -202,25 +261,59 @@ impl CheckpointDir {
         found
     }
 
-    /// The newest state to resume from: the mid-epoch one if it is ahead of the last epoch.
-    pub fn latest(&self) -> Result<Option<Checkpoint>> {
-        let mut best: Option<Checkpoint> = None;
-        let candidates = self
-            .epochs()
-            .last()
-            .map(|(_, p)| p.clone())
-            .into_iter()
-            .chain(std::iter::once(self.interrupted_path()).filter(|p| p.exists()));
-        for path in candidates {
-            let ckpt = Checkpoint::read(&path)?;
-            let ahead = best
-                .as_ref()
-                .is_none_or(|b| ckpt.meta.global_step > b.meta.global_step);
-            if ahead {
-                best = Some(ckpt);
+    /// The newest intact state to resume from: the mid-epoch one (written only when it is
+    /// ahead of the last epoch file), else the epoch files newest first; `best.ckpt` (a copy
+    /// of the best epoch, written separately) when it is further ahead than those. A file
+    /// that fails verification is renamed aside (`*.corrupt`) and reported in `skipped`.
+    pub fn latest(&self) -> Resume {
+        let mut skipped = Vec::new();
+        let mut read = |path: PathBuf| match Checkpoint::read(&path) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                skipped.push(quarantine(&path, e));
+                None
+            }
+        };
+        let interrupted = self.interrupted_path();
+        let newest = std::iter::once(interrupted)
+            .filter(|p| p.exists())
+            .chain(self.epochs().into_iter().rev().map(|(_, p)| p))
+            .find_map(&mut read);
+        let best = Some(self.best_path())
+            .filter(|p| p.exists())
+            .and_then(&mut read);
+        let checkpoint = match (newest, best) {
+            (Some(n), Some(b)) if b.meta.global_step > n.meta.global_step => Some(b),
+            (Some(n), _) => Some(n),
+            (None, b) => b,
+        };
+        Resume {
+            checkpoint,
+            skipped,
+        }
+    }
+
+    /// The checkpoint of the best epoch `epoch`: `best.ckpt` when it holds that epoch, else
+    /// the epoch file (then copied to `best.ckpt` again). A file that fails verification is
+    /// renamed aside and reported in `skipped`.
+    pub fn best(&self, epoch: usize, skipped: &mut Vec<Skipped>) -> Option<Checkpoint> {
+        for path in [self.best_path(), self.epoch_path(epoch)] {
+            if !path.exists() {
+                continue;
+            }
+            match Checkpoint::read(&path) {
+                Ok(c) if c.meta.epoch == epoch => {
+                    if path != self.best_path() {
+                        let _ = c.write(&self.best_path());
+                    }
+                    return Some(c);
+                }
+                // A best of a run past the resumed position (its newer files were corrupt).
+                Ok(_) => {}
+                Err(e) => skipped.push(quarantine(&path, e)),
             }
         }
-        Ok(best)
+        None
     }
 
     /// Deletes epoch checkpoints beyond the newest `keep`.
@@ -230,5 +323,33 @@ impl CheckpointDir {
         for (_, path) in all.into_iter().take(n) {
             let _ = std::fs::remove_file(path);
         }
+    }
+}
+
+/// What [`CheckpointDir::latest`] found.
+#[derive(Debug, Default)]
+pub struct Resume {
+    /// The newest intact checkpoint, if any.
+    pub checkpoint: Option<Checkpoint>,
+    /// Newer checkpoints that failed verification, newest first.
+    pub skipped: Vec<Skipped>,
+}
+
+/// A checkpoint file that was passed over, and why.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Skipped {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+/// Renames a checkpoint that failed to read to `<name>.corrupt` (kept for a post-mortem, never
+/// read again) and says why it was skipped.
+fn quarantine(path: &Path, error: anyhow::Error) -> Skipped {
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(CORRUPT_SUFFIX);
+    let _ = std::fs::rename(path, &aside);
+    Skipped {
+        path: path.to_path_buf(),
+        reason: format!("{error:#}"),
     }
 }

@@ -3,18 +3,46 @@
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
+use super::checkpoint::Skipped;
+
+/// A figure that may be NaN or infinite: JSON has no such numbers, so it is written as `null`
+/// and read back as NaN (a diverged run's metrics are stored and served, never an error).
+pub mod non_finite_as_null {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        if v.is_finite() {
+            s.serialize_f64(*v)
+        } else {
+            s.serialize_none()
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+    }
+}
+
 /// Per-epoch figures (also one line of the metrics JSONL file).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EpochMetrics {
     pub epoch: usize,
+    #[serde(with = "non_finite_as_null")]
     pub train_loss: f64,
+    #[serde(with = "non_finite_as_null")]
     pub train_accuracy: f64,
+    #[serde(with = "non_finite_as_null")]
     pub val_loss: f64,
+    #[serde(with = "non_finite_as_null")]
     pub val_accuracy: f64,
+    #[serde(with = "non_finite_as_null")]
     pub lr: f64,
+    #[serde(with = "non_finite_as_null")]
     pub seconds: f64,
+    #[serde(with = "non_finite_as_null")]
     pub images_per_sec: f64,
     /// Share of the epoch the step waited for the data loader.
+    #[serde(with = "non_finite_as_null")]
     pub data_wait_fraction: f64,
 }
 
@@ -38,10 +66,15 @@ pub struct Progress {
     pub steps_per_epoch: usize,
     pub global_step: usize,
     pub total_steps: usize,
+    #[serde(with = "non_finite_as_null")]
     pub loss: f64,
+    #[serde(with = "non_finite_as_null")]
     pub accuracy: f64,
+    #[serde(with = "non_finite_as_null")]
     pub lr: f64,
+    #[serde(with = "non_finite_as_null")]
     pub images_per_sec: f64,
+    #[serde(with = "non_finite_as_null")]
     pub eta_seconds: f64,
 }
 
@@ -59,6 +92,8 @@ pub enum TrainEvent {
         val_accuracy: Option<f64>,
         best: bool,
     },
+    /// A checkpoint failed verification (renamed to `*.corrupt`) and was passed over.
+    CheckpointSkipped(Skipped),
     Finished(FinalMetrics),
 }
 

@@ -5,10 +5,14 @@ mod config;
 mod eval;
 mod events;
 mod export;
+mod memory;
 mod step;
 mod trainer;
 
-pub use checkpoint::{write_atomic, write_json, Checkpoint, CheckpointDir, CheckpointMeta};
+pub use checkpoint::{
+    record_bytes, remove_stale_temp_files, write_atomic, write_json, Checkpoint, CheckpointDir,
+    CheckpointMeta, Resume, Skipped, CORRUPT_SUFFIX,
+};
 pub use config::{Preset, Schedule, TrainConfig};
 pub use eval::{batch_tensors, cpu_threads, evaluate, forward_sharded, loss_and_correct};
 pub use events::{
@@ -16,5 +20,6 @@ pub use events::{
     TrainObserver,
 };
 pub use export::{export_safetensors, named_tensors};
+pub use memory::{human_bytes, param_count, Footprint};
 pub use step::{replica, step_grads, step_grads_with, StepGrads};
 pub use trainer::{train, RunDir};

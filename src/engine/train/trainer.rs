@@ -6,12 +6,14 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use burn::module::{AutodiffModule, Module};
-use burn::optim::{AdamWConfig, Optimizer};
+use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{ElementConversion, Tensor};
 
 use super::checkpoint::{
-    load_record, record_bytes, write_json, Checkpoint, CheckpointDir, CheckpointMeta,
+    load_record, record_bytes, write_atomic, write_json, Checkpoint, CheckpointDir, CheckpointMeta,
+    Resume,
 };
 use super::config::TrainConfig;
 use super::eval::{batch_tensors, evaluate};
@@ -31,6 +33,32 @@ impl RunDir {
     pub fn metrics_path(&self) -> PathBuf {
         self.0.join("metrics.jsonl")
     }
+    /// Keeps the metrics of epochs `1..=epoch` only, each once (the last line written for it):
+    /// a resumed run re-runs what came after its checkpoint, and its lines replace these.
+    fn keep_metrics_through(&self, epoch: usize) -> Result<()> {
+        let path = self.metrics_path();
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return Ok(());
+        };
+        let mut kept: Vec<Option<&str>> = vec![None; epoch];
+        for line in text.lines() {
+            if let Ok(m) = serde_json::from_str::<EpochMetrics>(line) {
+                if (1..=epoch).contains(&m.epoch) {
+                    kept[m.epoch - 1] = Some(line);
+                }
+            }
+        }
+        let out: String = kept
+            .into_iter()
+            .flatten()
+            .map(|l| format!("{l}\n"))
+            .collect();
+        if out != text {
+            write_atomic(&path, out.as_bytes())?;
+        }
+        Ok(())
+    }
+
     fn append_metrics(&self, line: &impl serde::Serialize) -> Result<()> {
         let mut f = std::fs::OpenOptions::new()
             .create(true)
@@ -90,7 +118,25 @@ pub fn train<B: AutodiffBackend>(
         best_val_accuracy: None,
         best_epoch: None,
     };
-    let latest = if resume { ckpts.latest()? } else { None };
+    let Resume {
+        checkpoint: latest,
+        mut skipped,
+    } = if resume {
+        ckpts.latest()
+    } else {
+        Resume::default()
+    };
+    for s in &skipped {
+        observer.event(&TrainEvent::CheckpointSkipped(s.clone()));
+    }
+    if latest.is_none() && !skipped.is_empty() {
+        bail!(
+            "no intact checkpoint to resume from: {} failed verification (newest: {}: {})",
+            skipped.len(),
+            skipped[0].path.display(),
+            skipped[0].reason
+        );
+    }
     if let Some(ckpt) = latest {
         let mut saved = ckpt.meta.config.clone();
         // How long and on how many threads a run goes may change; the recipe may not.
@@ -121,6 +167,9 @@ pub fn train<B: AutodiffBackend>(
             let _ = std::fs::remove_file(p);
         }
     }
+    if resume {
+        run.keep_metrics_through(meta.epoch)?;
+    }
     write_json(&out.join("config.json"), config)?;
 
     let micro = config.micro_batch_size();
@@ -129,9 +178,20 @@ pub fn train<B: AutodiffBackend>(
     let steps_per_epoch = splits.train.len().div_ceil(config.batch_size);
     let total_steps = steps_per_epoch * config.epochs;
     let image_size = config.model.image_size;
-    let mut best_model = match ckpts.best_path().exists() && meta.best_epoch.is_some() {
-        true => Some(Checkpoint::read(&ckpts.best_path())?.into_model::<B::InnerBackend>(device)?),
-        false => None,
+    // The best model so far, as of the checkpoint resumed from (`best.ckpt` may be newer when
+    // a newer checkpoint was corrupt, or be corrupt itself: then the epoch file serves).
+    let reported = skipped.len();
+    let best = meta.best_epoch.and_then(|e| ckpts.best(e, &mut skipped));
+    for s in &skipped[reported..] {
+        observer.event(&TrainEvent::CheckpointSkipped(s.clone()));
+    }
+    let mut best_model = match best {
+        Some(ckpt) => Some(ckpt.into_model::<B::InnerBackend>(device)?),
+        None => {
+            // Nothing intact holds it: the best is chosen afresh from here on.
+            (meta.best_epoch, meta.best_val_accuracy) = (None, None);
+            None
+        }
     };
     observer.event(&TrainEvent::Started {
         resumed_from_step: meta.global_step,
@@ -187,6 +247,22 @@ pub fn train<B: AutodiffBackend>(
                 &mut || observer.between_batches(),
             );
             let (step_loss, step_correct) = (step.loss_sum, step.correct);
+            let diverged = if !step_loss.is_finite() {
+                Some(("loss", step_loss))
+            } else {
+                Some(("gradient", grad_sum(&model, &step.grads))).filter(|(_, g)| !g.is_finite())
+            };
+            if let Some((what, value)) = diverged {
+                bail!(
+                    "{what} became {} at epoch {}, step {} (global step {}); the run stops \
+                     instead of training on it (lower the learning rate, or resume from an \
+                     earlier checkpoint)",
+                    if value.is_nan() { "NaN" } else { "infinite" },
+                    epoch + 1,
+                    meta.step_in_epoch + 1,
+                    meta.global_step + 1
+                );
+            }
             model = optim.step(lr, model, step.grads);
             meta.global_step += 1;
             meta.step_in_epoch += 1;
@@ -320,4 +396,26 @@ fn snapshot<B: AutodiffBackend, O: Optimizer<Tlb<B>, B>>(
         model: record_bytes::<B, _>(model.clone().into_record())?,
         optimizer: record_bytes::<B, _>(optim.to_record())?,
     })
+}
+
+/// The sum of every gradient element: finite exactly when every gradient is (one read-back).
+fn grad_sum<B: AutodiffBackend>(model: &Tlb<B>, grads: &GradientsParams) -> f64 {
+    struct Sum<'a, B: AutodiffBackend> {
+        grads: &'a GradientsParams,
+        total: Option<Tensor<B::InnerBackend, 1>>,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Sum<'_, B> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
+                let s = g.sum();
+                self.total = Some(match self.total.take() {
+                    Some(t) => t + s,
+                    None => s,
+                });
+            }
+        }
+    }
+    let mut sum = Sum::<B> { grads, total: None };
+    model.visit(&mut sum);
+    sum.total.map_or(0.0, |t| t.into_scalar().elem::<f64>())
 }
