@@ -434,6 +434,14 @@ async fn limits_jobs_that_cannot_fit_and_requests_that_would_occupy_the_server()
         .into_inner()
         .jobs;
     assert!(jobs.is_empty(), "refused jobs are not queued: {jobs:?}");
+    // A stated device memory (what a GPU needs) is checked the same way.
+    let other = setup(100);
+    let stated = Server::start(other.path(), &["--device-memory", "100000000"]);
+    expect(
+        stated.training().await.start_training(sized(256, 8)).await,
+        Code::ResourceExhausted,
+        "but --device-memory leaves 95.4 MiB",
+    );
 
     let mut inference = server.inference().await;
     // The largest raw image fits in a message (the limits are consistent)...

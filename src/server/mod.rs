@@ -70,6 +70,11 @@ pub struct ServeArgs {
     /// refused (RESOURCE_EXHAUSTED) below it.
     #[arg(long, env = "TLB_MIN_FREE_BYTES", default_value_t = 64 << 20)]
     pub min_free_bytes: u64,
+    /// Memory of the training device in bytes, for StartTraining's estimate of what a job
+    /// needs. Unset: the CPU's is read from the system (RAM, cgroup, ulimit -v); a GPU's is not
+    /// checked (burn 0.21 cannot query it), so set this to its memory there.
+    #[arg(long, env = "TLB_DEVICE_MEMORY")]
+    pub device_memory: Option<u64>,
     /// A job the server died running this many times in a row (no checkpoint in between) is
     /// marked FAILED instead of resumed again.
     #[arg(long, env = "TLB_CRASH_LOOP_LIMIT", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
@@ -208,6 +213,7 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
             data_dir: args.data_dir.clone(),
             min_free_bytes: args.min_free_bytes,
             device: args.device.clone(),
+            device_memory: args.device_memory,
         },
     };
     // Each reflection version also lists the other, so `grpcurl list` shows both.

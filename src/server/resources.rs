@@ -14,6 +14,9 @@ pub struct Admission {
     /// Free bytes the data dir keeps beyond a job's checkpoints (for the job store).
     pub min_free_bytes: u64,
     pub device: DeviceSpec,
+    /// The training device's memory as the operator states it (`--device-memory`); unset,
+    /// the CPU's is read from the system, and a GPU's is not checked.
+    pub device_memory: Option<u64>,
 }
 
 /// Bytes an unprivileged process may still write under `path`.
@@ -83,8 +86,14 @@ impl Admission {
     /// data dir has no room for.
     pub fn check(&self, config: &TrainConfig) -> Result<(), ApiError> {
         let f = config.footprint(self.device.replicas());
-        // burn 0.21 has no query for a GPU's memory: there, the crash-loop breaker is the net.
-        if let (DeviceSpec::Cpu, Some((limit, what))) = (&self.device, cpu_memory_limit()) {
+        // burn 0.21 has no query for a GPU's memory: unless the operator states it, the
+        // crash-loop breaker is the net there.
+        let limit = match (self.device_memory, &self.device) {
+            (Some(bytes), _) => Some((bytes, "--device-memory".to_string())),
+            (None, DeviceSpec::Cpu) => cpu_memory_limit(),
+            (None, DeviceSpec::Cuda(_)) => None,
+        };
+        if let Some((limit, what)) = limit {
             if f.memory_bytes() > limit {
                 return Err(ApiError::ResourceExhausted(format!(
                     "the job needs about {} of memory ({} parameters: {} for weights, \
