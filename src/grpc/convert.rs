@@ -102,6 +102,7 @@ pub fn job(j: &JobRow) -> pb::Job {
         test_accuracy: j.test_accuracy,
         restarts: j.restarts,
         cancel_requested: j.cancel_requested,
+        created_by: j.created_by.clone(),
     }
 }
 

@@ -12,6 +12,7 @@ use uuid::Uuid;
 
 use super::convert;
 use super::AppState;
+use crate::auth::{require, Caller, Role};
 use crate::engine::train::Preset;
 use crate::proto::v1 as pb;
 use crate::proto::v1::training_service_server::TrainingService;
@@ -60,6 +61,7 @@ impl TrainingService for TrainingApi {
         &self,
         request: Request<pb::StartTrainingRequest>,
     ) -> Result<Response<pb::StartTrainingResponse>, Status> {
+        let caller = Caller::of(&request).cloned();
         let r = request.into_inner();
         let preset_name = if r.preset.is_empty() {
             "cpu-small"
@@ -82,9 +84,17 @@ impl TrainingService for TrainingApi {
         config
             .validate()
             .map_err(|e| ApiError::field(&format!("config.{}", e.field), e.message))?;
+        if resolved.needs_download {
+            require(
+                caller.as_ref(),
+                Role::Admin,
+                "a job that downloads its dataset",
+            )?;
+        }
         // Only now the state of the machine: arguments are judged first.
         self.0.admission.check(&config)?;
-        let job = JobRow::queued(preset_name, config, &dataset.format, &dataset.path);
+        let mut job = JobRow::queued(preset_name, config, &dataset.format, &dataset.path);
+        job.created_by = caller.map(|c| c.name).unwrap_or_default();
         self.0
             .store
             .insert_job(&job)
@@ -141,6 +151,15 @@ impl TrainingService for TrainingApi {
         request: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
         let job = self.job(&request.get_ref().job_id).await?;
+        if let Some(caller) = Caller::of(&request) {
+            if caller.role == Role::Train && caller.name != job.created_by {
+                return Err(Status::permission_denied(format!(
+                    "role train may cancel only its own jobs; job {} was started by '{}' \
+                     (an admin token can cancel any job)",
+                    job.id, job.created_by
+                )));
+            }
+        }
         let store = &self.0.store;
         if job.state.is_terminal() {
             return Err(ApiError::FailedPrecondition(format!(

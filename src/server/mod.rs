@@ -20,6 +20,7 @@ use tonic::codegen::http;
 use tonic_health::ServingStatus;
 use tracing::info;
 
+use crate::auth::{AuthLayer, Tokens};
 use crate::engine::backend::DeviceSpec;
 use crate::engine::train::remove_stale_temp_files;
 use crate::grpc::{AppState, InferenceApi, TrainingApi, MAX_MESSAGE_BYTES};
@@ -70,6 +71,23 @@ pub struct ServeArgs {
     /// refused (RESOURCE_EXHAUSTED) below it.
     #[arg(long, env = "TLB_MIN_FREE_BYTES", default_value_t = 64 << 20)]
     pub min_free_bytes: u64,
+    /// Bearer tokens and their roles: one `ROLE NAME SECRET` per line (SECRET: the token or
+    /// `sha256:HEX`); SIGHUP reloads it. Unset: no authentication (loopback only).
+    #[arg(long, env = "TLB_AUTH_TOKENS")]
+    pub auth_tokens: Option<PathBuf>,
+    /// Serve a non-loopback --addr without --auth-tokens (anyone who reaches the port may then
+    /// start jobs and use the device).
+    #[arg(long, env = "TLB_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
+    /// TLS certificate chain (PEM); with --tls-key, the server speaks only TLS.
+    #[arg(long, env = "TLB_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, env = "TLB_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// CA (PEM) that client certificates must be signed by: mutual TLS.
+    #[arg(long, env = "TLB_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
     /// Memory of the training device in bytes, for StartTraining's estimate of what a job
     /// needs. Unset: the CPU's is read from the system (RAM, cgroup, ulimit -v); a GPU's is not
     /// checked (burn 0.21 cannot query it), so set this to its memory there.
@@ -113,6 +131,40 @@ async fn set_health(health: &tonic_health::server::HealthReporter, status: Servi
     }
 }
 
+/// The TLS settings the flags ask for, if any.
+fn tls_config(args: &ServeArgs) -> Result<Option<tonic::transport::ServerTlsConfig>> {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        return Ok(None);
+    };
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
+    if let Some(ca) = &args.tls_client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
+    }
+    Ok(Some(tls))
+}
+
+/// SIGHUP reloads the token file; a bad file keeps the tokens in force.
+fn reload_on_sighup(tokens: Tokens) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match tokens.reload() {
+                Ok(n) => info!(tokens = n, "SIGHUP: token file reloaded"),
+                Err(e) => tracing::error!(
+                    error = %format!("{e:#}"),
+                    "SIGHUP: token file not reloaded; the tokens in force stay"
+                ),
+            }
+        }
+    });
+}
+
 async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
@@ -135,6 +187,18 @@ async fn shutdown_signal() {
 }
 
 async fn serve_async(args: ServeArgs) -> Result<()> {
+    if args.auth_tokens.is_none() && !args.addr.ip().is_loopback() && !args.insecure_no_auth {
+        anyhow::bail!(
+            "refusing to serve {} without authentication: anyone who can reach it could start \
+             jobs and use the device. Give --auth-tokens FILE (see the README), listen on a \
+             loopback address, or pass --insecure-no-auth to accept the risk",
+            args.addr
+        );
+    }
+    let tokens = args.auth_tokens.as_deref().map(Tokens::load).transpose()?;
+    if let Some(tokens) = &tokens {
+        reload_on_sighup(tokens.clone());
+    }
     std::fs::create_dir_all(&args.datasets_root)
         .with_context(|| format!("creating {}", args.datasets_root.display()))?;
     // One server per data dir; held until this function returns.
@@ -259,11 +323,16 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
             worker.wake();
         }
     };
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls_config(&args)? {
+        builder = builder.tls_config(tls).context("TLS settings")?;
+    }
+    builder
         .trace_fn(|req| tracing::info_span!("rpc", method = %req.uri().path()))
         .layer(tower::util::MapResponseLayer::new(
             oversize_is_resource_exhausted,
         ))
+        .layer(AuthLayer { tokens })
         .add_service(training)
         .add_service(inference)
         .add_service(health_service)

@@ -35,7 +35,7 @@ pub struct Store {
 const JOB_COLUMNS: &str = "id, state, preset, config_json, dataset_format, dataset_path, \
     created_at_ms, started_at_ms, finished_at_ms, epochs_completed, epochs_total, \
     latest_metrics_json, best_checkpoint_id, test_accuracy, error, restarts, cancel_requested, \
-    unclean_exits, run_open";
+    unclean_exits, run_open, created_by";
 const CHECKPOINT_COLUMNS: &str = "id, job_id, epoch, val_accuracy, path, is_best, created_at_ms";
 /// Best checkpoints joined to their jobs (`WHERE` open for more conditions).
 const BEST_CHECKPOINTS: &str = "SELECT c.id, c.job_id, c.epoch, c.val_accuracy, c.path, \
@@ -115,7 +115,8 @@ impl Store {
         self.write(async |c| {
             sqlx::query(
                 "INSERT INTO jobs (id, state, preset, config_json, dataset_format, \
-                 dataset_path, created_at_ms, epochs_total) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                 dataset_path, created_at_ms, epochs_total, created_by) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
             )
             .bind(job.id.to_string())
             .bind(job.state.as_str())
@@ -125,6 +126,7 @@ impl Store {
             .bind(&job.dataset_path)
             .bind(job.created_at_ms)
             .bind(job.epochs_total as i64)
+            .bind(&job.created_by)
             .execute(c)
             .await?;
             Ok(())

@@ -82,6 +82,8 @@ pub struct JobRow {
     pub unclean_exits: u32,
     /// A server runs the job now (or died running it: found so when the job is picked up).
     pub run_open: bool,
+    /// The NAME of the token that started the job (empty without auth).
+    pub created_by: String,
 }
 
 fn uuid(s: &str) -> Result<Uuid> {
@@ -111,6 +113,7 @@ impl JobRow {
             cancel_requested: false,
             unclean_exits: 0,
             run_open: false,
+            created_by: String::new(),
         }
     }
 
@@ -149,6 +152,7 @@ impl JobRow {
             cancel_requested: r.try_get("cancel_requested")?,
             unclean_exits: r.try_get::<i64, _>("unclean_exits")? as u32,
             run_open: r.try_get("run_open")?,
+            created_by: r.try_get("created_by")?,
         })
     }
 }
