@@ -12,6 +12,19 @@ compile_error!("enable a CPU backend feature: `flex` (default) or `ndarray`");
 
 pub type CpuAutodiff = Autodiff<Cpu>;
 
+/// The backends this build has (`tlb_build_info{backend}`): the CPU one, and `cuda` when built in.
+pub const BACKEND: &str = if cfg!(feature = "cuda") {
+    if cfg!(feature = "flex") {
+        "flex+cuda"
+    } else {
+        "ndarray+cuda"
+    }
+} else if cfg!(feature = "flex") {
+    "flex"
+} else {
+    "ndarray"
+};
+
 pub fn cpu_device() -> <Cpu as burn::tensor::backend::BackendTypes>::Device {
     Default::default()
 }
@@ -26,6 +39,15 @@ pub type CudaAutodiff = Autodiff<Cuda>;
 pub enum DeviceSpec {
     Cpu,
     Cuda(usize),
+}
+
+impl std::fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
 }
 
 impl DeviceSpec {

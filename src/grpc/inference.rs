@@ -1,10 +1,12 @@
 //! `tlb.v1.InferenceService`.
 
+use std::time::Instant;
+
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use super::images::{check_pixel_budget, decode, Decoded};
-use super::{AppState, MAX_BATCH};
+use super::{deadline_of, within, AppState, MAX_BATCH};
 use crate::engine::infer::top_k;
 use crate::engine::viz::{overlay, png_bytes, token_scores};
 use crate::proto::v1 as pb;
@@ -99,7 +101,58 @@ impl InferenceService for InferenceApi {
         &self,
         request: Request<pb::ClassifyRequest>,
     ) -> Result<Response<pb::ClassifyResponse>, Status> {
-        let r = request.into_inner();
+        let deadline = deadline_of(&request);
+        within(
+            deadline,
+            self.classify_until(request.into_inner(), deadline),
+        )
+        .await
+    }
+
+    async fn get_attention(
+        &self,
+        request: Request<pb::GetAttentionRequest>,
+    ) -> Result<Response<pb::GetAttentionResponse>, Status> {
+        let deadline = deadline_of(&request);
+        within(
+            deadline,
+            self.attention_until(request.into_inner(), deadline),
+        )
+        .await
+    }
+    async fn list_models(
+        &self,
+        _request: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        let store = &self.0.store;
+        let rows = store.best_checkpoints().await.map_err(ApiError::from)?;
+        let default = store
+            .default_checkpoint()
+            .await
+            .map_err(ApiError::from)?
+            .map(|c| c.id);
+        let mut models = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let labels = self.labels_of(row.job_id).await;
+            models.push(pb::ModelInfo {
+                model_id: row.id.to_string(),
+                job_id: row.job_id.to_string(),
+                epoch: row.epoch,
+                val_accuracy: row.val_accuracy,
+                labels,
+                is_default: Some(row.id) == default,
+            });
+        }
+        Ok(Response::new(pb::ListModelsResponse { models }))
+    }
+}
+
+impl InferenceApi {
+    async fn classify_until(
+        &self,
+        r: pb::ClassifyRequest,
+        deadline: Option<Instant>,
+    ) -> Result<Response<pb::ClassifyResponse>, Status> {
         if r.images.is_empty() {
             return Err(ApiError::field("images", "empty batch; send at least one image").into());
         }
@@ -112,17 +165,24 @@ impl InferenceService for InferenceApi {
         }
         check_pixel_budget(&r.images)?;
         let k = r.top_k.max(1) as usize;
+        // A place in the queue before any decoding: a flood is refused, not buffered.
+        let ticket = self.0.worker.reserve(r.images.len(), deadline)?;
         let t = std::time::Instant::now();
-        let model = self.resolve_model(&r.model).await?;
-        let resolved = t.elapsed();
+        // Argument errors (undecodable images) before state errors (no such model).
         let decoded = decode_all(r.images, false).await?;
         let decoded_at = t.elapsed();
+        let model = self.resolve_model(&r.model).await?;
+        let resolved = t.elapsed();
         let out = self
             .0
             .worker
-            .classify(model, decoded.into_iter().map(|d| d.planar).collect())
+            .classify(
+                model,
+                decoded.into_iter().map(|d| d.planar).collect(),
+                ticket,
+            )
             .await?;
-        tracing::debug!(?resolved, ?decoded_at, worker = ?t.elapsed(), "classify timings");
+        tracing::debug!(?decoded_at, ?resolved, worker = ?t.elapsed(), "classify timings");
         let classes = out.labels.len();
         if k > classes {
             return Err(ApiError::field(
@@ -148,11 +208,11 @@ impl InferenceService for InferenceApi {
         }))
     }
 
-    async fn get_attention(
+    async fn attention_until(
         &self,
-        request: Request<pb::GetAttentionRequest>,
+        r: pb::GetAttentionRequest,
+        deadline: Option<Instant>,
     ) -> Result<Response<pb::GetAttentionResponse>, Status> {
-        let r = request.into_inner();
         let size = match r.overlay_size {
             0 => OVERLAY_DEFAULT,
             s if OVERLAY_RANGE.contains(&s) => s,
@@ -167,11 +227,16 @@ impl InferenceService for InferenceApi {
         let image = r
             .image
             .ok_or_else(|| ApiError::field("image", "is required (encoded or raw)"))?;
-        let model = self.resolve_model(&r.model).await?;
+        let ticket = self.0.worker.reserve(1, deadline)?;
         let render = r.render_overlay;
         let mut decoded = decode_all(vec![image], render).await?;
         let decoded = decoded.pop().expect("one image");
-        let out = self.0.worker.attention(model, decoded.planar).await?;
+        let model = self.resolve_model(&r.model).await?;
+        let out = self
+            .0
+            .worker
+            .attention(model, decoded.planar, ticket)
+            .await?;
         let maps = out.maps;
         let [chunks, heads, latents, chunk] = maps.dims;
         let scores = token_scores(&maps.weights, maps.dims);
@@ -212,34 +277,6 @@ impl InferenceService for InferenceApi {
         }))
     }
 
-    async fn list_models(
-        &self,
-        _request: Request<pb::ListModelsRequest>,
-    ) -> Result<Response<pb::ListModelsResponse>, Status> {
-        let store = &self.0.store;
-        let rows = store.best_checkpoints().await.map_err(ApiError::from)?;
-        let default = store
-            .default_checkpoint()
-            .await
-            .map_err(ApiError::from)?
-            .map(|c| c.id);
-        let mut models = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let labels = self.labels_of(row.job_id).await;
-            models.push(pb::ModelInfo {
-                model_id: row.id.to_string(),
-                job_id: row.job_id.to_string(),
-                epoch: row.epoch,
-                val_accuracy: row.val_accuracy,
-                labels,
-                is_default: Some(row.id) == default,
-            });
-        }
-        Ok(Response::new(pb::ListModelsResponse { models }))
-    }
-}
-
-impl InferenceApi {
     /// Class names of a job's dataset (from the run's config file; empty if unreadable).
     async fn labels_of(&self, job: Uuid) -> Vec<String> {
         let path = job_dir(&self.0.data_dir, job).join("labels.json");

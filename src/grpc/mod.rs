@@ -31,6 +31,45 @@ pub const MAX_REQUEST_PIXELS: u64 = MAX_IMAGE_SIDE as u64 * MAX_IMAGE_SIDE as u6
 /// every documented limit can be reached.
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
+/// When the client's deadline (`grpc-timeout`) passes, if it set one.
+pub fn deadline_of<T>(request: &tonic::Request<T>) -> Option<std::time::Instant> {
+    let v = request.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    let d = match unit {
+        "H" => std::time::Duration::from_secs(n.saturating_mul(3600)),
+        "M" => std::time::Duration::from_secs(n.saturating_mul(60)),
+        "S" => std::time::Duration::from_secs(n),
+        "m" => std::time::Duration::from_millis(n),
+        "u" => std::time::Duration::from_micros(n),
+        "n" => std::time::Duration::from_nanos(n),
+        _ => return None,
+    };
+    std::time::Instant::now().checked_add(d)
+}
+
+/// How long before the client's deadline a waiting call gives up, so that its answer
+/// (DEADLINE_EXCEEDED) goes out before the transport's own timer cancels the call.
+const DEADLINE_MARGIN: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Runs a call's work until its deadline; past it, DEADLINE_EXCEEDED (and the work is
+/// dropped: a request still queued for the device is then skipped unprocessed).
+pub async fn within<T>(
+    deadline: Option<std::time::Instant>,
+    work: impl std::future::Future<Output = Result<T, tonic::Status>>,
+) -> Result<T, tonic::Status> {
+    let Some(deadline) = deadline else {
+        return work.await;
+    };
+    let give_up = deadline.checked_sub(DEADLINE_MARGIN).unwrap_or(deadline);
+    match tokio::time::timeout_at(give_up.into(), work).await {
+        Ok(r) => r,
+        Err(_) => Err(tonic::Status::deadline_exceeded(
+            "the client's deadline passed before the answer was ready; the request was dropped",
+        )),
+    }
+}
+
 /// What the services share.
 #[derive(Clone)]
 pub struct AppState {
@@ -44,4 +83,6 @@ pub struct AppState {
     pub shutdown: watch::Receiver<bool>,
     /// Whether a new job fits the machine (memory, data dir space).
     pub admission: Admission,
+    /// Queued jobs beyond which StartTraining is refused.
+    pub max_queued_jobs: usize,
 }

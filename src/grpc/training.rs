@@ -17,7 +17,7 @@ use crate::engine::train::Preset;
 use crate::proto::v1 as pb;
 use crate::proto::v1::training_service_server::TrainingService;
 use crate::server::error::{parse_uuid, ApiError};
-use crate::store::JobRow;
+use crate::store::{JobRow, JobState};
 use crate::worker::{JobEvent, JobUpdate};
 
 /// Default and largest ListJobs page.
@@ -93,6 +93,23 @@ impl TrainingService for TrainingApi {
         }
         // Only now the state of the machine: arguments are judged first.
         self.0.admission.check(&config)?;
+        let queued = self
+            .0
+            .store
+            .count_by_state()
+            .await
+            .map_err(ApiError::from)?
+            .into_iter()
+            .find_map(|(s, n)| (s == JobState::Queued).then_some(n as usize))
+            .unwrap_or(0);
+        if queued >= self.0.max_queued_jobs {
+            return Err(ApiError::ResourceExhausted(format!(
+                "job queue full: {queued} jobs queued, the limit is {} (--max-queued-jobs); \
+                 start this one when some have run",
+                self.0.max_queued_jobs
+            ))
+            .into());
+        }
         let mut job = JobRow::queued(preset_name, config, &dataset.format, &dataset.path);
         job.created_by = caller.map(|c| c.name).unwrap_or_default();
         self.0

@@ -16,6 +16,8 @@ pub enum ApiError {
     ResourceExhausted(String),
     #[error("{0}")]
     Unavailable(String),
+    #[error("{0}")]
+    DeadlineExceeded(String),
     #[error("internal error: {0:#}")]
     Internal(#[from] anyhow::Error),
 }
@@ -34,6 +36,7 @@ impl ApiError {
             Self::FailedPrecondition(m) => Self::FailedPrecondition(m.clone()),
             Self::ResourceExhausted(m) => Self::ResourceExhausted(m.clone()),
             Self::Unavailable(m) => Self::Unavailable(m.clone()),
+            Self::DeadlineExceeded(m) => Self::DeadlineExceeded(m.clone()),
             Self::Internal(e) => Self::Internal(anyhow::anyhow!("{e:#}")),
         }
     }
@@ -47,6 +50,7 @@ impl From<ApiError> for Status {
             ApiError::FailedPrecondition(_) => Code::FailedPrecondition,
             ApiError::ResourceExhausted(_) => Code::ResourceExhausted,
             ApiError::Unavailable(_) => Code::Unavailable,
+            ApiError::DeadlineExceeded(_) => Code::DeadlineExceeded,
             ApiError::Internal(err) => {
                 tracing::error!(error = %format!("{err:#}"), "internal error");
                 Code::Internal

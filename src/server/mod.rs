@@ -24,6 +24,7 @@ use crate::auth::{AuthLayer, Tokens};
 use crate::engine::backend::DeviceSpec;
 use crate::engine::train::remove_stale_temp_files;
 use crate::grpc::{AppState, InferenceApi, TrainingApi, MAX_MESSAGE_BYTES};
+use crate::metrics::{metrics, RpcMetricsLayer};
 use crate::proto::v1::inference_service_server::InferenceServiceServer;
 use crate::proto::v1::training_service_server::TrainingServiceServer;
 use crate::store::Store;
@@ -79,6 +80,16 @@ pub struct ServeArgs {
     /// start jobs and use the device).
     #[arg(long, env = "TLB_INSECURE_NO_AUTH")]
     pub insecure_no_auth: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464). Unset: off.
+    #[arg(long, env = "TLB_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Images accepted for inference but not yet answered; beyond it requests are refused at
+    /// once (RESOURCE_EXHAUSTED).
+    #[arg(long, env = "TLB_MAX_QUEUED_IMAGES", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_queued_images: u64,
+    /// Queued training jobs; StartTraining is refused beyond it (RESOURCE_EXHAUSTED).
+    #[arg(long, env = "TLB_MAX_QUEUED_JOBS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_queued_jobs: u64,
     /// TLS certificate chain (PEM); with --tls-key, the server speaks only TLS.
     #[arg(long, env = "TLB_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -129,6 +140,52 @@ async fn set_health(health: &tonic_health::server::HealthReporter, status: Servi
     for name in std::iter::once("").chain(SERVICES) {
         health.set_service_status(name, status).await;
     }
+}
+
+/// Serves `GET /metrics` on `addr` until shutdown.
+async fn serve_metrics(
+    addr: SocketAddr,
+    store: Store,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    async fn scrape(
+        axum::extract::State(store): axum::extract::State<Store>,
+    ) -> impl axum::response::IntoResponse {
+        match store.count_by_state().await {
+            Ok(counts) => {
+                for (state, n) in counts {
+                    metrics().jobs.with_label_values(&[state.as_str()]).set(n);
+                }
+            }
+            Err(e) => tracing::error!(error = %format!("{e:#}"), "counting jobs for /metrics"),
+        }
+        (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            crate::metrics::render(),
+        )
+    }
+    let app = axum::Router::new()
+        .route("/metrics", axum::routing::get(scrape))
+        .with_state(store);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the metrics address {addr}"))?;
+    info!(addr = %listener.local_addr()?, "metrics at /metrics");
+    tokio::spawn(async move {
+        let stop = async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+        };
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(stop)
+            .await
+        {
+            tracing::error!(error = %e, "metrics server stopped");
+        }
+    });
+    Ok(())
 }
 
 /// The TLS settings the flags ask for, if any.
@@ -244,6 +301,7 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
     let worker = Arc::new(WorkerHandle::start(
         ctx,
         args.inference_device.clone(),
+        args.max_queued_images as usize,
         move |result| {
             let _ = ready_tx.send(result);
         },
@@ -265,6 +323,7 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
         }
     });
 
+    let store_for_metrics = store.clone();
     let state = AppState {
         store,
         worker: worker.clone(),
@@ -272,7 +331,8 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
         datasets,
         data_dir: args.data_dir.clone(),
         running,
-        shutdown: shutdown_rx,
+        shutdown: shutdown_rx.clone(),
+        max_queued_jobs: args.max_queued_jobs as usize,
         admission: Admission {
             data_dir: args.data_dir.clone(),
             min_free_bytes: args.min_free_bytes,
@@ -303,6 +363,9 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
         .with_context(|| format!("binding {}", args.addr))?;
     let local = listener.local_addr()?;
     info!(addr = %local, data_dir = %args.data_dir.display(), datasets_root = %args.datasets_root.display(), "tlb listening");
+    if let Some(addr) = args.metrics_addr {
+        serve_metrics(addr, store_for_metrics, shutdown_rx).await?;
+    }
     // Scripts and tests read the bound address (useful with port 0) from this line.
     println!("tlb listening on {local}");
 
@@ -332,6 +395,7 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
         .layer(tower::util::MapResponseLayer::new(
             oversize_is_resource_exhausted,
         ))
+        .layer(RpcMetricsLayer)
         .layer(AuthLayer { tokens })
         .add_service(training)
         .add_service(inference)

@@ -165,6 +165,24 @@ impl Store {
         Ok(readable(&rows, JobRow::from_row))
     }
 
+    /// How many jobs are in each state (states without jobs included, as 0).
+    pub async fn count_by_state(&self) -> Result<Vec<(JobState, i64)>> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT state, COUNT(*) FROM jobs GROUP BY state")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(JobState::ALL
+            .into_iter()
+            .map(|s| {
+                let n = rows
+                    .iter()
+                    .find(|(name, _)| name == s.as_str())
+                    .map_or(0, |r| r.1);
+                (s, n)
+            })
+            .collect())
+    }
+
     /// The job the worker should run next: one that was running when the server stopped
     /// (to resume it), else the oldest queued one. Unreadable rows are passed over.
     pub async fn next_runnable(&self) -> Result<Option<JobRow>> {

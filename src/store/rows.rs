@@ -27,6 +27,14 @@ pub enum JobState {
 }
 
 impl JobState {
+    pub const ALL: [JobState; 5] = [
+        Self::Queued,
+        Self::Running,
+        Self::Succeeded,
+        Self::Failed,
+        Self::Cancelled,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Queued => "QUEUED",
@@ -44,16 +52,10 @@ impl JobState {
 impl FromStr for JobState {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
-        [
-            Self::Queued,
-            Self::Running,
-            Self::Succeeded,
-            Self::Failed,
-            Self::Cancelled,
-        ]
-        .into_iter()
-        .find(|st| st.as_str() == s)
-        .ok_or_else(|| anyhow!("unknown job state '{s}' in the store"))
+        Self::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| anyhow!("unknown job state '{s}' in the store"))
     }
 }
 

@@ -3,15 +3,18 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
+use std::time::Instant;
 
 use burn::tensor::backend::Backend;
 use crossbeam_channel::Receiver;
 use uuid::Uuid;
 
-use super::{ModelRef, Request};
+use super::{ModelRef, Request, Ticket};
+use crate::engine::backend::DeviceSpec;
 use crate::engine::infer::{attention_maps, eval_batch, probabilities, AttentionMaps, STORE_SIDE};
 use crate::engine::model::{with_rng_lock, Tlb};
 use crate::engine::train::Checkpoint;
+use crate::metrics::metrics;
 use crate::server::error::ApiError;
 
 /// Loaded models kept on the device.
@@ -98,9 +101,36 @@ impl dyn Serve + '_ {
 
 pub struct Inference<B: Backend> {
     device: B::Device,
+    /// The device's name, for metrics.
+    label: String,
     threads: usize,
     /// Most recently used last.
     cache: Vec<(Uuid, Arc<Loaded<B>>)>,
+}
+
+/// The reply of a request the device should work on: `None` for one whose caller is gone
+/// (cancelled, or timed out in tonic) and for one past its deadline (answered
+/// DEADLINE_EXCEEDED), before any work is spent on them.
+fn admit<T>(
+    ticket: &Ticket,
+    reply: tokio::sync::oneshot::Sender<Result<T, ApiError>>,
+) -> Option<tokio::sync::oneshot::Sender<Result<T, ApiError>>> {
+    if reply.is_closed() {
+        return None;
+    }
+    let waited = ticket.enqueued.elapsed();
+    if ticket.expired() {
+        let _ = reply.send(Err(ApiError::DeadlineExceeded(format!(
+            "the deadline passed after {} ms waiting for the device; the request was dropped \
+             unprocessed",
+            waited.as_millis()
+        ))));
+        return None;
+    }
+    metrics()
+        .inference_queue_seconds
+        .observe(waited.as_secs_f64());
+    Some(reply)
 }
 
 /// Runs `f`, turning a panic inside the engine into an internal error.
@@ -112,36 +142,50 @@ fn guarded<T>(what: &str, f: impl FnOnce() -> anyhow::Result<T>) -> Result<T, Ap
 }
 
 impl<B: Backend> Inference<B> {
-    pub fn new(device: B::Device, threads: usize) -> Self {
+    pub fn new(device: B::Device, spec: &DeviceSpec) -> Self {
         Self {
             device,
-            threads: threads.max(1),
+            label: spec.to_string(),
+            threads: spec.replicas().max(1),
             cache: Vec::new(),
         }
     }
 
     fn serve_all(&mut self, requests: Vec<Request>) {
-        // Classify requests grouped by model, in arrival order.
+        let started = Instant::now();
+        // Classify requests grouped by model, in arrival order. The tickets stay alive (their
+        // images counted as queued) until the answers are sent.
         let mut groups: Vec<ClassifyGroup> = Vec::new();
+        let mut tickets = Vec::new();
         for request in requests {
             match request {
                 Request::Classify {
                     model,
                     images,
+                    ticket,
                     reply,
-                } => match groups
-                    .iter_mut()
-                    .find(|(m, _)| m.checkpoint_id == model.checkpoint_id)
-                {
-                    Some((_, g)) => g.push((images, reply)),
-                    None => groups.push((model, vec![(images, reply)])),
-                },
+                } => {
+                    if let Some(reply) = admit(&ticket, reply) {
+                        match groups
+                            .iter_mut()
+                            .find(|(m, _)| m.checkpoint_id == model.checkpoint_id)
+                        {
+                            Some((_, g)) => g.push((images, reply)),
+                            None => groups.push((model, vec![(images, reply)])),
+                        }
+                    }
+                    tickets.push(ticket);
+                }
                 Request::Attention {
                     model,
                     image,
+                    ticket,
                     reply,
                 } => {
-                    let _ = reply.send(self.attention(&model, image));
+                    if let Some(reply) = admit(&ticket, reply) {
+                        metrics().inference_batch_images.observe(1.0);
+                        let _ = reply.send(self.attention(&model, image));
+                    }
                 }
                 Request::Wake => {}
             }
@@ -149,6 +193,11 @@ impl<B: Backend> Inference<B> {
         for (model, group) in groups {
             self.classify_group(&model, group);
         }
+        drop(tickets);
+        metrics()
+            .device_busy_seconds
+            .with_label_values(&[&self.label, "infer"])
+            .inc_by(started.elapsed().as_secs_f64());
     }
 
     fn classify_group(&mut self, model: &ModelRef, group: Vec<(Vec<Vec<u8>>, ClassifyReply)>) {
@@ -188,6 +237,9 @@ impl<B: Backend> Inference<B> {
             Ok(out)
         });
         let batch_images = all.len();
+        metrics()
+            .inference_batch_images
+            .observe(batch_images as f64);
         drop(all);
         let mut probs = match probs {
             Ok(p) => p.into_iter(),

@@ -16,6 +16,7 @@ use super::inference::Serve;
 use super::{JobUpdate, Request, WorkerContext};
 use crate::engine::model::Tlb;
 use crate::engine::train::{train, write_json, Outcome, TrainEvent, TrainObserver, CORRUPT_SUFFIX};
+use crate::metrics::metrics;
 use crate::store::{job_dir, now_ms, CheckpointRow, JobRow, JobState};
 
 /// How often progress goes out to watchers at most.
@@ -156,11 +157,17 @@ fn train_job<B: AutodiffBackend>(
         inference,
         rx,
         last_progress: None,
+        train_since: Instant::now(),
         _backend: std::marker::PhantomData,
     };
     let run = catch_unwind(AssertUnwindSafe(|| {
         train::<B>(&config, &splits, &out, device, true, &mut observer)
     }));
+    observer.count_train_time();
+    metrics()
+        .train_images_per_second
+        .with_label_values(&[&ctx.device.to_string()])
+        .set(0.0);
     match run {
         Ok(r) => r.map(|(outcome, summary)| (outcome, summary.test_accuracy)),
         Err(_) => Err(anyhow::anyhow!("training panicked (see the server log)")),
@@ -218,6 +225,8 @@ struct JobObserver<'a, B: AutodiffBackend> {
     inference: &'a mut dyn Serve,
     rx: &'a Receiver<Request>,
     last_progress: Option<Instant>,
+    /// Since when the device has been training without a break for inference.
+    train_since: Instant,
     _backend: std::marker::PhantomData<B>,
 }
 
@@ -226,6 +235,12 @@ impl<B: AutodiffBackend> TrainObserver<B> for JobObserver<'_, B> {
         let ctx = self.ctx;
         match event {
             TrainEvent::Progress(p) => {
+                let device = ctx.device.to_string();
+                metrics()
+                    .train_images_per_second
+                    .with_label_values(&[&device])
+                    .set(p.images_per_sec);
+                self.count_train_time();
                 let due = self
                     .last_progress
                     .is_none_or(|t| t.elapsed() >= PROGRESS_EVERY);
@@ -245,7 +260,9 @@ impl<B: AutodiffBackend> TrainObserver<B> for JobObserver<'_, B> {
                 epoch,
                 val_accuracy,
                 best,
+                seconds,
             } => {
+                metrics().checkpoint_write_seconds.observe(*seconds);
                 let is_epoch_file = path
                     .file_name()
                     .is_some_and(|n| n.to_string_lossy().starts_with("epoch-"));
@@ -285,10 +302,27 @@ impl<B: AutodiffBackend> TrainObserver<B> for JobObserver<'_, B> {
     }
 
     fn between_steps(&mut self, _model: &Tlb<B>) {
+        self.count_train_time();
         self.inference.serve_pending(self.rx);
+        self.train_since = Instant::now();
     }
 
     fn between_batches(&mut self) {
+        self.count_train_time();
         self.inference.serve_pending(self.rx);
+        self.train_since = Instant::now();
+    }
+}
+
+impl<B: AutodiffBackend> JobObserver<'_, B> {
+    /// Adds the time since the last mark to the device's training time (inference served in
+    /// between counts as inference).
+    fn count_train_time(&mut self) {
+        let now = Instant::now();
+        metrics()
+            .device_busy_seconds
+            .with_label_values(&[&self.ctx.device.to_string(), "train"])
+            .inc_by((now - self.train_since).as_secs_f64());
+        self.train_since = now;
     }
 }

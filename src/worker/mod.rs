@@ -6,10 +6,10 @@ mod inference;
 mod job;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use burn::tensor::backend::AutodiffBackend;
 use crossbeam_channel::{Receiver, Sender};
@@ -21,6 +21,7 @@ pub use inference::{AttentionResult, ClassifyResult};
 
 use crate::engine::backend::DeviceSpec;
 use crate::engine::train::{EpochMetrics, Progress};
+use crate::metrics::metrics;
 use crate::server::datasets::Datasets;
 use crate::server::error::ApiError;
 use crate::store::{CheckpointRow, JobRow, Store};
@@ -34,17 +35,42 @@ pub struct ModelRef {
     pub fallback: Option<PathBuf>,
 }
 
+/// A request's place in the inference queue: its images count against
+/// `--max-queued-images` from the moment it is accepted (before decoding) until it is answered
+/// or dropped; it knows when it was queued and the client's deadline.
+pub struct Ticket {
+    images: usize,
+    queued: Arc<AtomicUsize>,
+    pub enqueued: Instant,
+    pub deadline: Option<Instant>,
+}
+
+impl Ticket {
+    pub fn expired(&self) -> bool {
+        self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.queued.fetch_sub(self.images, Ordering::SeqCst);
+        metrics().inference_queued_images.sub(self.images as i64);
+    }
+}
+
 /// What the worker is asked to do.
 pub enum Request {
     /// Class probabilities for planar RGB8 images of side [`crate::engine::infer::STORE_SIDE`].
     Classify {
         model: ModelRef,
         images: Vec<Vec<u8>>,
+        ticket: Ticket,
         reply: oneshot::Sender<Result<ClassifyResult, ApiError>>,
     },
     Attention {
         model: ModelRef,
         image: Vec<u8>,
+        ticket: Ticket,
         reply: oneshot::Sender<Result<AttentionResult, ApiError>>,
     },
     /// A job was queued.
@@ -105,6 +131,9 @@ pub struct WorkerHandle {
     infer_tx: Sender<Request>,
     stop: Arc<AtomicBool>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Images accepted for inference and not yet answered, and their bound.
+    queued: Arc<AtomicUsize>,
+    max_queued_images: usize,
 }
 
 fn gone() -> ApiError {
@@ -119,6 +148,7 @@ impl WorkerHandle {
     pub fn start(
         ctx: WorkerContext,
         inference_device: Option<DeviceSpec>,
+        max_queued_images: usize,
         ready: impl FnOnce(Result<(), String>) + Send + 'static,
     ) -> Self {
         let (tx, rx) = crossbeam_channel::unbounded();
@@ -141,10 +171,9 @@ impl WorkerHandle {
                 .name("tlb-inference".into())
                 .spawn(move || {
                     crate::with_backend!(inference_device.clone(), |IB, device| {
-                        let mut engine =
-                            inference::Inference::<
-                                <IB as burn::tensor::backend::AutodiffBackend>::InnerBackend,
-                            >::new(device, inference_device.replicas());
+                        let mut engine = inference::Inference::<
+                            <IB as burn::tensor::backend::AutodiffBackend>::InnerBackend,
+                        >::new(device, &inference_device);
                         serve_until_stopped(&mut engine, &infer_rx, &stop)
                     })
                 })
@@ -159,19 +188,44 @@ impl WorkerHandle {
             infer_tx,
             stop,
             threads: Mutex::new(threads),
+            queued: Arc::new(AtomicUsize::new(0)),
+            max_queued_images,
         }
+    }
+
+    /// Takes places for `images` images in the inference queue, or refuses at once when it is
+    /// full: memory does not grow with the offered load.
+    pub fn reserve(&self, images: usize, deadline: Option<Instant>) -> Result<Ticket, ApiError> {
+        let before = self.queued.fetch_add(images, Ordering::SeqCst);
+        let ticket = Ticket {
+            images,
+            queued: self.queued.clone(),
+            enqueued: Instant::now(),
+            deadline,
+        };
+        metrics().inference_queued_images.add(images as i64);
+        if before + images > self.max_queued_images {
+            return Err(ApiError::ResourceExhausted(format!(
+                "inference queue full: {before} images waiting, the limit is {} \
+                 (--max-queued-images); retry later",
+                self.max_queued_images
+            )));
+        }
+        Ok(ticket)
     }
 
     pub async fn classify(
         &self,
         model: ModelRef,
         images: Vec<Vec<u8>>,
+        ticket: Ticket,
     ) -> Result<ClassifyResult, ApiError> {
         let (reply, rx) = oneshot::channel();
         self.infer_tx
             .send(Request::Classify {
                 model,
                 images,
+                ticket,
                 reply,
             })
             .map_err(|_| gone())?;
@@ -182,12 +236,14 @@ impl WorkerHandle {
         &self,
         model: ModelRef,
         image: Vec<u8>,
+        ticket: Ticket,
     ) -> Result<AttentionResult, ApiError> {
         let (reply, rx) = oneshot::channel();
         self.infer_tx
             .send(Request::Attention {
                 model,
                 image,
+                ticket,
                 reply,
             })
             .map_err(|_| gone())?;
@@ -236,7 +292,7 @@ struct Worker<B: AutodiffBackend> {
 
 impl<B: AutodiffBackend> Worker<B> {
     fn new(ctx: WorkerContext, device: B::Device, rx: Receiver<Request>) -> Self {
-        let inference = inference::Inference::new(device.clone(), ctx.device.replicas());
+        let inference = inference::Inference::new(device.clone(), &ctx.device);
         Self {
             ctx,
             device,

@@ -91,6 +91,8 @@ pub enum TrainEvent {
         epoch: usize,
         val_accuracy: Option<f64>,
         best: bool,
+        /// Time to serialise and write the file (fsync and rename included).
+        seconds: f64,
     },
     /// A checkpoint failed verification (renamed to `*.corrupt`) and was passed over.
     CheckpointSkipped(Skipped),

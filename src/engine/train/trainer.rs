@@ -320,9 +320,11 @@ pub fn train<B: AutodiffBackend>(
             meta.best_epoch = Some(meta.epoch);
             best_model = Some(valid);
         }
+        let written = Instant::now();
         let ckpt = snapshot(&model, &optim, &meta)?;
         let path = ckpts.epoch_path(meta.epoch);
         ckpt.write(&path)?;
+        let seconds = written.elapsed().as_secs_f64();
         if is_best {
             ckpt.write(&ckpts.best_path())?;
         }
@@ -333,18 +335,21 @@ pub fn train<B: AutodiffBackend>(
             epoch: meta.epoch,
             val_accuracy: Some(val_accuracy),
             best: is_best,
+            seconds,
         });
     }
 
     if outcome == Outcome::Interrupted || stopped_early {
         // Keep the exact position so the run can be resumed (or extended) later.
         let path = ckpts.interrupted_path();
+        let written = Instant::now();
         snapshot(&model, &optim, &meta)?.write(&path)?;
         observer.event(&TrainEvent::CheckpointSaved {
             path,
             epoch: meta.epoch,
             val_accuracy: meta.val_accuracy,
             best: false,
+            seconds: written.elapsed().as_secs_f64(),
         });
         if outcome == Outcome::Interrupted {
             let partial = FinalMetrics {
