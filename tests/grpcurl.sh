@@ -96,5 +96,71 @@ check "token scores fill the grid" test "$grid" = True
 code=$("${G[@]}" -d '{"job_id":"nope"}' "$ADDR" tlb.v1.TrainingService/GetJob 2>&1 || true)
 check "a bad job id is InvalidArgument" grep -q "Code: InvalidArgument" <<<"$code"
 
+# --- Tokens and TLS: a server with --auth-tokens and TLS, another with mutual TLS. ---
+tests/make-certs.sh "$WORK/certs" >/dev/null
+ADMIN=grpcurl-admin-0123456789 TRAIN=grpcurl-train-0123456789 INFER=grpcurl-infer-0123456789
+printf 'admin ops %s\ntrain alice %s\ninfer viewer sha256:%s\n' "$ADMIN" "$TRAIN" \
+    "$(printf %s "$INFER" | sha256sum | cut -d' ' -f1)" >"$WORK/tokens"
+start_server() { # start_server NAME FLAGS... : sets ADDR_<NAME>
+    "$TLB" serve --addr 127.0.0.1:0 --data-dir "$WORK/data-$1" --datasets-root "$DATA" \
+        --auth-tokens "$WORK/tokens" "${@:2}" >"$WORK/stdout-$1" 2>"$WORK/server-$1.log" &
+    PIDS+=($!)
+    for _ in $(seq 100); do
+        grep -q "listening on" "$WORK/stdout-$1" 2>/dev/null && break
+        sleep 0.1
+    done
+    printf -v "ADDR_$1" '%s' "$(sed -n 's/^tlb listening on //p' "$WORK/stdout-$1")"
+}
+PIDS=()
+trap 'kill $PID "${PIDS[@]}" 2>/dev/null; wait $PID "${PIDS[@]}" 2>/dev/null; rm -rf "$WORK"' EXIT
+C="$WORK/certs"
+start_server tls --tls-cert "$C/server.pem" --tls-key "$C/server.key"
+start_server mtls --tls-cert "$C/server.pem" --tls-key "$C/server.key" --tls-client-ca "$C/ca.pem"
+T=("$GRPCURL" -max-time 30 -cacert "$C/ca.pem")
+
+code_of() { # code_of TOKEN ARGS... : OK, or the gRPC code grpcurl reports
+    local token=$1 out
+    shift
+    local auth=()
+    [ -n "$token" ] && auth=(-H "authorization: Bearer $token")
+    if out=$("${T[@]}" "${auth[@]}" "$@" 2>&1); then
+        echo OK
+    else
+        sed -n 's/^ *Code: //p; s/.*code = \([A-Za-z]*\) desc.*/\1/p' <<<"$out" | head -1
+    fi
+}
+expect() { # expect WANT NAME TOKEN ARGS...
+    local want=$1 name=$2 got
+    got=$(code_of "${@:3}")
+    check "$name: $want (got ${got:-a transport error})" test "$got" = "$want"
+}
+A=$ADDR_tls
+for who in none wrong infer train admin; do
+    case $who in
+    none) tok="" ;; wrong) tok=not-a-valid-token-000000 ;;
+    infer) tok=$INFER ;; train) tok=$TRAIN ;; admin) tok=$ADMIN ;;
+    esac
+    anon=$([ "$who" = none ] || [ "$who" = wrong ] && echo yes || echo no)
+    ok_or_401() { [ "$anon" = yes ] && echo Unauthenticated || echo "$1"; }
+    # Health without reflection (which needs a token), as a probe would call it.
+    expect OK "[$who] health" "$tok" -import-path tests/proto -proto grpc/health/v1/health.proto \
+        "$A" grpc.health.v1.Health/Check
+    expect "$(ok_or_401 OK)" "[$who] reflection list" "$tok" "$A" list
+    expect "$(ok_or_401 OK)" "[$who] ListJobs" "$tok" "$A" tlb.v1.TrainingService/ListJobs
+    expect "$(ok_or_401 OK)" "[$who] ListModels" "$tok" "$A" tlb.v1.InferenceService/ListModels
+    writes=$([ "$who" = infer ] && echo PermissionDenied || echo InvalidArgument)
+    expect "$(ok_or_401 "$writes")" "[$who] StartTraining" "$tok" -d '{"preset":"nope"}' \
+        "$A" tlb.v1.TrainingService/StartTraining
+    expect "$(ok_or_401 "$writes")" "[$who] CancelJob" "$tok" -d '{"job_id":"nope"}' \
+        "$A" tlb.v1.TrainingService/CancelJob
+done
+plain=$("$GRPCURL" -plaintext -max-time 10 -import-path tests/proto \
+    -proto grpc/health/v1/health.proto "$A" grpc.health.v1.Health/Check 2>&1 || true)
+check "a plaintext client is refused by the TLS server" bash -c "! grep -q SERVING <<<'$plain'"
+expect OK "mTLS with a client certificate" "$INFER" -cert "$C/client.pem" -key "$C/client.key" \
+    "$ADDR_mtls" tlb.v1.TrainingService/ListJobs
+nocert=$(code_of "$INFER" "$ADDR_mtls" tlb.v1.TrainingService/ListJobs)
+check "mTLS without a client certificate fails (got ${nocert:-a handshake error})" test "$nocert" != OK
+
 echo "grpcurl: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]
