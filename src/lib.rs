@@ -1,12 +1,19 @@
 //! tlb: train and serve the Temporal Latent Bottleneck image classifier.
 //!
-//! Layers: `engine` (model, data, training, inference, pictures), `store` (job database),
-//! `worker` (the thread that owns the device), `grpc` (the API) with `auth` (tokens and roles) and `metrics` (Prometheus) as tower layers beside it, `server` (wiring, datasets,
-//! shutdown) and `cli` (the `tlb` command).
+//! Layers, top to bottom (nothing imports upward): `cli` (the `tlb` command) and `server`
+//! (wiring, the data-dir lock, shutdown); `grpc` (the API) with `auth` (tokens and roles, a
+//! tower layer) beside it; `worker` (the thread that owns the device); `store` (job
+//! database), `datasets` (resolution and download), `admission` (whether a new job fits the
+//! machine); `engine` (model, data, training, inference, pictures). Beneath them all, used
+//! by any: `error` (request errors and their gRPC codes) and `metrics` (the Prometheus
+//! registry every layer records into, and the tower layer that counts RPCs).
 
+pub mod admission;
 pub mod auth;
 pub mod cli;
+pub mod datasets;
 pub mod engine;
+pub mod error;
 pub mod grpc;
 pub mod metrics;
 pub mod proto;

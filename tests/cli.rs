@@ -87,7 +87,8 @@ fn train_local_then_eval_plot_attention_and_export() {
         "160",
     ]);
     assert!(ok, "{err}");
-    assert_eq!(png_size(&overlay), (160, 160));
+    // The image and the overlay side by side, by default.
+    assert_eq!(png_size(&overlay), (320, 160));
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["grid"], 4);
     assert!(v["prediction"].is_string());

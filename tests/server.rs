@@ -113,6 +113,7 @@ async fn train_watch_classify_and_attention() {
             image: Some(encoded(png(32, 3))),
             render_overlay: true,
             overlay_size: 128,
+            side_by_side: None,
         })
         .await
         .unwrap()
@@ -131,8 +132,31 @@ async fn train_watch_classify_and_attention() {
         }
     }
     assert_eq!(att.token_scores.len(), 16);
-    let overlay = image::load_from_memory(&att.overlay_png).expect("a valid PNG");
-    assert_eq!((overlay.width(), overlay.height()), (128, 128));
+    // By default the image and the overlay side by side; the image shows through the heat.
+    let both = image::load_from_memory(&att.overlay_png)
+        .expect("a valid PNG")
+        .to_rgb8();
+    assert_eq!((both.width(), both.height()), (256, 128));
+    let white = image::RgbImage::from_pixel(32, 32, image::Rgb([255, 255, 255]));
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    white.write_to(&mut bytes, image::ImageFormat::Png).unwrap();
+    let alone = inference
+        .get_attention(pb::GetAttentionRequest {
+            model: job_id.clone(),
+            image: Some(encoded(bytes.into_inner())),
+            render_overlay: true,
+            overlay_size: 64,
+            side_by_side: Some(false),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let alone = image::load_from_memory(&alone.overlay_png)
+        .unwrap()
+        .to_rgb8();
+    assert_eq!((alone.width(), alone.height()), (64, 64));
+    // 40 % of a white image under the heat: no channel below 0.4 · 255.
+    assert!(alone.pixels().all(|p| p.0.iter().all(|&c| c >= 101)));
     assert!(att.prediction.is_some());
 
     let models = inference
@@ -431,6 +455,22 @@ async fn cli_client_subcommands() {
     );
     assert!(ok, "{err}");
     let drawn = image::open(&overlay).unwrap();
+    assert_eq!((drawn.width(), drawn.height()), (128, 64), "side by side");
+    let (ok, _, err) = client(
+        &server,
+        &[
+            "attention",
+            img,
+            "--out",
+            overlay.to_str().unwrap(),
+            "--size",
+            "64",
+            "--side-by-side",
+            "false",
+        ],
+    );
+    assert!(ok, "{err}");
+    let drawn = image::open(&overlay).unwrap();
     assert_eq!((drawn.width(), drawn.height()), (64, 64));
 
     let (ok, _, err) = client(&server, &["cancel", &job]);
@@ -481,6 +521,7 @@ async fn inference_thread_answers_during_training() {
             image: Some(encoded(png(32, 1))),
             render_overlay: false,
             overlay_size: 0,
+            side_by_side: None,
         })
         .await
         .unwrap()

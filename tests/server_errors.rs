@@ -270,6 +270,7 @@ async fn bad_requests_get_precise_statuses() {
         image,
         render_overlay: true,
         overlay_size: size,
+        side_by_side: None,
     };
     expect(
         inf.get_attention(att(None, 0)).await,

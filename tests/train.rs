@@ -266,6 +266,15 @@ mod resume {
         let path = tmp.path().join("m.safetensors");
         tlb::engine::train::export_safetensors(&model, &path).unwrap();
         let bytes = std::fs::read(&path).unwrap();
+        // The same weights give the same bytes, every time.
+        for i in 0..8 {
+            let again = tmp.path().join(format!("again-{i}.safetensors"));
+            tlb::engine::train::export_safetensors(&model, &again).unwrap();
+            assert!(
+                std::fs::read(&again).unwrap() == bytes,
+                "export {i} differs"
+            );
+        }
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         let d = cfg.embed_dim;
         let shape = |n: &str| st.tensor(n).unwrap().shape().to_vec();

@@ -120,6 +120,9 @@ pub struct AttentionClientArgs {
     /// Side of the overlay PNG.
     #[arg(long, default_value_t = 256)]
     pub size: u32,
+    /// The image and the overlay side by side (`--side-by-side false`: the overlay alone).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub side_by_side: bool,
 }
 
 pub(super) fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -424,6 +427,7 @@ pub fn attention(a: AttentionClientArgs) -> Result<()> {
                 model: a.model.clone(),
                 image: Some(encoded(&a.image)?),
                 render_overlay: true,
+                side_by_side: Some(a.side_by_side),
                 overlay_size: a.size,
             })
             .await

@@ -1,4 +1,4 @@
-//! Offline subcommands: train, evaluate, plot, attention overlay, export.
+//! Offline subcommands: train, evaluate, plot, attention attention_picture, export.
 
 use std::path::Path;
 
@@ -12,7 +12,7 @@ use crate::engine::infer::{attention_maps, eval_batch, STORE_SIDE};
 use crate::engine::train::{
     evaluate, export_safetensors, train, Checkpoint, FnObserver, Preset, TrainConfig, TrainEvent,
 };
-use crate::engine::viz::{overlay, plot_curves, read_epochs, token_scores};
+use crate::engine::viz::{attention_picture, plot_curves, read_epochs, token_scores};
 use crate::with_backend;
 
 fn load_data(args: &DataArgs) -> Result<Splits> {
@@ -220,7 +220,7 @@ pub fn attention(a: AttentionArgs) -> Result<()> {
         &device,
     );
     let scores = token_scores(&maps.weights, maps.dims);
-    overlay(&rgb, &scores, cfg.grid_size(), a.size, 0.5)
+    attention_picture(&rgb, &scores, cfg.grid_size(), a.size, a.side_by_side)
         .save(&a.out)
         .with_context(|| format!("writing {}", a.out.display()))?;
     let (class, p) = crate::engine::infer::top_k(&maps.probabilities, 1)[0];

@@ -145,6 +145,9 @@ pub struct AttentionArgs {
     /// Side of the rendered overlay in pixels.
     #[arg(long, default_value_t = 384)]
     pub size: u32,
+    /// The image and the overlay side by side (`--side-by-side false`: the overlay alone).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub side_by_side: bool,
 }
 
 #[derive(Args, Debug)]

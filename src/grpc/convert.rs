@@ -4,8 +4,8 @@ use prost_types::Timestamp;
 
 use crate::engine::model::Readout;
 use crate::engine::train::{EpochMetrics, Progress, Schedule, TrainConfig};
+use crate::error::ApiError;
 use crate::proto::v1 as pb;
-use crate::server::error::ApiError;
 use crate::store::{CheckpointRow, JobRow, JobState};
 use crate::worker::JobUpdate;
 

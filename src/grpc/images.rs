@@ -8,8 +8,8 @@ use image::{ImageError, ImageReader, Limits, RgbImage};
 use super::{MAX_IMAGE_SIDE, MAX_REQUEST_PIXELS};
 use crate::engine::data::rgb_to_planar;
 use crate::engine::infer::STORE_SIDE;
+use crate::error::ApiError;
 use crate::proto::v1 as pb;
-use crate::server::error::ApiError;
 
 /// A request image, decoded.
 pub struct Decoded {

@@ -8,10 +8,10 @@ use uuid::Uuid;
 use super::images::{check_pixel_budget, decode, Decoded};
 use super::{deadline_of, within, AppState, MAX_BATCH};
 use crate::engine::infer::top_k;
-use crate::engine::viz::{overlay, png_bytes, token_scores};
+use crate::engine::viz::{attention_picture, png_bytes, token_scores};
+use crate::error::ApiError;
 use crate::proto::v1 as pb;
 use crate::proto::v1::inference_service_server::InferenceService;
-use crate::server::error::ApiError;
 use crate::store::{job_dir, CheckpointRow};
 use crate::worker::ModelRef;
 
@@ -229,6 +229,7 @@ impl InferenceApi {
             .ok_or_else(|| ApiError::field("image", "is required (encoded or raw)"))?;
         let ticket = self.0.worker.reserve(1, deadline)?;
         let render = r.render_overlay;
+        let side_by_side = r.side_by_side.unwrap_or(true);
         let mut decoded = decode_all(vec![image], render).await?;
         let decoded = decoded.pop().expect("one image");
         let model = self.resolve_model(&r.model).await?;
@@ -244,7 +245,7 @@ impl InferenceApi {
             Some(rgb) => {
                 let (scores, grid) = (scores.clone(), out.grid);
                 tokio::task::spawn_blocking(move || {
-                    png_bytes(&overlay(&rgb, &scores, grid, size, 0.5))
+                    png_bytes(&attention_picture(&rgb, &scores, grid, size, side_by_side))
                 })
                 .await
                 .map_err(|e| ApiError::Internal(anyhow::anyhow!("rendering task: {e}")))?

@@ -14,8 +14,8 @@ use tokio::sync::{broadcast, watch};
 pub use inference::InferenceApi;
 pub use training::TrainingApi;
 
-use crate::server::datasets::Datasets;
-use crate::server::resources::Admission;
+use crate::admission::Admission;
+use crate::datasets::Datasets;
 use crate::store::Store;
 use crate::worker::{JobEvent, RunningSlot, WorkerHandle};
 

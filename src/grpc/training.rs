@@ -14,9 +14,9 @@ use super::convert;
 use super::AppState;
 use crate::auth::{require, Caller, Role};
 use crate::engine::train::Preset;
+use crate::error::{parse_uuid, ApiError};
 use crate::proto::v1 as pb;
 use crate::proto::v1::training_service_server::TrainingService;
-use crate::server::error::{parse_uuid, ApiError};
 use crate::store::{JobRow, JobState};
 use crate::worker::{JobEvent, JobUpdate};
 

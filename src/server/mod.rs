@@ -2,11 +2,7 @@
 //! TrainingService, InferenceService, grpc.health.v1 and reflection, and on SIGTERM/SIGINT
 //! stops accepting, checkpoints the running job (it resumes on the next start) and exits.
 
-pub mod datasets;
-pub mod download;
-pub mod error;
 pub mod lock;
-pub mod resources;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -20,7 +16,11 @@ use tonic::codegen::http;
 use tonic_health::ServingStatus;
 use tracing::info;
 
+use crate::admission::Admission;
 use crate::auth::{AuthLayer, Tokens};
+use crate::datasets::{
+    Datasets, DownloadSource, CIFAR100_MD5, CIFAR100_URL, CIFAR10_MD5, CIFAR10_URL,
+};
 use crate::engine::backend::DeviceSpec;
 use crate::engine::train::remove_stale_temp_files;
 use crate::grpc::{AppState, InferenceApi, TrainingApi, MAX_MESSAGE_BYTES};
@@ -29,10 +29,7 @@ use crate::proto::v1::inference_service_server::InferenceServiceServer;
 use crate::proto::v1::training_service_server::TrainingServiceServer;
 use crate::store::Store;
 use crate::worker::{WorkerContext, WorkerHandle};
-use datasets::{Datasets, CIFAR100_MD5, CIFAR100_URL, CIFAR10_MD5, CIFAR10_URL};
-use download::DownloadSource;
 use lock::DataDirLock;
-use resources::Admission;
 
 const SERVICES: [&str; 2] = ["tlb.v1.TrainingService", "tlb.v1.InferenceService"];
 

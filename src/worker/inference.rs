@@ -14,8 +14,8 @@ use crate::engine::backend::DeviceSpec;
 use crate::engine::infer::{attention_maps, eval_batch, probabilities, AttentionMaps, STORE_SIDE};
 use crate::engine::model::{with_rng_lock, Tlb};
 use crate::engine::train::Checkpoint;
+use crate::error::ApiError;
 use crate::metrics::metrics;
-use crate::server::error::ApiError;
 
 /// Loaded models kept on the device.
 const CACHE_SIZE: usize = 4;

@@ -19,11 +19,11 @@ use uuid::Uuid;
 use inference::Serve as _;
 pub use inference::{AttentionResult, ClassifyResult};
 
+use crate::datasets::Datasets;
 use crate::engine::backend::DeviceSpec;
 use crate::engine::train::{EpochMetrics, Progress};
+use crate::error::ApiError;
 use crate::metrics::metrics;
-use crate::server::datasets::Datasets;
-use crate::server::error::ApiError;
 use crate::store::{CheckpointRow, JobRow, Store};
 
 /// A checkpoint to run inference with.

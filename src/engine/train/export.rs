@@ -109,6 +109,26 @@ pub fn export_safetensors<B: Backend>(model: &Tlb<B>, path: &Path) -> Result<()>
         ("format".to_string(), "pt".to_string()),
         ("config".to_string(), serde_json::to_string(model.config())?),
     ]);
-    let data = safetensors::serialize(views, Some(metadata))?;
+    let mut data = safetensors::serialize(views, Some(metadata))?;
+    sort_header(&mut data)?;
     write_atomic(path, &data)
+}
+
+/// Rewrites the JSON header of a safetensors file with its keys sorted (same length: the
+/// same entries in another order), so the same weights always give the same bytes. The
+/// library writes its metadata map in hash order, which changes from run to run.
+fn sort_header(data: &mut [u8]) -> Result<()> {
+    type Sorted = std::collections::BTreeMap<String, serde_json::Value>;
+    let len = u64::from_le_bytes(data[..8].try_into()?) as usize;
+    let header = &mut data[8..8 + len];
+    let mut entries: Sorted = serde_json::from_slice(header)?;
+    if let Some(meta) = entries.get_mut("__metadata__") {
+        let sorted: Sorted = serde_json::from_value(meta.take())?;
+        *meta = serde_json::to_value(sorted)?;
+    }
+    let mut sorted = serde_json::to_vec(&entries)?;
+    anyhow::ensure!(sorted.len() <= len, "sorted safetensors header grew");
+    sorted.resize(len, b' ');
+    header.copy_from_slice(&sorted);
+    Ok(())
 }

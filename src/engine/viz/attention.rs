@@ -27,24 +27,11 @@ pub fn token_scores(weights: &[f32], dims: [usize; 4]) -> Vec<f32> {
     scores
 }
 
-/// A blue→cyan→yellow→red colour ramp for `v` in [0, 1].
-fn heat(v: f32) -> [f32; 3] {
-    let v = v.clamp(0.0, 1.0);
-    let stops = [
-        [0.0, 0.0, 0.5],
-        [0.0, 0.6, 1.0],
-        [0.2, 1.0, 0.6],
-        [1.0, 0.9, 0.0],
-        [0.9, 0.0, 0.0],
-    ];
-    let x = v * (stops.len() - 1) as f32;
-    let i = (x.floor() as usize).min(stops.len() - 2);
-    let f = x - i as f32;
-    std::array::from_fn(|k| stops[i][k] * (1.0 - f) + stops[i + 1][k] * f)
-}
+/// How strongly the heatmap covers the image: the image stays visible beneath.
+pub const OVERLAY_ALPHA: f32 = 0.6;
 
-/// Lays the `grid × grid` token scores (min-max normalised, bilinear upsampling) over
-/// `image`, scaled to `out × out` pixels.
+/// Lays the `grid × grid` token scores (min-max normalised, bilinear upsampling, colormap
+/// `inferno`) over `image` scaled to `out × out` pixels, with `alpha` opacity.
 pub fn overlay(image: &RgbImage, scores: &[f32], grid: usize, out: u32, alpha: f32) -> RgbImage {
     assert_eq!(scores.len(), grid * grid, "score grid");
     let base = image::imageops::resize(image, out, out, image::imageops::FilterType::Triangle);
@@ -64,12 +51,33 @@ pub fn overlay(image: &RgbImage, scores: &[f32], grid: usize, out: u32, alpha: f
         let (wy, wx) = (fy - y0 as f32, fx - x0 as f32);
         let v = (at(y0, x0) * (1.0 - wx) + at(y0, x1) * wx) * (1.0 - wy)
             + (at(y1, x0) * (1.0 - wx) + at(y1, x1) * wx) * wy;
-        let h = heat(v);
+        let h = colorous::INFERNO.eval_continuous(v.clamp(0.0, 1.0) as f64);
         let b = base.get_pixel(px, py);
+        let heat = [h.r, h.g, h.b];
         Rgb(std::array::from_fn(|k| {
-            ((b[k] as f32) * (1.0 - alpha) + h[k] * 255.0 * alpha).round() as u8
+            ((b[k] as f32) * (1.0 - alpha) + heat[k] as f32 * alpha).round() as u8
         }))
     })
+}
+
+/// The attention picture as served: with `side_by_side`, the image on the left and the
+/// overlay on the right (`2·out × out`, as in the paper's figure); else the overlay alone.
+pub fn attention_picture(
+    image: &RgbImage,
+    scores: &[f32],
+    grid: usize,
+    out: u32,
+    side_by_side: bool,
+) -> RgbImage {
+    let over = overlay(image, scores, grid, out, OVERLAY_ALPHA);
+    if !side_by_side {
+        return over;
+    }
+    let base = image::imageops::resize(image, out, out, image::imageops::FilterType::Triangle);
+    let mut both = RgbImage::new(2 * out, out);
+    image::imageops::replace(&mut both, &base, 0, 0);
+    image::imageops::replace(&mut both, &over, i64::from(out), 0);
+    both
 }
 
 /// Encodes an RGB image as PNG bytes.

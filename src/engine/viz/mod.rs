@@ -3,5 +3,5 @@
 mod attention;
 mod curves;
 
-pub use attention::{overlay, png_bytes, token_scores};
+pub use attention::{attention_picture, overlay, png_bytes, token_scores, OVERLAY_ALPHA};
 pub use curves::{plot_curves, read_epochs};

@@ -3,9 +3,12 @@
 
 use std::path::{Component, Path, PathBuf};
 
-use super::download::{download_cifar, DownloadSource};
-use super::error::ApiError;
+mod download;
+
 use crate::engine::data::{DatasetFormat, DatasetSpec, Splits};
+use crate::error::ApiError;
+use download::download_cifar;
+pub use download::DownloadSource;
 
 /// Official archives (checksums as published with them).
 pub const CIFAR10_URL: &str = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz";

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use crate::engine::backend::DeviceSpec;
 use crate::engine::train::{human_bytes, TrainConfig};
-use crate::server::error::ApiError;
+use crate::error::ApiError;
 
 /// The resource checks StartTraining makes.
 #[derive(Clone, Debug)]
