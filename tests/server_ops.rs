@@ -358,3 +358,40 @@ async fn deadlines_and_job_queue_bounds() {
     }
     assert!(refused >= 2, "{refused} refused");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn argument_errors_come_before_state_errors() {
+    // No model exists yet: a bad image is still the caller's argument error.
+    let dir = setup(100);
+    let server = Server::start(dir.path(), &[]);
+    let mut inference = server.inference().await;
+    let classify = |image: pb::Image| pb::ClassifyRequest {
+        model: String::new(),
+        images: vec![image],
+        top_k: 1,
+    };
+    let mut garbage = png(32, 1);
+    garbage.truncate(60);
+    let status = inference
+        .classify(classify(encoded(garbage)))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("images[0].encoded"), "{status:?}");
+    let wrong_size = pb::Image {
+        source: Some(pb::image::Source::Raw(pb::RawImage {
+            width: 4,
+            height: 4,
+            rgb8: vec![0; 47],
+        })),
+    };
+    let status = inference.classify(classify(wrong_size)).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("rgb8"), "{status:?}");
+    // A good image with no model: now the state error.
+    let status = inference
+        .classify(classify(encoded(png(32, 1))))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+}
