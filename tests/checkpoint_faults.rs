@@ -5,13 +5,12 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use burn::module::{Module, ModuleMapper, Param};
-use burn::tensor::Tensor;
+use common::faults::{corrupt, poison};
 use tlb::engine::backend::{cpu_device, Cpu, CpuAutodiff};
-use tlb::engine::data::{DatasetFormat, DatasetSpec, Splits};
+use tlb::engine::data::Splits;
 use tlb::engine::train::{
-    record_bytes, remove_stale_temp_files, train, write_atomic, Checkpoint, CheckpointDir,
-    FnObserver, Preset, TrainConfig, TrainEvent,
+    remove_stale_temp_files, train, write_atomic, Checkpoint, CheckpointDir, FnObserver, Preset,
+    TrainConfig, TrainEvent,
 };
 
 /// Training draws from burn's process-wide RNG: one run at a time.
@@ -22,13 +21,7 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn data(dir: &Path) -> Splits {
-    common::write_synthetic_cifar(dir, 160, 40);
-    DatasetSpec {
-        format: DatasetFormat::Cifar10,
-        path: dir.to_path_buf(),
-    }
-    .load()
-    .unwrap()
+    common::synthetic_splits(dir)
 }
 
 fn config(epochs: usize) -> TrainConfig {
@@ -62,25 +55,6 @@ fn weights(path: &Path) -> Vec<f32> {
         .into_iter()
         .flat_map(|t| t.values)
         .collect()
-}
-
-/// Overwrites 4 KiB in the middle of a file with pseudo-random bytes (its size unchanged).
-fn corrupt(path: &Path) {
-    let mut bytes = std::fs::read(path).unwrap();
-    assert!(
-        bytes.len() > 8192,
-        "{} is too small to corrupt",
-        path.display()
-    );
-    let mid = bytes.len() / 2;
-    let mut x = 0x9e3779b97f4a7c15u64;
-    for b in &mut bytes[mid - 2048..mid + 2048] {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *b = x as u8;
-    }
-    std::fs::write(path, bytes).unwrap();
 }
 
 fn metric_epochs(out: &Path) -> Vec<u64> {
@@ -157,14 +131,6 @@ fn a_run_with_no_intact_checkpoint_fails_instead_of_starting_over() {
     assert_eq!(skipped(&events).len(), 2);
 }
 
-struct Poison;
-
-impl<B: burn::tensor::backend::Backend> ModuleMapper<B> for Poison {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        param.map(|t| t.mul_scalar(f32::NAN))
-    }
-}
-
 #[test]
 fn nan_weights_stop_the_run_at_the_first_step_with_its_position() {
     let _serial = serial();
@@ -174,13 +140,7 @@ fn nan_weights_stop_the_run_at_the_first_step_with_its_position() {
     run(&config(1), &splits, &out, false).0.unwrap();
     // A checkpoint with a valid checksum but NaN weights (as a diverged run would write).
     let dir = CheckpointDir(out.join("checkpoints"));
-    let mut ckpt = Checkpoint::read(&dir.epoch_path(1)).unwrap();
-    let model = ckpt
-        .load_model::<CpuAutodiff>(&cpu_device())
-        .unwrap()
-        .map(&mut Poison);
-    ckpt.model = record_bytes::<CpuAutodiff, _>(model.into_record()).unwrap();
-    ckpt.write(&dir.epoch_path(1)).unwrap();
+    poison(&dir.epoch_path(1));
     std::fs::remove_file(dir.best_path()).unwrap();
 
     let (result, events) = run(&config(3), &splits, &out, true);

@@ -8,14 +8,11 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use burn::module::{Module, ModuleMapper, Param};
-use burn::tensor::Tensor;
+use common::faults::{corrupt, poison};
 use common::server::{
     encoded, final_state, get_job, start_job, start_request, wait_for, watch_to_end, Server,
 };
 use common::write_synthetic_cifar;
-use tlb::engine::backend::{cpu_device, CpuAutodiff};
-use tlb::engine::train::{record_bytes, Checkpoint};
 use tlb::proto::v1 as pb;
 use tlb::proto::v1::job_event::Event;
 use tonic::Code;
@@ -28,39 +25,6 @@ fn setup(train: usize) -> tempfile::TempDir {
 
 fn checkpoints(root: &Path, job: &str) -> std::path::PathBuf {
     root.join("data/jobs").join(job).join("checkpoints")
-}
-
-/// Overwrites 4 KiB in the middle of a file with pseudo-random bytes.
-fn corrupt(path: &Path) {
-    let mut bytes = std::fs::read(path).unwrap();
-    let (mid, len) = (bytes.len() / 2, bytes.len());
-    let mut x = 0x2545f4914f6cdd1du64;
-    for b in &mut bytes[mid.saturating_sub(2048)..(mid + 2048).min(len)] {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *b = x as u8;
-    }
-    std::fs::write(path, bytes).unwrap();
-}
-
-struct Poison;
-
-impl<B: burn::tensor::backend::Backend> ModuleMapper<B> for Poison {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        param.map(|t| t.mul_scalar(f32::NAN))
-    }
-}
-
-/// Rewrites a checkpoint with NaN weights and a valid checksum.
-fn poison(path: &Path) {
-    let mut ckpt = Checkpoint::read(path).unwrap();
-    let model = ckpt
-        .load_model::<CpuAutodiff>(&cpu_device())
-        .unwrap()
-        .map(&mut Poison);
-    ckpt.model = record_bytes::<CpuAutodiff, _>(model.into_record()).unwrap();
-    ckpt.write(path).unwrap();
 }
 
 fn metric_epochs(root: &Path, job: &str) -> Vec<u64> {
@@ -323,16 +287,9 @@ async fn a_full_disk_refuses_new_jobs_fails_the_running_one_cleanly_and_recovers
         "data dir full: ",
     );
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
-    let mut health = tonic_health::pb::health_client::HealthClient::new(server.channel().await);
-    let status = health
-        .check(tonic_health::pb::HealthCheckRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .status;
     assert_eq!(
-        status,
-        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        server.health().await,
+        tonic_health::pb::health_check_response::ServingStatus::Serving
     );
     let mut inference = server.inference().await;
     let classified = inference

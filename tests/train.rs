@@ -62,20 +62,14 @@ mod resume {
     use burn::tensor::{Distribution, Tensor};
     use std::path::Path;
     use tlb::engine::backend::{cpu_device, Cpu, CpuAutodiff};
-    use tlb::engine::data::{DatasetFormat, DatasetSpec, Splits};
+    use tlb::engine::data::Splits;
     use tlb::engine::train::{
         train, Checkpoint, CheckpointDir, FnObserver, Outcome, Preset, TrainConfig, TrainEvent,
         TrainObserver,
     };
 
     fn data(dir: &Path) -> Splits {
-        common::write_synthetic_cifar(dir, 160, 40);
-        DatasetSpec {
-            format: DatasetFormat::Cifar10,
-            path: dir.to_path_buf(),
-        }
-        .load()
-        .unwrap()
+        common::synthetic_splits(dir)
     }
 
     fn config() -> TrainConfig {

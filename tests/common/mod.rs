@@ -1,6 +1,7 @@
 //! Small generated datasets for tests.
 #![allow(dead_code)]
 
+pub mod faults;
 pub mod server;
 
 use std::path::Path;
@@ -63,4 +64,15 @@ pub fn write_synthetic_cifar(dir: &Path, train: usize, test: usize) {
         "truck",
     ];
     std::fs::write(dir.join("batches.meta.txt"), names.join("\n")).unwrap();
+}
+
+/// A small synthetic CIFAR-10 set written to `dir` and loaded with its splits.
+pub fn synthetic_splits(dir: &Path) -> tlb::engine::data::Splits {
+    write_synthetic_cifar(dir, 160, 40);
+    tlb::engine::data::DatasetSpec {
+        format: tlb::engine::data::DatasetFormat::Cifar10,
+        path: dir.to_path_buf(),
+    }
+    .load()
+    .unwrap()
 }

@@ -72,6 +72,18 @@ impl Server {
         }
     }
 
+    /// The overall status grpc.health.v1 reports (no token needed).
+    pub async fn health(&self) -> tonic_health::pb::health_check_response::ServingStatus {
+        let mut health = tonic_health::pb::health_client::HealthClient::new(self.channel().await);
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        tonic_health::pb::health_check_response::ServingStatus::try_from(status).unwrap()
+    }
+
     pub async fn training(&self) -> TrainingServiceClient<Channel> {
         TrainingServiceClient::new(self.channel().await)
     }
