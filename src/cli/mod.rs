@@ -2,6 +2,7 @@
 
 mod bench;
 mod client;
+mod connect;
 mod local;
 mod serve_bench;
 

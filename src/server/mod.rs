@@ -2,6 +2,7 @@
 //! TrainingService, InferenceService, grpc.health.v1 and reflection, and on SIGTERM/SIGINT
 //! stops accepting, checkpoints the running job (it resumes on the next start) and exits.
 
+mod endpoints;
 pub mod lock;
 
 use std::net::SocketAddr;
@@ -24,11 +25,12 @@ use crate::datasets::{
 use crate::engine::backend::DeviceSpec;
 use crate::engine::train::remove_stale_temp_files;
 use crate::grpc::{AppState, InferenceApi, TrainingApi, MAX_MESSAGE_BYTES};
-use crate::metrics::{metrics, RpcMetricsLayer};
+use crate::metrics::RpcMetricsLayer;
 use crate::proto::v1::inference_service_server::InferenceServiceServer;
 use crate::proto::v1::training_service_server::TrainingServiceServer;
 use crate::store::Store;
 use crate::worker::{WorkerContext, WorkerHandle};
+use endpoints::{reload_on_sighup, serve_metrics, tls_config};
 use lock::DataDirLock;
 
 const SERVICES: [&str; 2] = ["tlb.v1.TrainingService", "tlb.v1.InferenceService"];
@@ -137,86 +139,6 @@ async fn set_health(health: &tonic_health::server::HealthReporter, status: Servi
     for name in std::iter::once("").chain(SERVICES) {
         health.set_service_status(name, status).await;
     }
-}
-
-/// Serves `GET /metrics` on `addr` until shutdown.
-async fn serve_metrics(
-    addr: SocketAddr,
-    store: Store,
-    mut shutdown: watch::Receiver<bool>,
-) -> Result<()> {
-    async fn scrape(
-        axum::extract::State(store): axum::extract::State<Store>,
-    ) -> impl axum::response::IntoResponse {
-        match store.count_by_state().await {
-            Ok(counts) => {
-                for (state, n) in counts {
-                    metrics().jobs.with_label_values(&[state.as_str()]).set(n);
-                }
-            }
-            Err(e) => tracing::error!(error = %format!("{e:#}"), "counting jobs for /metrics"),
-        }
-        (
-            [(
-                axum::http::header::CONTENT_TYPE,
-                "text/plain; version=0.0.4; charset=utf-8",
-            )],
-            crate::metrics::render(),
-        )
-    }
-    let app = axum::Router::new()
-        .route("/metrics", axum::routing::get(scrape))
-        .with_state(store);
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the metrics address {addr}"))?;
-    info!(addr = %listener.local_addr()?, "metrics at /metrics");
-    tokio::spawn(async move {
-        let stop = async move {
-            let _ = shutdown.wait_for(|s| *s).await;
-        };
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(stop)
-            .await
-        {
-            tracing::error!(error = %e, "metrics server stopped");
-        }
-    });
-    Ok(())
-}
-
-/// The TLS settings the flags ask for, if any.
-fn tls_config(args: &ServeArgs) -> Result<Option<tonic::transport::ServerTlsConfig>> {
-    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
-    let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
-    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
-        return Ok(None);
-    };
-    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
-    if let Some(ca) = &args.tls_client_ca {
-        tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
-    }
-    Ok(Some(tls))
-}
-
-/// SIGHUP reloads the token file; a bad file keeps the tokens in force.
-fn reload_on_sighup(tokens: Tokens) {
-    #[cfg(unix)]
-    tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            return;
-        };
-        while hup.recv().await.is_some() {
-            match tokens.reload() {
-                Ok(n) => info!(tokens = n, "SIGHUP: token file reloaded"),
-                Err(e) => tracing::error!(
-                    error = %format!("{e:#}"),
-                    "SIGHUP: token file not reloaded; the tokens in force stay"
-                ),
-            }
-        }
-    });
 }
 
 async fn shutdown_signal() {

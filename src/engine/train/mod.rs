@@ -6,6 +6,7 @@ mod eval;
 mod events;
 mod export;
 mod memory;
+mod run_dir;
 mod step;
 mod trainer;
 
@@ -21,5 +22,6 @@ pub use events::{
 };
 pub use export::{export_safetensors, named_tensors};
 pub use memory::{human_bytes, param_count, Footprint};
+pub use run_dir::RunDir;
 pub use step::{replica, step_grads, step_grads_with, StepGrads};
-pub use trainer::{train, RunDir};
+pub use trainer::train;

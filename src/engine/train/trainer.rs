@@ -1,8 +1,7 @@
 //! The training loop: AdamW steps over prefetched batches, per-epoch validation, atomic
 //! checkpoints, exact resume, and the test figure of the best-by-validation model.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -12,63 +11,15 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Tensor};
 
 use super::checkpoint::{
-    load_record, record_bytes, write_atomic, write_json, Checkpoint, CheckpointDir, CheckpointMeta,
-    Resume,
+    load_record, record_bytes, write_json, Checkpoint, CheckpointMeta, Resume,
 };
 use super::config::TrainConfig;
 use super::eval::{batch_tensors, evaluate};
 use super::events::{EpochMetrics, FinalMetrics, Outcome, Progress, TrainEvent, TrainObserver};
+use super::run_dir::RunDir;
 use super::step::step_grads_with;
 use crate::engine::data::{mix64, EpochPlan, Loader, Splits};
 use crate::engine::model::Tlb;
-
-/// Files of one run: `config.json`, `metrics.jsonl`, `checkpoints/`.
-#[derive(Debug, Clone)]
-pub struct RunDir(pub PathBuf);
-
-impl RunDir {
-    pub fn checkpoints(&self) -> CheckpointDir {
-        CheckpointDir(self.0.join("checkpoints"))
-    }
-    pub fn metrics_path(&self) -> PathBuf {
-        self.0.join("metrics.jsonl")
-    }
-    /// Keeps the metrics of epochs `1..=epoch` only, each once (the last line written for it):
-    /// a resumed run re-runs what came after its checkpoint, and its lines replace these.
-    fn keep_metrics_through(&self, epoch: usize) -> Result<()> {
-        let path = self.metrics_path();
-        let Ok(text) = std::fs::read_to_string(&path) else {
-            return Ok(());
-        };
-        let mut kept: Vec<Option<&str>> = vec![None; epoch];
-        for line in text.lines() {
-            if let Ok(m) = serde_json::from_str::<EpochMetrics>(line) {
-                if (1..=epoch).contains(&m.epoch) {
-                    kept[m.epoch - 1] = Some(line);
-                }
-            }
-        }
-        let out: String = kept
-            .into_iter()
-            .flatten()
-            .map(|l| format!("{l}\n"))
-            .collect();
-        if out != text {
-            write_atomic(&path, out.as_bytes())?;
-        }
-        Ok(())
-    }
-
-    fn append_metrics(&self, line: &impl serde::Serialize) -> Result<()> {
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.metrics_path())?;
-        writeln!(f, "{}", serde_json::to_string(line)?)?;
-        f.sync_data()?;
-        Ok(())
-    }
-}
 
 /// The dropout stream of one step.
 fn step_seed(seed: u64, step: usize) -> u64 {

@@ -1,0 +1,94 @@
+//! What `tlb serve` opens besides the gRPC services: the TLS settings, the Prometheus
+//! endpoint, and the SIGHUP reload of the token file.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use tokio::sync::watch;
+use tracing::info;
+
+use super::ServeArgs;
+use crate::auth::Tokens;
+use crate::metrics::metrics;
+use crate::store::Store;
+
+/// Serves `GET /metrics` on `addr` until shutdown.
+pub(super) async fn serve_metrics(
+    addr: SocketAddr,
+    store: Store,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    async fn scrape(
+        axum::extract::State(store): axum::extract::State<Store>,
+    ) -> impl axum::response::IntoResponse {
+        match store.count_by_state().await {
+            Ok(counts) => {
+                for (state, n) in counts {
+                    metrics().jobs.with_label_values(&[state.as_str()]).set(n);
+                }
+            }
+            Err(e) => tracing::error!(error = %format!("{e:#}"), "counting jobs for /metrics"),
+        }
+        (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            crate::metrics::render(),
+        )
+    }
+    let app = axum::Router::new()
+        .route("/metrics", axum::routing::get(scrape))
+        .with_state(store);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the metrics address {addr}"))?;
+    info!(addr = %listener.local_addr()?, "metrics at /metrics");
+    tokio::spawn(async move {
+        let stop = async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+        };
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(stop)
+            .await
+        {
+            tracing::error!(error = %e, "metrics server stopped");
+        }
+    });
+    Ok(())
+}
+
+/// The TLS settings the flags ask for, if any.
+pub(super) fn tls_config(args: &ServeArgs) -> Result<Option<tonic::transport::ServerTlsConfig>> {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        return Ok(None);
+    };
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
+    if let Some(ca) = &args.tls_client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
+    }
+    Ok(Some(tls))
+}
+
+/// SIGHUP reloads the token file; a bad file keeps the tokens in force.
+pub(super) fn reload_on_sighup(tokens: Tokens) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match tokens.reload() {
+                Ok(n) => info!(tokens = n, "SIGHUP: token file reloaded"),
+                Err(e) => tracing::error!(
+                    error = %format!("{e:#}"),
+                    "SIGHUP: token file not reloaded; the tokens in force stay"
+                ),
+            }
+        }
+    });
+}
