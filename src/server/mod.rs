@@ -40,6 +40,10 @@ pub struct ServeArgs {
     /// Address to listen on (port 0 picks a free one; the bound address is printed).
     #[arg(long, env = "TLB_ADDR", default_value = "127.0.0.1:50051")]
     pub addr: SocketAddr,
+    /// The job store: `postgres://USER:PASSWORD@HOST/DB` (PostgreSQL 13 or newer) or
+    /// `sqlite://PATH`. Unset: SQLite in `<data-dir>/tlb.db`.
+    #[arg(long, env = "TLB_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
     /// Job database (tlb.db) and job run directories with their checkpoints.
     #[arg(long, env = "TLB_DATA_DIR", default_value = "./tlb-data")]
     pub data_dir: PathBuf,
@@ -186,7 +190,7 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
             "removed temp files of writes cut short by a crash"
         );
     }
-    let store = Store::open(&args.data_dir).await?;
+    let store = Store::connect(args.database_url.as_deref(), &args.data_dir).await?;
     let datasets = Datasets {
         root: args.datasets_root.clone(),
         allow_download: args.allow_download,

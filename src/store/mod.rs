@@ -9,16 +9,11 @@
 mod rows;
 
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
+use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::pool::PoolConnection;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
-};
-use sqlx::{Connection, Sqlite, SqlitePool};
+use sqlx::{Any, AnyConnection, AnyPool, Connection, Executor};
 use uuid::Uuid;
 
 pub use rows::{now_ms, CheckpointRow, JobRow, JobState};
@@ -28,24 +23,32 @@ use crate::engine::train::EpochMetrics;
 /// Handle to the job database (cheap to clone).
 #[derive(Clone, Debug)]
 pub struct Store {
-    pool: SqlitePool,
+    pool: AnyPool,
 }
 
 /// Columns of `jobs`, in the order [`JobRow::from_row`] reads them.
+/// Columns of `jobs`, as [`JobRow::from_row`] reads them. Booleans are read as integers
+/// (sqlx's Any driver cannot map SQLite's BOOLEAN declarations; both databases cast them).
 const JOB_COLUMNS: &str = "id, state, preset, config_json, dataset_format, dataset_path, \
     created_at_ms, started_at_ms, finished_at_ms, epochs_completed, epochs_total, \
-    latest_metrics_json, best_checkpoint_id, test_accuracy, error, restarts, cancel_requested, \
-    unclean_exits, run_open, created_by";
+    latest_metrics_json, best_checkpoint_id, test_accuracy, error, restarts, \
+    CAST(cancel_requested AS INTEGER) AS cancel_requested, unclean_exits, \
+    CAST(run_open AS INTEGER) AS run_open, created_by";
+/// Columns of `checkpoints`, to insert.
 const CHECKPOINT_COLUMNS: &str = "id, job_id, epoch, val_accuracy, path, is_best, created_at_ms";
+/// Columns of `checkpoints` (alias `c`), as [`CheckpointRow::from_row`] reads them.
+const CHECKPOINT_SELECT: &str = "c.id, c.job_id, c.epoch, c.val_accuracy, c.path, \
+    CAST(c.is_best AS INTEGER) AS is_best, c.created_at_ms";
 /// Best checkpoints joined to their jobs (`WHERE` open for more conditions).
 const BEST_CHECKPOINTS: &str = "SELECT c.id, c.job_id, c.epoch, c.val_accuracy, c.path, \
-    c.is_best, c.created_at_ms FROM checkpoints c JOIN jobs j ON j.id = c.job_id WHERE c.is_best";
+    CAST(c.is_best AS INTEGER) AS is_best, c.created_at_ms FROM checkpoints c \
+    JOIN jobs j ON j.id = c.job_id WHERE c.is_best";
 const NEWEST_JOB_FIRST: &str = "ORDER BY j.created_at_ms DESC, j.id DESC";
 
 /// A pooled connection serving one write: closed instead of pooled again unless its
 /// transaction committed (also when the write's future is dropped half-way).
 struct WriteConn {
-    conn: PoolConnection<Sqlite>,
+    conn: PoolConnection<Any>,
     committed: bool,
 }
 
@@ -58,7 +61,7 @@ impl Drop for WriteConn {
 }
 
 /// Rows that parse; the others are logged and left out (one bad row must not fail a list).
-fn readable<T>(rows: &[SqliteRow], parse: impl Fn(&SqliteRow) -> Result<T>) -> Vec<T> {
+fn readable<T>(rows: &[AnyRow], parse: impl Fn(&AnyRow) -> Result<T>) -> Vec<T> {
     rows.iter()
         .filter_map(|r| {
             parse(r)
@@ -71,10 +74,7 @@ fn readable<T>(rows: &[SqliteRow], parse: impl Fn(&SqliteRow) -> Result<T>) -> V
 impl Store {
     /// Runs `body` in one transaction and commits it; on any failure the transaction is
     /// rolled back and the connection closed.
-    async fn write<T>(
-        &self,
-        body: impl AsyncFnOnce(&mut SqliteConnection) -> Result<T>,
-    ) -> Result<T> {
+    async fn write<T>(&self, body: impl AsyncFnOnce(&mut AnyConnection) -> Result<T>) -> Result<T> {
         let mut guard = WriteConn {
             conn: self.pool.acquire().await?,
             committed: false,
@@ -86,27 +86,47 @@ impl Store {
         Ok(value)
     }
 
-    /// Opens (creating if needed) `<data_dir>/tlb.db` and applies the migrations.
+    /// Opens (creating if needed) the SQLite store `<data_dir>/tlb.db`.
     pub async fn open(data_dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(data_dir)
-            .with_context(|| format!("creating {}", data_dir.display()))?;
-        let path = data_dir.join("tlb.db");
-        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            // WAL + FULL: a committed state change survives a power cut.
-            .synchronous(SqliteSynchronous::Full)
-            .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options)
+        Self::connect(None, data_dir).await
+    }
+
+    /// Opens the store at `database_url` (`postgres://…`, PostgreSQL 13 or newer, or
+    /// `sqlite://…`); without one, the SQLite file `<data_dir>/tlb.db`. Applies the
+    /// migrations (the same portable SQL on both).
+    pub async fn connect(database_url: Option<&str>, data_dir: &Path) -> Result<Self> {
+        sqlx::any::install_default_drivers();
+        let url = match database_url {
+            Some(url) => url.to_string(),
+            None => {
+                std::fs::create_dir_all(data_dir)
+                    .with_context(|| format!("creating {}", data_dir.display()))?;
+                format!("sqlite://{}?mode=rwc", data_dir.join("tlb.db").display())
+            }
+        };
+        let shown = redact(&url);
+        let pool = AnyPoolOptions::new()
+            .max_connections(if url.starts_with("sqlite:") { 4 } else { 8 })
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    if conn.backend_name() == "SQLite" {
+                        // WAL + FULL: a committed state change survives a power cut.
+                        conn.execute(
+                            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+                             PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000;",
+                        )
+                        .await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(&url)
             .await
-            .with_context(|| format!("opening {}", path.display()))?;
+            .with_context(|| format!("opening the job store {shown}"))?;
         sqlx::migrate!("./migrations")
             .run(&pool)
             .await
-            .context("applying migrations")?;
+            .with_context(|| format!("applying migrations to {shown}"))?;
         Ok(Self { pool })
     }
 
@@ -284,7 +304,7 @@ impl Store {
             .execute(&mut *c)
             .await?;
             let rows = sqlx::query(&format!(
-                "SELECT {CHECKPOINT_COLUMNS} FROM checkpoints WHERE job_id = $1 AND NOT is_best"
+                "SELECT {CHECKPOINT_SELECT} FROM checkpoints c WHERE c.job_id = $1 AND NOT c.is_best"
             ))
             .bind(&job)
             .fetch_all(&mut *c)
@@ -361,7 +381,7 @@ impl Store {
     /// A job's checkpoints, oldest first.
     pub async fn list_checkpoints(&self, job_id: Uuid) -> Result<Vec<CheckpointRow>> {
         let rows = sqlx::query(&format!(
-            "SELECT {CHECKPOINT_COLUMNS} FROM checkpoints WHERE job_id = $1 ORDER BY epoch"
+            "SELECT {CHECKPOINT_SELECT} FROM checkpoints c WHERE c.job_id = $1 ORDER BY c.epoch"
         ))
         .bind(job_id.to_string())
         .fetch_all(&self.pool)
@@ -371,7 +391,7 @@ impl Store {
 
     pub async fn get_checkpoint(&self, id: Uuid) -> Result<Option<CheckpointRow>> {
         let row = sqlx::query(&format!(
-            "SELECT {CHECKPOINT_COLUMNS} FROM checkpoints WHERE id = $1"
+            "SELECT {CHECKPOINT_SELECT} FROM checkpoints c WHERE c.id = $1"
         ))
         .bind(id.to_string())
         .fetch_optional(&self.pool)
@@ -395,6 +415,18 @@ impl Store {
         .fetch_optional(&self.pool)
         .await?;
         row.map(|r| CheckpointRow::from_row(&r)).transpose()
+    }
+}
+
+/// A database URL without its password, for messages and logs.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_string(),
     }
 }
 

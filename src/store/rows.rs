@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use anyhow::{anyhow, Context, Result};
-use sqlx::sqlite::SqliteRow;
+use sqlx::any::AnyRow;
 use sqlx::Row;
 use uuid::Uuid;
 
@@ -88,6 +88,11 @@ pub struct JobRow {
     pub created_by: String,
 }
 
+/// A BOOLEAN column, selected as `CAST(… AS INTEGER)`.
+fn flag(r: &AnyRow, column: &str) -> Result<bool> {
+    Ok(r.try_get::<i64, _>(column)? != 0)
+}
+
 fn uuid(s: &str) -> Result<Uuid> {
     Uuid::parse_str(s).with_context(|| format!("bad uuid '{s}' in the store"))
 }
@@ -119,12 +124,12 @@ impl JobRow {
         }
     }
 
-    pub(super) fn from_row(r: &SqliteRow) -> Result<Self> {
+    pub(super) fn from_row(r: &AnyRow) -> Result<Self> {
         let id = uuid(r.try_get("id")?)?;
         Self::parse(id, r).with_context(|| format!("job {id} in the store is unreadable"))
     }
 
-    fn parse(id: Uuid, r: &SqliteRow) -> Result<Self> {
+    fn parse(id: Uuid, r: &AnyRow) -> Result<Self> {
         let config: String = r.try_get("config_json")?;
         let metrics: Option<String> = r.try_get("latest_metrics_json")?;
         let best: Option<String> = r.try_get("best_checkpoint_id")?;
@@ -151,9 +156,9 @@ impl JobRow {
             test_accuracy: r.try_get("test_accuracy")?,
             error: r.try_get("error")?,
             restarts: r.try_get::<i64, _>("restarts")? as u32,
-            cancel_requested: r.try_get("cancel_requested")?,
+            cancel_requested: flag(r, "cancel_requested")?,
             unclean_exits: r.try_get::<i64, _>("unclean_exits")? as u32,
-            run_open: r.try_get("run_open")?,
+            run_open: flag(r, "run_open")?,
             created_by: r.try_get("created_by")?,
         })
     }
@@ -172,14 +177,14 @@ pub struct CheckpointRow {
 }
 
 impl CheckpointRow {
-    pub(super) fn from_row(r: &SqliteRow) -> Result<Self> {
+    pub(super) fn from_row(r: &AnyRow) -> Result<Self> {
         Ok(Self {
             id: uuid(r.try_get("id")?)?,
             job_id: uuid(r.try_get("job_id")?)?,
             epoch: r.try_get::<i64, _>("epoch")? as u32,
             val_accuracy: r.try_get("val_accuracy")?,
             path: PathBuf::from(r.try_get::<String, _>("path")?),
-            is_best: r.try_get("is_best")?,
+            is_best: flag(r, "is_best")?,
             created_at_ms: r.try_get("created_at_ms")?,
         })
     }
