@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::server::{encoded, png, start_job, start_request, watch_to_end, Server};
-use common::write_synthetic_cifar;
+use common::{free_port, write_synthetic_cifar};
 use tlb::proto::v1 as pb;
 use tonic::Code;
 
@@ -15,14 +15,6 @@ fn setup(train: usize) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     write_synthetic_cifar(&dir.path().join("datasets/synth"), train, 100);
     dir
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn get(url: &str) -> String {

@@ -77,3 +77,12 @@ pub fn synthetic_splits(dir: &Path) -> tlb::engine::data::Splits {
     .load()
     .unwrap()
 }
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

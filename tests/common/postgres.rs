@@ -5,6 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use super::free_port;
+
 pub struct Postgres {
     dir: tempfile::TempDir,
     bin: PathBuf,
@@ -21,14 +23,6 @@ fn bin_dir() -> Option<PathBuf> {
         .collect();
     found.sort();
     found.pop()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl Postgres {
