@@ -158,16 +158,19 @@ fn train_job<B: AutodiffBackend>(
         rx,
         last_progress: None,
         train_since: Instant::now(),
+        train_busy: metrics()
+            .device_busy_seconds
+            .with_label_values(&[&ctx.device.to_string(), "train"]),
+        train_speed: metrics()
+            .train_images_per_second
+            .with_label_values(&[&ctx.device.to_string()]),
         _backend: std::marker::PhantomData,
     };
     let run = catch_unwind(AssertUnwindSafe(|| {
         train::<B>(&config, &splits, &out, device, true, &mut observer)
     }));
     observer.count_train_time();
-    metrics()
-        .train_images_per_second
-        .with_label_values(&[&ctx.device.to_string()])
-        .set(0.0);
+    observer.train_speed.set(0.0);
     match run {
         Ok(r) => r.map(|(outcome, summary)| (outcome, summary.test_accuracy)),
         Err(_) => Err(anyhow::anyhow!("training panicked (see the server log)")),
@@ -227,6 +230,10 @@ struct JobObserver<'a, B: AutodiffBackend> {
     last_progress: Option<Instant>,
     /// Since when the device has been training without a break for inference.
     train_since: Instant,
+    /// `tlb_device_busy_seconds_total{work="train"}` and `tlb_train_images_per_second` of
+    /// this device.
+    train_busy: prometheus::Counter,
+    train_speed: prometheus::Gauge,
     _backend: std::marker::PhantomData<B>,
 }
 
@@ -235,11 +242,7 @@ impl<B: AutodiffBackend> TrainObserver<B> for JobObserver<'_, B> {
         let ctx = self.ctx;
         match event {
             TrainEvent::Progress(p) => {
-                let device = ctx.device.to_string();
-                metrics()
-                    .train_images_per_second
-                    .with_label_values(&[&device])
-                    .set(p.images_per_sec);
+                self.train_speed.set(p.images_per_sec);
                 self.count_train_time();
                 let due = self
                     .last_progress
@@ -302,15 +305,11 @@ impl<B: AutodiffBackend> TrainObserver<B> for JobObserver<'_, B> {
     }
 
     fn between_steps(&mut self, _model: &Tlb<B>) {
-        self.count_train_time();
-        self.inference.serve_pending(self.rx);
-        self.train_since = Instant::now();
+        self.serve_inference();
     }
 
     fn between_batches(&mut self) {
-        self.count_train_time();
-        self.inference.serve_pending(self.rx);
-        self.train_since = Instant::now();
+        self.serve_inference();
     }
 }
 
@@ -319,10 +318,15 @@ impl<B: AutodiffBackend> JobObserver<'_, B> {
     /// between counts as inference).
     fn count_train_time(&mut self) {
         let now = Instant::now();
-        metrics()
-            .device_busy_seconds
-            .with_label_values(&[&self.ctx.device.to_string(), "train"])
+        self.train_busy
             .inc_by((now - self.train_since).as_secs_f64());
         self.train_since = now;
+    }
+
+    /// Answers the inference requests waiting, between two pieces of training work.
+    fn serve_inference(&mut self) {
+        self.count_train_time();
+        self.inference.serve_pending(self.rx);
+        self.train_since = Instant::now();
     }
 }
