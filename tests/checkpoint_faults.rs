@@ -85,7 +85,7 @@ fn a_corrupt_newest_checkpoint_is_skipped_for_the_newest_intact_one() {
     let (full, _) = run(&config(3), &splits, &a, false);
 
     run(&config(2), &splits, &b, false).0.unwrap();
-    let dir = CheckpointDir(b.join("checkpoints"));
+    let dir = CheckpointDir::new(b.join("checkpoints"));
     // Both copies of epoch 2 (the epoch file and best.ckpt, if epoch 2 was the best) rot.
     corrupt(&dir.epoch_path(2));
     if Checkpoint::read(&dir.best_path()).unwrap().meta.epoch == 2 {
@@ -103,10 +103,10 @@ fn a_corrupt_newest_checkpoint_is_skipped_for_the_newest_intact_one() {
         passed_over.contains(&dir.epoch_path(2)),
         "events: {passed_over:?}"
     );
-    assert!(dir.0.join("epoch-0002.ckpt.corrupt").exists());
+    assert!(dir.dir.join("epoch-0002.ckpt.corrupt").exists());
     // Resumed from epoch 1 and re-ran epoch 2: exactly the uninterrupted run.
     assert_eq!(
-        weights(&CheckpointDir(a.join("checkpoints")).epoch_path(3)),
+        weights(&CheckpointDir::new(a.join("checkpoints")).epoch_path(3)),
         weights(&dir.epoch_path(3))
     );
     assert_eq!(full.unwrap(), resumed);
@@ -121,7 +121,7 @@ fn a_run_with_no_intact_checkpoint_fails_instead_of_starting_over() {
     let splits = data(&tmp.path().join("data"));
     let out = tmp.path().join("run");
     run(&config(1), &splits, &out, false).0.unwrap();
-    let dir = CheckpointDir(out.join("checkpoints"));
+    let dir = CheckpointDir::new(out.join("checkpoints"));
     corrupt(&dir.epoch_path(1));
     corrupt(&dir.best_path());
     let (result, events) = run(&config(2), &splits, &out, true);
@@ -139,7 +139,7 @@ fn nan_weights_stop_the_run_at_the_first_step_with_its_position() {
     let out = tmp.path().join("run");
     run(&config(1), &splits, &out, false).0.unwrap();
     // A checkpoint with a valid checksum but NaN weights (as a diverged run would write).
-    let dir = CheckpointDir(out.join("checkpoints"));
+    let dir = CheckpointDir::new(out.join("checkpoints"));
     poison(&dir.epoch_path(1));
     std::fs::remove_file(dir.best_path()).unwrap();
 

@@ -365,7 +365,7 @@ async fn killed_and_stopped_servers_resume_the_job() {
         .path()
         .join("data/jobs")
         .join(&job_id)
-        .join("checkpoints/last.ckpt");
+        .join("checkpoints/last.a1.ckpt");
     let epoch_files = std::fs::read_dir(last.parent().unwrap()).unwrap().count();
     assert!(last.exists() || epoch_files > 0);
 

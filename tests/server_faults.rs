@@ -60,7 +60,8 @@ async fn corrupt_and_poisoned_checkpoints_and_an_unreadable_row() {
     let a = start_job(&mut training, start_request("tiny", 3, "synth")).await;
     wait_for(&mut training, &a, |e| matches!(e, Event::Checkpoint(_))).await;
     stop(&mut server);
-    let last = checkpoints(root, &a).join("last.ckpt");
+    // Attempt 1 wrote it (file names carry the attempt).
+    let last = checkpoints(root, &a).join("last.a1.ckpt");
     assert!(last.exists());
     corrupt(&last);
     let mut server = Server::start(root, &[]);
@@ -77,10 +78,10 @@ async fn corrupt_and_poisoned_checkpoints_and_an_unreadable_row() {
     assert!(
         warnings
             .iter()
-            .any(|w| w.contains("last.ckpt") && w.contains("checksum mismatch")),
+            .any(|w| w.contains("last.a1.ckpt") && w.contains("checksum mismatch")),
         "{warnings:?}"
     );
-    assert!(checkpoints(root, &a).join("last.ckpt.corrupt").exists());
+    assert!(checkpoints(root, &a).join("last.a1.ckpt.corrupt").exists());
     assert_eq!(metric_epochs(root, &a), vec![1, 2, 3]);
 
     // 2. Weights that make the loss NaN (a checksum cannot catch them): FAILED with the
@@ -202,7 +203,8 @@ async fn a_job_that_keeps_killing_the_server_is_failed_not_resumed_forever() {
         "{}",
         job.error
     );
-    assert_eq!(job.restarts, 2);
+    // Claimed four times: three resumes (the last one found the crash loop and failed it).
+    assert_eq!((job.attempt, job.restarts), (4, 3));
 }
 
 /// A tmpfs of `size` mounted on `path` for the life of the guard.
@@ -460,7 +462,13 @@ async fn the_store_writes_again_as_soon_as_a_full_disk_has_space() {
     let (a, b) = (queued(), queued());
     store.insert_job(&a).await.unwrap();
     store.insert_job(&b).await.unwrap();
-    assert!(store.mark_running(a.id, false).await.unwrap());
+    let fence = store
+        .claim("r1", "cpu", 60_000)
+        .await
+        .unwrap()
+        .unwrap()
+        .fence;
+    assert_eq!(fence.job, a.id);
 
     fill(&data.join("filler"));
     let metrics = EpochMetrics {
@@ -480,9 +488,9 @@ async fn the_store_writes_again_as_soon_as_a_full_disk_has_space() {
     assert!(store.insert_job(&big).await.is_err());
     let mut failures = 0;
     for _ in 0..3 {
-        failures += store.record_epoch(a.id, &metrics).await.is_err() as usize;
+        failures += store.record_epoch(fence, &metrics).await.is_err() as usize;
         failures += store
-            .finish(a.id, JobState::Failed, &"disk full ".repeat(50_000), None)
+            .finish(fence, JobState::Failed, &"disk full ".repeat(50_000), None)
             .await
             .is_err() as usize;
     }
@@ -496,10 +504,10 @@ async fn the_store_writes_again_as_soon_as_a_full_disk_has_space() {
     std::fs::remove_file(data.join("filler")).unwrap();
     let t = Instant::now();
     for _ in 0..8 {
-        store.record_epoch(a.id, &metrics).await.unwrap();
+        store.record_epoch(fence, &metrics).await.unwrap();
     }
     assert!(store
-        .finish(a.id, JobState::Failed, "disk was full", None)
+        .finish(fence, JobState::Failed, "disk was full", None)
         .await
         .unwrap());
     assert!(store.cancel_queued(b.id).await.unwrap());

@@ -109,8 +109,8 @@ mod resume {
         cfg.epochs = 2;
         let (_, resumed) =
             train::<CpuAutodiff>(&cfg, &splits, &b, &device, true, &mut quiet()).unwrap();
-        let wa = weights(&CheckpointDir(a.join("checkpoints")).epoch_path(2));
-        let wb = weights(&CheckpointDir(b.join("checkpoints")).epoch_path(2));
+        let wa = weights(&CheckpointDir::new(a.join("checkpoints")).epoch_path(2));
+        let wb = weights(&CheckpointDir::new(b.join("checkpoints")).epoch_path(2));
         assert_eq!(
             wa, wb,
             "resumed run must reproduce the uninterrupted one exactly"
@@ -147,7 +147,7 @@ mod resume {
             train::<CpuAutodiff>(&cfg, &splits, &b, &device, false, &mut StopAfter(6, 0)).unwrap();
         assert_eq!(outcome, Outcome::Interrupted);
         assert_eq!(partial.epochs_completed, 1);
-        let dir = CheckpointDir(b.join("checkpoints"));
+        let dir = CheckpointDir::new(b.join("checkpoints"));
         let last = Checkpoint::read(&dir.interrupted_path()).unwrap();
         assert_eq!(
             (
@@ -161,7 +161,7 @@ mod resume {
             train::<CpuAutodiff>(&cfg, &splits, &b, &device, true, &mut quiet()).unwrap();
         assert_eq!(outcome, Outcome::Completed);
         assert_eq!(
-            weights(&CheckpointDir(a.join("checkpoints")).epoch_path(2)),
+            weights(&CheckpointDir::new(a.join("checkpoints")).epoch_path(2)),
             weights(&dir.epoch_path(2))
         );
         assert!(
@@ -193,7 +193,7 @@ mod resume {
             .iter()
             .any(|e| matches!(e, TrainEvent::Progress(p) if p.images_per_sec > 0.0)));
         assert!(matches!(events.last(), Some(TrainEvent::Finished(_))));
-        let dir = CheckpointDir(out.join("checkpoints"));
+        let dir = CheckpointDir::new(out.join("checkpoints"));
         let kept: Vec<usize> = dir.epochs().into_iter().map(|(e, _)| e).collect();
         assert_eq!(kept, vec![3, 4]);
         let best = Checkpoint::read(&dir.best_path()).unwrap();

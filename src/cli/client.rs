@@ -110,14 +110,20 @@ fn job_line(j: &pb::Job) -> String {
         .latest_metrics
         .as_ref()
         .map_or("-".into(), |m| format!("{:.2}%", m.val_accuracy * 100.0));
+    let ran_on = if j.worker.is_empty() {
+        String::new()
+    } else {
+        format!("  on {} {} (attempt {})", j.worker, j.device, j.attempt)
+    };
     format!(
-        "{}  {:<9}  {:<9}  epochs {}/{}  val {}{}",
+        "{}  {:<9}  {:<9}  epochs {}/{}  val {}{}{}",
         j.job_id,
         state_name(j.state),
         j.preset,
         j.epochs_completed,
         j.epochs_total,
         val,
+        ran_on,
         if j.error.is_empty() {
             String::new()
         } else {

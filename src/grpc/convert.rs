@@ -103,6 +103,9 @@ pub fn job(j: &JobRow) -> pb::Job {
         restarts: j.restarts,
         cancel_requested: j.cancel_requested,
         created_by: j.created_by.clone(),
+        worker: j.worker.clone(),
+        attempt: j.attempt,
+        device: j.device.clone(),
     }
 }
 

@@ -26,9 +26,12 @@ impl InferenceApi {
             checkpoint_id: row.id,
             path: row.path.clone(),
             fallback: row.is_best.then(|| {
-                job_dir(&self.0.data_dir, row.job_id)
-                    .join("checkpoints")
-                    .join("best.ckpt")
+                row.copy_path.clone().unwrap_or_else(|| {
+                    // Written before copies were recorded.
+                    job_dir(&self.0.data_dir, row.job_id)
+                        .join("checkpoints")
+                        .join("best.ckpt")
+                })
             }),
         }
     }

@@ -17,7 +17,7 @@ pub use training::TrainingApi;
 use crate::admission::Admission;
 use crate::datasets::Datasets;
 use crate::store::Store;
-use crate::worker::{JobEvent, RunningSlot, WorkerHandle};
+use crate::worker::{JobEvent, RunningJobs, WorkerHandle};
 
 /// Most images in one Classify request.
 pub const MAX_BATCH: usize = 256;
@@ -78,7 +78,7 @@ pub struct AppState {
     pub events: broadcast::Sender<JobEvent>,
     pub datasets: Datasets,
     pub data_dir: PathBuf,
-    pub running: RunningSlot,
+    pub running: RunningJobs,
     /// Turns true when the server is shutting down (open streams end).
     pub shutdown: watch::Receiver<bool>,
     /// Whether a new job fits the machine (memory, data dir space).

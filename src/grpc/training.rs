@@ -25,6 +25,8 @@ const PAGE_DEFAULT: usize = 50;
 const PAGE_MAX: usize = 500;
 /// How long CancelJob waits for a running job to stop before answering.
 const CANCEL_WAIT: Duration = Duration::from_secs(30);
+/// How often a job that runs on another replica is looked up in the store.
+const REMOTE_POLL: Duration = Duration::from_millis(500);
 
 pub struct TrainingApi(pub AppState);
 
@@ -197,25 +199,36 @@ impl TrainingService for TrainingApi {
             )));
             return Ok(Response::new(convert::job(&row)));
         }
+        // Stored first: the worker running it, here or on another replica, picks it up
+        // (within a second there).
         store.request_cancel(job.id).await.map_err(ApiError::from)?;
-        if let Some((id, flag)) = self.0.running.lock().expect("running slot").as_ref() {
-            if *id == job.id {
-                flag.store(true, Ordering::SeqCst);
-            }
+        if let Some(flag) = self.0.running.lock().expect("running jobs").get(&job.id) {
+            flag.store(true, Ordering::SeqCst);
         }
         info!(job = %job.id, "cancelling running job");
         let ended = tokio::time::timeout(CANCEL_WAIT, async {
+            let mut poll = tokio::time::interval(REMOTE_POLL);
             loop {
-                match events.recv().await {
-                    Ok(e) if e.0 == job.id => {
-                        if let JobUpdate::State(row) = &e.1 {
+                tokio::select! {
+                    e = events.recv() => match e {
+                        Ok(e) if e.0 == job.id => {
+                            if let JobUpdate::State(row) = &e.1 {
+                                if row.state.is_terminal() {
+                                    return;
+                                }
+                            }
+                        }
+                        Ok(_) | Err(RecvError::Lagged(_)) => {}
+                        Err(RecvError::Closed) => return,
+                    },
+                    // It may run on another replica: its end shows in the store.
+                    _ = poll.tick() => {
+                        if let Ok(Some(row)) = store.get_job(job.id).await {
                             if row.state.is_terminal() {
                                 return;
                             }
                         }
                     }
-                    Ok(_) | Err(RecvError::Lagged(_)) => {}
-                    Err(RecvError::Closed) => return,
                 }
             }
         })
@@ -262,7 +275,9 @@ impl TrainingService for TrainingApi {
     }
 }
 
-/// Feeds one WatchJob stream: the job as it is now, then its updates until it ends.
+/// Feeds one WatchJob stream: the job as it is now, then its updates until it ends. Updates
+/// of a job this process runs come from its worker; of one that runs elsewhere (or waits for
+/// a worker), from the store, looked at every [`REMOTE_POLL`].
 async fn forward_events(
     state: AppState,
     job: JobRow,
@@ -275,9 +290,28 @@ async fn forward_events(
         return;
     }
     let mut shutdown = state.shutdown.clone();
+    let mut poll = tokio::time::interval(REMOTE_POLL);
+    let mut seen = job;
     loop {
         let update = tokio::select! {
             e = events.recv() => Some(e),
+            _ = poll.tick() => {
+                if state.running.lock().expect("running jobs").contains_key(&id) {
+                    continue;
+                }
+                let Ok(Some(row)) = state.store.get_job(id).await else { continue };
+                let (updates, ended) = store_updates(&seen, &row);
+                seen = row;
+                for update in &updates {
+                    if tx.send(Ok(convert::event(update))).await.is_err() {
+                        return;
+                    }
+                }
+                if ended {
+                    return;
+                }
+                continue;
+            }
             _ = async { let _ = shutdown.wait_for(|s| *s).await; } => None,
         };
         let Some(update) = update else {
@@ -287,6 +321,9 @@ async fn forward_events(
         };
         let (update, ended) = match update {
             Ok(e) if e.0 == id => {
+                if let JobUpdate::State(row) = &e.1 {
+                    seen = (**row).clone();
+                }
                 let ended = matches!(&e.1, JobUpdate::State(r) if r.state.is_terminal());
                 (convert::event(&e.1), ended)
             }
@@ -296,6 +333,7 @@ async fn forward_events(
                 match state.store.get_job(id).await {
                     Ok(Some(row)) => {
                         let ended = row.state.is_terminal();
+                        seen = row.clone();
                         (convert::event(&JobUpdate::State(Box::new(row))), ended)
                     }
                     _ => return,
@@ -307,4 +345,29 @@ async fn forward_events(
             return;
         }
     }
+}
+
+/// What changed between two readings of a job's row, as updates (the new step, a finished
+/// epoch, the job itself when its state or owner changed), and whether it has ended.
+fn store_updates(before: &JobRow, now: &JobRow) -> (Vec<JobUpdate>, bool) {
+    let mut updates = Vec::new();
+    if let Some(p) = &now.progress {
+        if before.progress.as_ref() != Some(p) {
+            updates.push(JobUpdate::Progress(p.clone()));
+        }
+    }
+    if now.epochs_completed > before.epochs_completed {
+        if let Some(m) = &now.latest_metrics {
+            updates.push(JobUpdate::Epoch(m.clone()));
+        }
+    }
+    let changed = now.state != before.state
+        || now.attempt != before.attempt
+        || now.epochs_completed != before.epochs_completed
+        || now.cancel_requested != before.cancel_requested
+        || now.best_checkpoint_id != before.best_checkpoint_id;
+    if changed {
+        updates.push(JobUpdate::State(Box::new(now.clone())));
+    }
+    (updates, now.state.is_terminal())
 }

@@ -50,9 +50,19 @@ pub struct ServeArgs {
     /// Dataset paths in StartTraining are relative to this folder and may not leave it.
     #[arg(long, env = "TLB_DATASETS_ROOT", default_value = "./datasets")]
     pub datasets_root: PathBuf,
-    /// cpu, or cuda:N in a build with the `cuda` feature.
-    #[arg(long, env = "TLB_DEVICE", default_value = "cpu")]
-    pub device: DeviceSpec,
+    /// cpu, or cuda:N in a build with the `cuda` feature. Repeat it (or separate with commas
+    /// in TLB_DEVICE) for a worker per device, each running a job of its own.
+    #[arg(long, env = "TLB_DEVICE", default_value = "cpu", value_delimiter = ',')]
+    pub device: Vec<DeviceSpec>,
+    /// This replica's name in the job store (Job.worker): unique among the replicas sharing a
+    /// database. A replica started again under the same id takes its jobs back at once.
+    /// Unset: host name and process id.
+    #[arg(long, env = "TLB_REPLICA_ID")]
+    pub replica_id: Option<String>,
+    /// How long a claimed job stays this replica's without renewal (renewed every third of
+    /// it, timed by the database's clock); a replica that dies loses its jobs after it.
+    #[arg(long, env = "TLB_LEASE_SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub lease_seconds: u64,
     /// Answer Classify/GetAttention on this device from a thread of their own, even during a
     /// training step (e.g. `cpu` beside a GPU). Unset: the device worker answers them
     /// between training steps.
@@ -179,18 +189,43 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
     if let Some(tokens) = &tokens {
         reload_on_sighup(tokens.clone());
     }
-    std::fs::create_dir_all(&args.datasets_root)
-        .with_context(|| format!("creating {}", args.datasets_root.display()))?;
-    // One server per data dir; held until this function returns.
-    let _lock = DataDirLock::acquire(&args.data_dir)?;
-    let stale = remove_stale_temp_files(&args.data_dir.join("jobs"));
-    if stale > 0 {
-        tracing::warn!(
-            files = stale,
-            "removed temp files of writes cut short by a crash"
-        );
+    for dir in [&args.datasets_root, &args.data_dir] {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let replica_id = match &args.replica_id {
+        Some(id) if id.trim().is_empty() || id.len() > 128 => {
+            anyhow::bail!("--replica-id must be 1 to 128 characters")
+        }
+        Some(id) => id.clone(),
+        None => format!("{}-{}", lock::host_name(), std::process::id()),
+    };
+    // With the embedded store the data dir is this server's alone: one server per data dir
+    // (held until this function returns). Replicas share one through PostgreSQL and leases.
+    let exclusive = args
+        .database_url
+        .as_deref()
+        .is_none_or(|u| u.starts_with("sqlite:"));
+    let _lock = exclusive
+        .then(|| DataDirLock::acquire(&args.data_dir))
+        .transpose()?;
+    if exclusive {
+        let stale = remove_stale_temp_files(&args.data_dir.join("jobs"));
+        if stale > 0 {
+            tracing::warn!(
+                files = stale,
+                "removed temp files of writes cut short by a crash"
+            );
+        }
     }
     let store = Store::connect(args.database_url.as_deref(), &args.data_dir).await?;
+    // Jobs this server (or its last process under this id) held: resumable at once.
+    let taken_back = store.expire_leases(&replica_id, exclusive).await?;
+    if taken_back > 0 {
+        info!(
+            jobs = taken_back,
+            "leases of the last run ended: their jobs resume now"
+        );
+    }
     let datasets = Datasets {
         root: args.datasets_root.clone(),
         allow_download: args.allow_download,
@@ -208,21 +243,25 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
     let (events, _) = broadcast::channel(4096);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let stop = Arc::new(AtomicBool::new(false));
-    let running = Arc::new(Mutex::new(None));
+    let running = Arc::default();
     let ctx = WorkerContext {
         store: store.clone(),
         runtime: tokio::runtime::Handle::current(),
         events: events.clone(),
         datasets: datasets.clone(),
         data_dir: args.data_dir.clone(),
-        running: running.clone(),
+        running: Arc::clone(&running),
         stop: stop.clone(),
-        device: args.device.clone(),
+        device: args.device[0].clone(),
+        device_label: args.device[0].to_string(),
         crash_loop_limit: args.crash_loop_limit,
+        replica_id: replica_id.clone(),
+        lease: std::time::Duration::from_secs(args.lease_seconds),
     };
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let worker = Arc::new(WorkerHandle::start(
         ctx,
+        &args.device,
         args.inference_device.clone(),
         args.max_queued_images as usize,
         move |result| {
@@ -259,7 +298,7 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
         admission: Admission {
             data_dir: args.data_dir.clone(),
             min_free_bytes: args.min_free_bytes,
-            device: args.device.clone(),
+            device: args.device[0].clone(),
             device_memory: args.device_memory,
         },
     };
@@ -285,7 +324,7 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
         .await
         .with_context(|| format!("binding {}", args.addr))?;
     let local = listener.local_addr()?;
-    info!(addr = %local, data_dir = %args.data_dir.display(), datasets_root = %args.datasets_root.display(), "tlb listening");
+    info!(addr = %local, replica = %replica_id, data_dir = %args.data_dir.display(), datasets_root = %args.datasets_root.display(), "tlb listening");
     if let Some(addr) = args.metrics_addr {
         serve_metrics(addr, store_for_metrics, shutdown_rx).await?;
     }

@@ -1,11 +1,15 @@
-//! The job store: training jobs and their checkpoints in SQL (SQLite embedded), schema in
-//! `migrations/`. Every state change is one transaction; timestamps are UTC milliseconds.
+//! The job store: training jobs and their checkpoints in SQL (SQLite embedded, or a shared
+//! PostgreSQL), schema in `migrations/`. Every state change is one transaction; timestamps are
+//! UTC milliseconds. Workers claim jobs under leases, and every write a run makes is fenced by
+//! the attempt it was claimed with (`lease.rs`).
 //!
 //! A write that fails (a full disk, say) rolls back and its connection is closed rather than
 //! pooled again, so no connection is left inside a transaction holding a lock or an old
 //! snapshot: the store answers from one truth and writes again as soon as space is back. A
 //! row that cannot be read is logged and left out of lists; it fails only RPCs about itself.
 
+mod checkpoints;
+mod lease;
 mod rows;
 
 use std::path::{Path, PathBuf};
@@ -16,6 +20,7 @@ use sqlx::pool::PoolConnection;
 use sqlx::{Any, AnyConnection, AnyPool, Connection, Executor};
 use uuid::Uuid;
 
+pub use lease::{Claimed, Fence, Heartbeat, LeaseLost};
 pub use rows::{now_ms, CheckpointRow, JobRow, JobState};
 
 use crate::engine::train::EpochMetrics;
@@ -24,26 +29,34 @@ use crate::engine::train::EpochMetrics;
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: AnyPool,
+    /// The database's clock, in UTC milliseconds, as SQL (leases are timed by it).
+    now: &'static str,
+    /// Row locking for claims: PostgreSQL's `FOR UPDATE SKIP LOCKED`; nothing on SQLite,
+    /// whose writes are serialised.
+    skip_locked: &'static str,
 }
 
-/// Columns of `jobs`, in the order [`JobRow::from_row`] reads them.
 /// Columns of `jobs`, as [`JobRow::from_row`] reads them. Booleans are read as integers
 /// (sqlx's Any driver cannot map SQLite's BOOLEAN declarations; both databases cast them).
-const JOB_COLUMNS: &str = "id, state, preset, config_json, dataset_format, dataset_path, \
+pub(super) const JOB_COLUMNS: &str =
+    "id, state, preset, config_json, dataset_format, dataset_path, \
     created_at_ms, started_at_ms, finished_at_ms, epochs_completed, epochs_total, \
     latest_metrics_json, best_checkpoint_id, test_accuracy, error, restarts, \
     CAST(cancel_requested AS INTEGER) AS cancel_requested, unclean_exits, \
-    CAST(run_open AS INTEGER) AS run_open, created_by";
+    CAST(run_open AS INTEGER) AS run_open, created_by, attempt, worker, device, resume_path, \
+    progress_json";
 /// Columns of `checkpoints`, to insert.
-const CHECKPOINT_COLUMNS: &str = "id, job_id, epoch, val_accuracy, path, is_best, created_at_ms";
+pub(super) const CHECKPOINT_COLUMNS: &str =
+    "id, job_id, epoch, val_accuracy, path, is_best, created_at_ms, copy_path";
 /// Columns of `checkpoints` (alias `c`), as [`CheckpointRow::from_row`] reads them.
-const CHECKPOINT_SELECT: &str = "c.id, c.job_id, c.epoch, c.val_accuracy, c.path, \
-    CAST(c.is_best AS INTEGER) AS is_best, c.created_at_ms";
+pub(super) const CHECKPOINT_SELECT: &str = "c.id, c.job_id, c.epoch, c.val_accuracy, c.path, \
+    CAST(c.is_best AS INTEGER) AS is_best, c.created_at_ms, c.copy_path";
 /// Best checkpoints joined to their jobs (`WHERE` open for more conditions).
-const BEST_CHECKPOINTS: &str = "SELECT c.id, c.job_id, c.epoch, c.val_accuracy, c.path, \
-    CAST(c.is_best AS INTEGER) AS is_best, c.created_at_ms FROM checkpoints c \
+pub(super) const BEST_CHECKPOINTS: &str =
+    "SELECT c.id, c.job_id, c.epoch, c.val_accuracy, c.path, \
+    CAST(c.is_best AS INTEGER) AS is_best, c.created_at_ms, c.copy_path FROM checkpoints c \
     JOIN jobs j ON j.id = c.job_id WHERE c.is_best";
-const NEWEST_JOB_FIRST: &str = "ORDER BY j.created_at_ms DESC, j.id DESC";
+pub(super) const NEWEST_JOB_FIRST: &str = "ORDER BY j.created_at_ms DESC, j.id DESC";
 
 /// A pooled connection serving one write: closed instead of pooled again unless its
 /// transaction committed (also when the write's future is dropped half-way).
@@ -61,7 +74,7 @@ impl Drop for WriteConn {
 }
 
 /// Rows that parse; the others are logged and left out (one bad row must not fail a list).
-fn readable<T>(rows: &[AnyRow], parse: impl Fn(&AnyRow) -> Result<T>) -> Vec<T> {
+pub(super) fn readable<T>(rows: &[AnyRow], parse: impl Fn(&AnyRow) -> Result<T>) -> Vec<T> {
     rows.iter()
         .filter_map(|r| {
             parse(r)
@@ -109,6 +122,15 @@ impl Store {
             .max_connections(if url.starts_with("sqlite:") { 4 } else { 8 })
             .after_connect(|conn, _| {
                 Box::pin(async move {
+                    if conn.backend_name() == "PostgreSQL" {
+                        // A replica paused mid-transaction (SIGSTOP, a VM freeze) must not
+                        // keep a job's row locked, unclaimable, until it wakes up.
+                        conn.execute(
+                            "SET idle_in_transaction_session_timeout = 5000; \
+                             SET lock_timeout = 10000",
+                        )
+                        .await?;
+                    }
                     if conn.backend_name() == "SQLite" {
                         // WAL + FULL: a committed state change survives a power cut.
                         conn.execute(
@@ -127,7 +149,20 @@ impl Store {
             .run(&pool)
             .await
             .with_context(|| format!("applying migrations to {shown}"))?;
-        Ok(Self { pool })
+        let postgres = !url.starts_with("sqlite:");
+        Ok(Self {
+            pool,
+            now: if postgres {
+                "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)"
+            } else {
+                "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)"
+            },
+            skip_locked: if postgres {
+                "FOR UPDATE SKIP LOCKED"
+            } else {
+                ""
+            },
+        })
     }
 
     pub async fn insert_job(&self, job: &JobRow) -> Result<()> {
@@ -203,129 +238,45 @@ impl Store {
             .collect())
     }
 
-    /// The job the worker should run next: one that was running when the server stopped
-    /// (to resume it), else the oldest queued one. Unreadable rows are passed over.
-    pub async fn next_runnable(&self) -> Result<Option<JobRow>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {JOB_COLUMNS} FROM jobs WHERE state IN ('RUNNING', 'QUEUED') \
-             ORDER BY CASE state WHEN 'RUNNING' THEN 0 ELSE 1 END, created_at_ms, id"
-        ))
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(readable(&rows, JobRow::from_row).into_iter().next())
-    }
-
-    /// QUEUED/RUNNING → RUNNING; counts a restart when the job was already running, and an
-    /// unclean exit when the server that ran it last died doing so. False when the job was
-    /// cancelled or finished in the meantime.
-    pub async fn mark_running(&self, id: Uuid, resumed: bool) -> Result<bool> {
-        self.write(async |c| {
-            let done = sqlx::query(
-                "UPDATE jobs SET state = 'RUNNING', started_at_ms = COALESCE(started_at_ms, $2), \
-                 restarts = restarts + $3, \
-                 unclean_exits = unclean_exits + CASE WHEN run_open THEN 1 ELSE 0 END, \
-                 run_open = TRUE WHERE id = $1 AND state IN ('QUEUED', 'RUNNING')",
-            )
-            .bind(id.to_string())
-            .bind(now_ms())
-            .bind(i64::from(resumed))
-            .execute(c)
-            .await?;
-            Ok(done.rows_affected() == 1)
-        })
-        .await
-    }
-
-    /// The running job was checkpointed and left cleanly (shutdown): not an unclean exit.
-    pub async fn close_run(&self, id: Uuid) -> Result<()> {
-        self.write(async |c| {
-            sqlx::query("UPDATE jobs SET run_open = FALSE WHERE id = $1")
-                .bind(id.to_string())
-                .execute(c)
-                .await?;
-            Ok(())
-        })
-        .await
-    }
-
-    pub async fn record_epoch(&self, id: Uuid, metrics: &EpochMetrics) -> Result<()> {
+    /// Records an epoch's metrics (fenced).
+    pub async fn record_epoch(&self, fence: Fence, metrics: &EpochMetrics) -> Result<()> {
         let json = serde_json::to_string(metrics)?;
         self.write(async |c| {
-            sqlx::query(
-                "UPDATE jobs SET epochs_completed = $2, latest_metrics_json = $3 WHERE id = $1",
+            let done = sqlx::query(
+                "UPDATE jobs SET epochs_completed = $3, latest_metrics_json = $4 \
+                 WHERE id = $1 AND attempt = $2",
             )
-            .bind(id.to_string())
+            .bind(fence.job.to_string())
+            .bind(fence.attempt as i64)
             .bind(metrics.epoch as i64)
             .bind(json)
             .execute(c)
             .await?;
-            Ok(())
+            fence.check(done.rows_affected())
         })
         .await
     }
 
-    /// Records an epoch checkpoint; a new best takes the best flag from the older ones.
-    /// Rows whose files the trainer pruned are dropped (the best one stays: `best.ckpt`).
-    /// A saved checkpoint is progress: the job's unclean exits start counting again.
-    pub async fn record_checkpoint(&self, ckpt: &CheckpointRow) -> Result<()> {
-        let job = ckpt.job_id.to_string();
+    /// Makes `path` (a checkpoint written mid-epoch) the one the job resumes from (fenced).
+    pub async fn commit_resume_point(&self, fence: Fence, path: &Path) -> Result<()> {
         self.write(async |c| {
-            if ckpt.is_best {
-                sqlx::query("UPDATE checkpoints SET is_best = FALSE WHERE job_id = $1")
-                    .bind(&job)
-                    .execute(&mut *c)
+            let done =
+                sqlx::query("UPDATE jobs SET resume_path = $3 WHERE id = $1 AND attempt = $2")
+                    .bind(fence.job.to_string())
+                    .bind(fence.attempt as i64)
+                    .bind(path.to_string_lossy().into_owned())
+                    .execute(c)
                     .await?;
-                sqlx::query("UPDATE jobs SET best_checkpoint_id = $2 WHERE id = $1")
-                    .bind(&job)
-                    .bind(ckpt.id.to_string())
-                    .execute(&mut *c)
-                    .await?;
-            }
-            sqlx::query("UPDATE jobs SET unclean_exits = 0 WHERE id = $1")
-                .bind(&job)
-                .execute(&mut *c)
-                .await?;
-            // A resumed job may write an epoch again: the newer file replaces the row.
-            sqlx::query("DELETE FROM checkpoints WHERE job_id = $1 AND epoch = $2")
-                .bind(&job)
-                .bind(ckpt.epoch as i64)
-                .execute(&mut *c)
-                .await?;
-            sqlx::query(&format!(
-                "INSERT INTO checkpoints ({CHECKPOINT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"
-            ))
-            .bind(ckpt.id.to_string())
-            .bind(&job)
-            .bind(ckpt.epoch as i64)
-            .bind(ckpt.val_accuracy)
-            .bind(ckpt.path.to_string_lossy().into_owned())
-            .bind(ckpt.is_best)
-            .bind(ckpt.created_at_ms)
-            .execute(&mut *c)
-            .await?;
-            let rows = sqlx::query(&format!(
-                "SELECT {CHECKPOINT_SELECT} FROM checkpoints c WHERE c.job_id = $1 AND NOT c.is_best"
-            ))
-            .bind(&job)
-            .fetch_all(&mut *c)
-            .await?;
-            for row in readable(&rows, CheckpointRow::from_row) {
-                if !row.path.exists() {
-                    sqlx::query("DELETE FROM checkpoints WHERE id = $1")
-                        .bind(row.id.to_string())
-                        .execute(&mut *c)
-                        .await?;
-                }
-            }
-            Ok(())
+            fence.check(done.rows_affected())
         })
         .await
     }
 
-    /// Moves a queued or running job to a final state. False if it already was final.
+    /// Moves a claimed job to a final state (fenced) and ends its lease. False if it already
+    /// was final.
     pub async fn finish(
         &self,
-        id: Uuid,
+        fence: Fence,
         state: JobState,
         error: &str,
         test_accuracy: Option<f64>,
@@ -333,17 +284,29 @@ impl Store {
         debug_assert!(state.is_terminal());
         self.write(async |c| {
             let done = sqlx::query(
-                "UPDATE jobs SET state = $2, error = $3, test_accuracy = $4, finished_at_ms = $5, \
-                 run_open = FALSE WHERE id = $1 AND state IN ('QUEUED', 'RUNNING')",
+                "UPDATE jobs SET state = $3, error = $4, test_accuracy = $5, finished_at_ms = $6, \
+                 run_open = FALSE, lease_expires_at_ms = NULL, progress_json = NULL \
+                 WHERE id = $1 AND attempt = $2 AND state IN ('QUEUED', 'RUNNING')",
             )
-            .bind(id.to_string())
+            .bind(fence.job.to_string())
+            .bind(fence.attempt as i64)
             .bind(state.as_str())
             .bind(error)
             .bind(test_accuracy.filter(|a| a.is_finite()))
             .bind(now_ms())
-            .execute(c)
+            .execute(&mut *c)
             .await?;
-            Ok(done.rows_affected() == 1)
+            if done.rows_affected() == 1 {
+                return Ok(true);
+            }
+            // Not changed: already final, or no longer this attempt's to write.
+            let owned = sqlx::query("SELECT id FROM jobs WHERE id = $1 AND attempt = $2")
+                .bind(fence.job.to_string())
+                .bind(fence.attempt as i64)
+                .fetch_optional(&mut *c)
+                .await?;
+            fence.check(u64::from(owned.is_some()))?;
+            Ok(false)
         })
         .await
     }
@@ -376,45 +339,6 @@ impl Store {
             Ok(())
         })
         .await
-    }
-
-    /// A job's checkpoints, oldest first.
-    pub async fn list_checkpoints(&self, job_id: Uuid) -> Result<Vec<CheckpointRow>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {CHECKPOINT_SELECT} FROM checkpoints c WHERE c.job_id = $1 ORDER BY c.epoch"
-        ))
-        .bind(job_id.to_string())
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(readable(&rows, CheckpointRow::from_row))
-    }
-
-    pub async fn get_checkpoint(&self, id: Uuid) -> Result<Option<CheckpointRow>> {
-        let row = sqlx::query(&format!(
-            "SELECT {CHECKPOINT_SELECT} FROM checkpoints c WHERE c.id = $1"
-        ))
-        .bind(id.to_string())
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(|r| CheckpointRow::from_row(&r)).transpose()
-    }
-
-    /// Best checkpoints of every job that has one, newest job first.
-    pub async fn best_checkpoints(&self) -> Result<Vec<CheckpointRow>> {
-        let rows = sqlx::query(&format!("{BEST_CHECKPOINTS} {NEWEST_JOB_FIRST}"))
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(readable(&rows, CheckpointRow::from_row))
-    }
-
-    /// The default model: the best checkpoint of the newest job that succeeded.
-    pub async fn default_checkpoint(&self) -> Result<Option<CheckpointRow>> {
-        let row = sqlx::query(&format!(
-            "{BEST_CHECKPOINTS} AND j.state = 'SUCCEEDED' {NEWEST_JOB_FIRST} LIMIT 1"
-        ))
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(|r| CheckpointRow::from_row(&r)).transpose()
     }
 }
 

@@ -8,7 +8,7 @@ use sqlx::any::AnyRow;
 use sqlx::Row;
 use uuid::Uuid;
 
-use crate::engine::train::{EpochMetrics, TrainConfig};
+use crate::engine::train::{EpochMetrics, Progress, TrainConfig};
 
 /// Milliseconds since the Unix epoch (UTC).
 pub fn now_ms() -> i64 {
@@ -86,6 +86,15 @@ pub struct JobRow {
     pub run_open: bool,
     /// The NAME of the token that started the job (empty without auth).
     pub created_by: String,
+    /// Claims of the job so far; the newest attempt's number fences its writes.
+    pub attempt: u32,
+    /// The replica (`--replica-id`) and device of the newest attempt.
+    pub worker: String,
+    pub device: String,
+    /// The newest checkpoint file the job committed: a resumed run starts from it.
+    pub resume_path: Option<PathBuf>,
+    /// The running job's latest step (for watchers on replicas that do not run it).
+    pub progress: Option<Progress>,
 }
 
 /// A BOOLEAN column, selected as `CAST(… AS INTEGER)`.
@@ -93,7 +102,7 @@ fn flag(r: &AnyRow, column: &str) -> Result<bool> {
     Ok(r.try_get::<i64, _>(column)? != 0)
 }
 
-fn uuid(s: &str) -> Result<Uuid> {
+pub(super) fn uuid(s: &str) -> Result<Uuid> {
     Uuid::parse_str(s).with_context(|| format!("bad uuid '{s}' in the store"))
 }
 
@@ -121,6 +130,11 @@ impl JobRow {
             unclean_exits: 0,
             run_open: false,
             created_by: String::new(),
+            attempt: 0,
+            worker: String::new(),
+            device: String::new(),
+            resume_path: None,
+            progress: None,
         }
     }
 
@@ -160,6 +174,15 @@ impl JobRow {
             unclean_exits: r.try_get::<i64, _>("unclean_exits")? as u32,
             run_open: flag(r, "run_open")?,
             created_by: r.try_get("created_by")?,
+            attempt: r.try_get::<i64, _>("attempt")? as u32,
+            worker: r.try_get("worker")?,
+            device: r.try_get("device")?,
+            resume_path: r
+                .try_get::<Option<String>, _>("resume_path")?
+                .map(PathBuf::from),
+            progress: r
+                .try_get::<Option<String>, _>("progress_json")?
+                .and_then(|p| serde_json::from_str(&p).ok()),
         })
     }
 }
@@ -174,6 +197,8 @@ pub struct CheckpointRow {
     pub path: PathBuf,
     pub is_best: bool,
     pub created_at_ms: i64,
+    /// The best checkpoint's copy (read when `path` was pruned).
+    pub copy_path: Option<PathBuf>,
 }
 
 impl CheckpointRow {
@@ -186,6 +211,9 @@ impl CheckpointRow {
             path: PathBuf::from(r.try_get::<String, _>("path")?),
             is_best: flag(r, "is_best")?,
             created_at_ms: r.try_get("created_at_ms")?,
+            copy_path: r
+                .try_get::<Option<String>, _>("copy_path")?
+                .map(PathBuf::from),
         })
     }
 }

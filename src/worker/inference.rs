@@ -2,7 +2,7 @@
 //! arrive together for the same model run as one batch.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use burn::tensor::backend::Backend;
@@ -106,6 +106,8 @@ pub struct Inference<B: Backend> {
     threads: usize,
     /// Most recently used last.
     cache: Vec<(Uuid, Arc<Loaded<B>>)>,
+    /// The ids in `cache`, for the router that picks a device for a request.
+    cached_ids: Arc<Mutex<Vec<Uuid>>>,
 }
 
 /// The reply of a request the device should work on: `None` for one whose caller is gone
@@ -148,7 +150,13 @@ impl<B: Backend> Inference<B> {
             label: spec.to_string(),
             threads: spec.replicas().max(1),
             cache: Vec::new(),
+            cached_ids: Arc::default(),
         }
+    }
+
+    /// Shares the ids of the cached models through `ids`.
+    pub fn publish_cache_to(&mut self, ids: Arc<Mutex<Vec<Uuid>>>) {
+        self.cached_ids = ids;
     }
 
     fn serve_all(&mut self, requests: Vec<Request>) {
@@ -312,6 +320,7 @@ impl<B: Backend> Inference<B> {
             self.cache.remove(0);
         }
         self.cache.push((model.checkpoint_id, loaded.clone()));
+        *self.cached_ids.lock().expect("cache ids") = self.cache.iter().map(|c| c.0).collect();
         Ok(loaded)
     }
 }

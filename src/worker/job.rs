@@ -3,6 +3,7 @@
 //! cancel or shutdown, then record how it ended.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,11 +14,14 @@ use tracing::{error, info, info_span, warn};
 use uuid::Uuid;
 
 use super::inference::Serve;
+use super::lease::Lease;
 use super::{JobUpdate, Request, WorkerContext};
 use crate::engine::model::Tlb;
-use crate::engine::train::{train, write_json, Outcome, TrainEvent, TrainObserver, CORRUPT_SUFFIX};
+use crate::engine::train::{
+    train_run, write_json, Outcome, Run, Start, TrainEvent, TrainObserver, CORRUPT_SUFFIX,
+};
 use crate::metrics::metrics;
-use crate::store::{job_dir, now_ms, CheckpointRow, JobRow, JobState};
+use crate::store::{job_dir, now_ms, CheckpointRow, Claimed, Fence, JobRow, JobState, LeaseLost};
 
 /// How often progress goes out to watchers at most.
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
@@ -27,58 +31,66 @@ pub(super) fn run_job<B: AutodiffBackend>(
     device: &B::Device,
     inference: &mut dyn Serve,
     rx: &Receiver<Request>,
-    job: JobRow,
+    claimed: Claimed,
 ) {
-    let span = info_span!("job", id = %job.id);
+    let Claimed {
+        fence,
+        job,
+        resumed,
+    } = claimed;
+    let span = info_span!("job", id = %fence.job, attempt = fence.attempt);
     let _enter = span.enter();
-    let id = job.id;
-    let block_on = |f| ctx.runtime.block_on(f);
+    let id = fence.job;
+    let job = match job {
+        Ok(job) => job,
+        Err(e) => {
+            // It would be claimed again and again: it ends here, saying why.
+            let message = format!("{e:#}");
+            error!(error = %message, "claimed a job whose row cannot be read");
+            finish(ctx, inference, rx, fence, JobState::Failed, &message, None);
+            return;
+        }
+    };
+    publish_state(ctx, id);
     if job.cancel_requested {
-        // Cancelled while the server was down.
-        finish(ctx, inference, rx, id, JobState::Cancelled, "", None);
+        // Cancelled while no worker ran it.
+        finish(ctx, inference, rx, fence, JobState::Cancelled, "", None);
         return;
     }
-    // The last server died running it: once too often (without a checkpoint between), and
+    // Its last owner died running it: once too often (without a checkpoint between), and
     // it is not resumed into the same death again.
-    let deaths = job.unclean_exits + u32::from(job.run_open);
-    if job.run_open && deaths >= ctx.crash_loop_limit {
+    let deaths = job.unclean_exits;
+    if resumed && deaths >= ctx.crash_loop_limit {
         let message = format!(
             "the server stopped {deaths} times while running this job (killed or crashed, \
              with no checkpoint saved in between); not resuming it again. See the server log \
              and the host's kernel log (e.g. the OOM killer) for why"
         );
         error!(deaths, "crash loop: job failed instead of resumed");
-        finish(ctx, inference, rx, id, JobState::Failed, &message, None);
+        finish(ctx, inference, rx, fence, JobState::Failed, &message, None);
         return;
     }
     let cancel = Arc::new(AtomicBool::new(false));
-    *ctx.running.lock().expect("running slot") = Some((id, cancel.clone()));
-    let resumed = job.state == JobState::Running;
-    match block_on(ctx.store.mark_running(id, resumed)) {
-        Ok(true) => publish_state(ctx, id),
-        Ok(false) => {
-            // Cancelled between being picked and starting.
-            *ctx.running.lock().expect("running slot") = None;
-            return;
-        }
-        Err(e) => {
-            error!(error = %format!("{e:#}"), "marking the job running");
-            *ctx.running.lock().expect("running slot") = None;
-            std::thread::sleep(Duration::from_secs(1));
-            return;
-        }
-    }
-    info!(resumed, "job started");
-    let result = train_job::<B>(ctx, device, inference, rx, &job, cancel.clone());
-    *ctx.running.lock().expect("running slot") = None;
+    ctx.running
+        .lock()
+        .expect("running jobs")
+        .insert(id, cancel.clone());
+    let lease = Lease::hold(ctx, fence, cancel.clone());
+    info!(resumed, device = %ctx.device_label, "job started");
+    let result = train_job::<B>(ctx, device, inference, rx, &job, &lease, cancel.clone());
+    ctx.running.lock().expect("running jobs").remove(&id);
+    let lost = lease.lost();
+    drop(lease);
     match result {
+        _ if lost => info!("job left to the worker that owns it now"),
+        Ok((Outcome::Abandoned, _)) => info!("job left to the worker that owns it now"),
         Ok((Outcome::Completed, test_accuracy)) => {
             info!(?test_accuracy, "job succeeded");
             finish(
                 ctx,
                 inference,
                 rx,
-                id,
+                fence,
                 JobState::Succeeded,
                 "",
                 test_accuracy,
@@ -86,21 +98,47 @@ pub(super) fn run_job<B: AutodiffBackend>(
         }
         Ok((Outcome::Interrupted, _)) if cancel.load(Ordering::SeqCst) => {
             info!("job cancelled");
-            finish(ctx, inference, rx, id, JobState::Cancelled, "", None)
+            finish(ctx, inference, rx, fence, JobState::Cancelled, "", None)
         }
         Ok((Outcome::Interrupted, _)) => {
-            // Server shutdown: the job stays RUNNING and resumes on the next start.
-            if let Err(e) = ctx.runtime.block_on(ctx.store.close_run(id)) {
-                error!(error = %format!("{e:#}"), "recording the clean stop");
+            // Shutdown: the job stays RUNNING; releasing the lease lets another worker
+            // resume it at once (or this server on its next start).
+            match ctx.runtime.block_on(ctx.store.release(fence)) {
+                Ok(()) => info!("job checkpointed and released for shutdown"),
+                Err(e) => error!(error = %format!("{e:#}"), "releasing the job's lease"),
             }
-            info!("job checkpointed for shutdown; resumes on restart");
         }
+        Err(e) if e.is::<LeaseLost>() => info!("job left to the worker that owns it now"),
         Err(e) => {
             let message = format!("{e:#}");
             warn!(error = %message, "job failed");
-            finish(ctx, inference, rx, id, JobState::Failed, &message, None)
+            finish(ctx, inference, rx, fence, JobState::Failed, &message, None)
         }
     }
+}
+
+/// Where a claimed job starts: from the checkpoints the store committed for it, newest first
+/// (the attempt that wrote them does not matter; an uncommitted file is never read).
+fn start_of(ctx: &WorkerContext, job: &JobRow) -> anyhow::Result<Start> {
+    let rows = ctx.runtime.block_on(ctx.store.list_checkpoints(job.id))?;
+    let mut newest_first: Vec<PathBuf> = job.resume_path.iter().cloned().collect();
+    for row in rows.iter().rev() {
+        if !newest_first.contains(&row.path) {
+            newest_first.push(row.path.clone());
+        }
+    }
+    let legacy_best = job_dir(&ctx.data_dir, job.id).join("checkpoints/best.ckpt");
+    let best = rows
+        .iter()
+        .filter(|r| r.is_best)
+        .flat_map(|r| {
+            [
+                r.copy_path.clone().unwrap_or(legacy_best.clone()),
+                r.path.clone(),
+            ]
+        })
+        .collect();
+    Ok(Start::From { newest_first, best })
 }
 
 fn train_job<B: AutodiffBackend>(
@@ -109,6 +147,7 @@ fn train_job<B: AutodiffBackend>(
     inference: &mut dyn Serve,
     rx: &Receiver<Request>,
     job: &JobRow,
+    lease: &Lease,
     cancel: Arc<AtomicBool>,
 ) -> anyhow::Result<(Outcome, Option<f64>)> {
     let dataset = ctx
@@ -150,9 +189,16 @@ fn train_job<B: AutodiffBackend>(
     if config.replicas == 0 {
         config.replicas = ctx.device.replicas();
     }
+    let run = Run {
+        dir: out,
+        attempt: Some(lease.fence.attempt),
+        start: start_of(ctx, job)?,
+    };
+    let label = ctx.device_label.as_str();
     let mut observer = JobObserver::<B> {
         ctx,
         job: id,
+        lease,
         cancel,
         inference,
         rx,
@@ -160,14 +206,14 @@ fn train_job<B: AutodiffBackend>(
         train_since: Instant::now(),
         train_busy: metrics()
             .device_busy_seconds
-            .with_label_values(&[&ctx.device.to_string(), "train"]),
+            .with_label_values(&[label, "train"]),
         train_speed: metrics()
             .train_images_per_second
-            .with_label_values(&[&ctx.device.to_string()]),
+            .with_label_values(&[label]),
         _backend: std::marker::PhantomData,
     };
     let run = catch_unwind(AssertUnwindSafe(|| {
-        train::<B>(&config, &splits, &out, device, true, &mut observer)
+        train_run::<B>(&config, &splits, &run, device, &mut observer)
     }));
     observer.count_train_time();
     observer.train_speed.set(0.0);
@@ -185,14 +231,15 @@ fn publish_state(ctx: &WorkerContext, id: Uuid) {
     }
 }
 
-/// Records how the job ended. The store may refuse for a while (a full disk): then this
-/// retries every second, answering inference meanwhile, until it is written or the server
-/// stops (the job then stays RUNNING and is resumed on the next start).
+/// Records how the job ended (fenced: not when another worker owns the job now). The store
+/// may refuse for a while (a full disk): then this retries every second, answering inference
+/// meanwhile, until it is written or the server stops (the job then stays RUNNING and is
+/// resumed when its lease runs out).
 fn finish(
     ctx: &WorkerContext,
     inference: &mut dyn Serve,
     rx: &Receiver<Request>,
-    id: Uuid,
+    fence: Fence,
     state: JobState,
     error: &str,
     test: Option<f64>,
@@ -200,9 +247,12 @@ fn finish(
     loop {
         match ctx
             .runtime
-            .block_on(ctx.store.finish(id, state, error, test))
+            .block_on(ctx.store.finish(fence, state, error, test))
         {
-            Ok(_) => return publish_state(ctx, id),
+            Ok(_) => return publish_state(ctx, fence.job),
+            Err(e) if e.is::<LeaseLost>() => {
+                return info!("job left to the worker that owns it now");
+            }
             Err(e) => error!(
                 error = %format!("{e:#}"),
                 state = state.as_str(),
@@ -224,6 +274,7 @@ fn finish(
 struct JobObserver<'a, B: AutodiffBackend> {
     ctx: &'a WorkerContext,
     job: Uuid,
+    lease: &'a Lease,
     cancel: Arc<AtomicBool>,
     inference: &'a mut dyn Serve,
     rx: &'a Receiver<Request>,
@@ -242,6 +293,7 @@ impl<B: AutodiffBackend> TrainObserver<B> for JobObserver<'_, B> {
         let ctx = self.ctx;
         match event {
             TrainEvent::Progress(p) => {
+                self.lease.set_progress(p);
                 self.train_speed.set(p.images_per_sec);
                 self.count_train_time();
                 let due = self
@@ -253,16 +305,18 @@ impl<B: AutodiffBackend> TrainObserver<B> for JobObserver<'_, B> {
                 }
             }
             TrainEvent::Epoch(m) => {
-                if let Err(e) = ctx.runtime.block_on(ctx.store.record_epoch(self.job, m)) {
-                    error!(error = %format!("{e:#}"), "recording an epoch");
+                let fence = self.lease.fence;
+                match ctx.runtime.block_on(ctx.store.record_epoch(fence, m)) {
+                    Ok(()) => ctx.publish(self.job, JobUpdate::Epoch(m.clone())),
+                    Err(e) => self.write_failed(e, "recording an epoch"),
                 }
-                ctx.publish(self.job, JobUpdate::Epoch(m.clone()));
             }
             TrainEvent::CheckpointSaved {
                 path,
                 epoch,
                 val_accuracy,
                 best,
+                copy,
                 seconds,
             } => {
                 metrics().checkpoint_write_seconds.observe(*seconds);
@@ -270,6 +324,11 @@ impl<B: AutodiffBackend> TrainObserver<B> for JobObserver<'_, B> {
                     .file_name()
                     .is_some_and(|n| n.to_string_lossy().starts_with("epoch-"));
                 if !is_epoch_file {
+                    // Written mid-epoch: the job resumes from it.
+                    let commit = ctx.store.commit_resume_point(self.lease.fence, path);
+                    if let Err(e) = ctx.runtime.block_on(commit) {
+                        self.write_failed(e, "recording a checkpoint");
+                    }
                     return;
                 }
                 let row = CheckpointRow {
@@ -280,10 +339,15 @@ impl<B: AutodiffBackend> TrainObserver<B> for JobObserver<'_, B> {
                     path: path.clone(),
                     is_best: *best,
                     created_at_ms: now_ms(),
+                    copy_path: copy.clone(),
                 };
-                match ctx.runtime.block_on(ctx.store.record_checkpoint(&row)) {
+                let fence = self.lease.fence;
+                match ctx
+                    .runtime
+                    .block_on(ctx.store.record_checkpoint(fence, &row))
+                {
                     Ok(()) => ctx.publish(self.job, JobUpdate::Checkpoint(row)),
-                    Err(e) => error!(error = %format!("{e:#}"), "recording a checkpoint"),
+                    Err(e) => self.write_failed(e, "recording a checkpoint"),
                 }
             }
             TrainEvent::CheckpointSkipped(skipped) => {
@@ -301,7 +365,13 @@ impl<B: AutodiffBackend> TrainObserver<B> for JobObserver<'_, B> {
     }
 
     fn should_stop(&mut self) -> bool {
-        self.cancel.load(Ordering::SeqCst) || self.ctx.stop.load(Ordering::SeqCst)
+        self.cancel.load(Ordering::SeqCst)
+            || self.ctx.stop.load(Ordering::SeqCst)
+            || self.lease.lost()
+    }
+
+    fn may_write(&mut self) -> bool {
+        self.lease.still_owned()
     }
 
     fn between_steps(&mut self, _model: &Tlb<B>) {
@@ -314,6 +384,15 @@ impl<B: AutodiffBackend> TrainObserver<B> for JobObserver<'_, B> {
 }
 
 impl<B: AutodiffBackend> JobObserver<'_, B> {
+    /// A store write of the run failed: when the job is another worker's now, the run stops.
+    fn write_failed(&self, e: anyhow::Error, what: &str) {
+        if e.is::<LeaseLost>() {
+            self.lease.mark_lost();
+        } else {
+            error!(error = %format!("{e:#}"), "{what}");
+        }
+    }
+
     /// Adds the time since the last mark to the device's training time (inference served in
     /// between counts as inference).
     fn count_train_time(&mut self) {

@@ -1,10 +1,15 @@
-//! The device worker: one thread owns the burn device and the models on it. It runs queued
-//! training jobs one at a time and, between training steps and when idle, answers inference
-//! requests, batching those that arrived together.
+//! The device workers: one thread per device owns it and the models on it. Each claims
+//! training jobs from the store on its own (one at a time, under a lease: `lease.rs`) and,
+//! between training steps and when idle, answers inference requests, batching those that
+//! arrived together. Inference goes to an idle device that has the model loaded, else any idle
+//! one (or to the `--inference-device` thread).
 
+mod devices;
 mod inference;
 mod job;
+mod lease;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,6 +21,8 @@ use crossbeam_channel::{Receiver, Sender};
 use tokio::sync::{broadcast, oneshot};
 use uuid::Uuid;
 
+pub use devices::device_labels;
+use devices::{ReadyAll, Slot};
 use inference::Serve as _;
 pub use inference::{AttentionResult, ClassifyResult};
 
@@ -58,6 +65,9 @@ impl Drop for Ticket {
     }
 }
 
+/// How often an idle worker looks for a job in the store.
+const IDLE_POLL: Duration = Duration::from_millis(500);
+
 /// What the worker is asked to do.
 pub enum Request {
     /// Class probabilities for planar RGB8 images of side [`crate::engine::infer::STORE_SIDE`].
@@ -96,8 +106,8 @@ pub enum JobUpdate {
 /// A job update with the job it belongs to.
 pub type JobEvent = Arc<(Uuid, JobUpdate)>;
 
-/// The running job and the flag that cancels it.
-pub type RunningSlot = Arc<Mutex<Option<(Uuid, Arc<AtomicBool>)>>>;
+/// The jobs this process runs, and the flags that cancel them.
+pub type RunningJobs = Arc<Mutex<HashMap<Uuid, Arc<AtomicBool>>>>;
 
 /// What the worker thread shares with the server.
 #[derive(Clone)]
@@ -107,13 +117,20 @@ pub struct WorkerContext {
     pub events: broadcast::Sender<JobEvent>,
     pub datasets: Datasets,
     pub data_dir: PathBuf,
-    pub running: RunningSlot,
-    /// Raised on shutdown: the running job checkpoints and stays resumable.
+    pub running: RunningJobs,
+    /// Raised on shutdown: running jobs checkpoint and release their leases.
     pub stop: Arc<AtomicBool>,
+    /// The device of this worker (set per thread by [`WorkerHandle::start`]) and its name in
+    /// the store and metrics (`cpu`, or `cpu#1` when a device is given twice).
     pub device: DeviceSpec,
+    pub device_label: String,
     /// A job the server died running this many times without a checkpoint in between is
     /// failed instead of resumed again.
     pub crash_loop_limit: u32,
+    /// This replica's name (`--replica-id`), the worker of the jobs it claims.
+    pub replica_id: String,
+    /// How long a claim holds a job without renewal (`--lease-seconds`).
+    pub lease: Duration,
 }
 
 impl WorkerContext {
@@ -123,17 +140,17 @@ impl WorkerContext {
     }
 }
 
-/// The server's end of the worker.
+/// The server's end of the workers.
 pub struct WorkerHandle {
-    /// To the device worker (jobs; inference too when it runs on the training device).
-    tx: Sender<Request>,
-    /// Where Classify/GetAttention go: `tx`, or the inference thread of another device.
-    infer_tx: Sender<Request>,
+    slots: Vec<Slot>,
+    /// The `--inference-device` thread, when there is one.
+    infer_tx: Option<Sender<Request>>,
     stop: Arc<AtomicBool>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     /// Images accepted for inference and not yet answered, and their bound.
     queued: Arc<AtomicUsize>,
     max_queued_images: usize,
+    next: AtomicUsize,
 }
 
 fn gone() -> ApiError {
@@ -141,29 +158,58 @@ fn gone() -> ApiError {
 }
 
 impl WorkerHandle {
-    /// Starts the worker thread; `ready` is called once the device answered a first operation
-    /// (or with why it did not). `inference_device`: `None`, the worker answers inference
-    /// between training steps; `Some(d)`, a thread of its own answers it on `d` (e.g. the CPU
-    /// beside a GPU), even during a step.
+    /// Starts a worker thread per device; `ready` is called once a device answered a first
+    /// operation (or with why none did). `inference_device`: `None`, the workers answer
+    /// inference between training steps; `Some(d)`, a thread of its own answers it on `d`
+    /// (e.g. the CPU beside a GPU), even during a step.
     pub fn start(
         ctx: WorkerContext,
+        devices: &[DeviceSpec],
         inference_device: Option<DeviceSpec>,
         max_queued_images: usize,
         ready: impl FnOnce(Result<(), String>) + Send + 'static,
     ) -> Self {
-        let (tx, rx) = crossbeam_channel::unbounded();
         let stop = ctx.stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("tlb-device-worker".into())
-            .spawn(move || {
-                let device = ctx.device.clone();
-                crate::with_backend!(device, |B, device| {
-                    Worker::<B>::new(ctx, device, rx).run(ready)
+        let all_ready = Arc::new(Mutex::new(ReadyAll {
+            left: devices.len(),
+            errors: Vec::new(),
+            ready: Some(Box::new(ready)),
+        }));
+        let mut threads = Vec::new();
+        let mut slots = Vec::new();
+        for (spec, label) in devices.iter().zip(device_labels(devices)) {
+            let (tx, rx) = crossbeam_channel::unbounded();
+            let slot = Slot {
+                tx,
+                alive: Arc::default(),
+                training: Arc::default(),
+                cached: Arc::default(),
+            };
+            let mut ctx = ctx.clone();
+            (ctx.device, ctx.device_label) = (spec.clone(), label.clone());
+            let (alive, training, cached) = (
+                slot.alive.clone(),
+                slot.training.clone(),
+                slot.cached.clone(),
+            );
+            let all_ready = all_ready.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("tlb-worker-{label}"))
+                .spawn(move || {
+                    let device = ctx.device.clone();
+                    let report = move |r: Result<(), String>| {
+                        alive.store(r.is_ok(), Ordering::SeqCst);
+                        ReadyAll::report(&all_ready, r)
+                    };
+                    crate::with_backend!(device, |B, device| {
+                        Worker::<B>::new(ctx, device, rx, training, cached).run(report)
+                    })
                 })
-            })
-            .expect("spawning the worker thread");
-        let mut threads = vec![thread];
-        let infer_tx = if let Some(inference_device) = inference_device {
+                .expect("spawning a worker thread");
+            threads.push(thread);
+            slots.push(slot);
+        }
+        let infer_tx = inference_device.map(|inference_device| {
             // Inference on a thread of its own, answering even while a step runs.
             let (infer_tx, infer_rx) = crossbeam_channel::unbounded();
             let stop = stop.clone();
@@ -180,16 +226,15 @@ impl WorkerHandle {
                 .expect("spawning the inference thread");
             threads.push(thread);
             infer_tx
-        } else {
-            tx.clone()
-        };
+        });
         Self {
-            tx,
+            slots,
             infer_tx,
             stop,
             threads: Mutex::new(threads),
             queued: Arc::new(AtomicUsize::new(0)),
             max_queued_images,
+            next: AtomicUsize::new(0),
         }
     }
 
@@ -221,7 +266,7 @@ impl WorkerHandle {
         ticket: Ticket,
     ) -> Result<ClassifyResult, ApiError> {
         let (reply, rx) = oneshot::channel();
-        self.infer_tx
+        self.route(model.checkpoint_id)
             .send(Request::Classify {
                 model,
                 images,
@@ -239,7 +284,7 @@ impl WorkerHandle {
         ticket: Ticket,
     ) -> Result<AttentionResult, ApiError> {
         let (reply, rx) = oneshot::channel();
-        self.infer_tx
+        self.route(model.checkpoint_id)
             .send(Request::Attention {
                 model,
                 image,
@@ -250,12 +295,14 @@ impl WorkerHandle {
         rx.await.map_err(|_| gone())?
     }
 
-    /// Tells the worker a job was queued.
+    /// Tells the workers a job was queued.
     pub fn wake(&self) {
-        let _ = self.tx.send(Request::Wake);
+        for slot in &self.slots {
+            let _ = slot.tx.send(Request::Wake);
+        }
     }
 
-    /// Asks the worker to checkpoint the running job and stop; returns when it has.
+    /// Asks the workers to checkpoint their running jobs and stop; returns when they have.
     pub fn stop_and_join(&self) {
         self.stop.store(true, Ordering::SeqCst);
         self.wake();
@@ -288,16 +335,26 @@ struct Worker<B: AutodiffBackend> {
     device: B::Device,
     rx: Receiver<Request>,
     inference: inference::Inference<B::InnerBackend>,
+    /// Raised while a job runs here (for the router).
+    training: Arc<AtomicBool>,
 }
 
 impl<B: AutodiffBackend> Worker<B> {
-    fn new(ctx: WorkerContext, device: B::Device, rx: Receiver<Request>) -> Self {
-        let inference = inference::Inference::new(device.clone(), &ctx.device);
+    fn new(
+        ctx: WorkerContext,
+        device: B::Device,
+        rx: Receiver<Request>,
+        training: Arc<AtomicBool>,
+        cached: Arc<Mutex<Vec<Uuid>>>,
+    ) -> Self {
+        let mut inference = inference::Inference::new(device.clone(), &ctx.device);
+        inference.publish_cache_to(cached);
         Self {
             ctx,
             device,
             rx,
             inference,
+            training,
         }
     }
 
@@ -317,35 +374,45 @@ impl<B: AutodiffBackend> Worker<B> {
                     Ok(Ok(v)) => format!("read back {v:?}"),
                     Err(_) => "the backend panicked".into(),
                 };
-                let why = format!("device {:?} is not usable: {why}", self.ctx.device);
+                let why = format!("device {} is not usable: {why}", self.ctx.device_label);
                 tracing::error!("{why}");
                 ready(Err(why));
                 return;
             }
         }
-        tracing::info!(device = ?self.ctx.device, "device worker ready");
+        let device = self.ctx.device_label.clone();
+        tracing::info!(%device, "device worker ready");
         ready(Ok(()));
+        let lease_ms = self.ctx.lease.as_millis() as i64;
         while !self.ctx.stop.load(Ordering::SeqCst) {
             self.inference.serve_pending(&self.rx);
-            let next = self.ctx.runtime.block_on(self.ctx.store.next_runnable());
-            match next {
-                Ok(Some(job)) => {
-                    job::run_job::<B>(&self.ctx, &self.device, &mut self.inference, &self.rx, job)
+            let ctx = &self.ctx;
+            let claim = ctx
+                .runtime
+                .block_on(ctx.store.claim(&ctx.replica_id, &device, lease_ms));
+            match claim {
+                Ok(Some(claimed)) => {
+                    self.training.store(true, Ordering::SeqCst);
+                    job::run_job::<B>(ctx, &self.device, &mut self.inference, &self.rx, claimed);
+                    self.training.store(false, Ordering::SeqCst);
                 }
                 Ok(None) => {
-                    // Idle: wait for a request or a new job.
-                    if let Ok(first) = self.rx.recv_timeout(Duration::from_secs(5)) {
+                    // Idle: wait for a request, a wake-up, or the next look at the store (a
+                    // job queued through another replica, or one whose lease ran out).
+                    if let Ok(first) = self.rx.recv_timeout(IDLE_POLL) {
                         self.inference.serve_with(first, &self.rx);
                     }
                 }
                 Err(e) => {
                     tracing::error!(error = %format!("{e:#}"), "reading the job queue");
-                    std::thread::sleep(Duration::from_secs(1));
+                    if let Ok(first) = self.rx.recv_timeout(Duration::from_secs(1)) {
+                        self.inference.serve_with(first, &self.rx);
+                    }
                 }
             }
         }
         // Answer what is already queued before going.
         self.inference.serve_pending(&self.rx);
-        tracing::info!("device worker stopped");
+        tracing::info!(%device, "device worker stopped");
     }
 }

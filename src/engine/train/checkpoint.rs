@@ -8,7 +8,7 @@
 //! (no checksum, written before it existed) are still read.
 
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use burn::module::Module;
@@ -16,6 +16,7 @@ use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::Backend;
 use serde::{Deserialize, Serialize};
 
+use super::ckpt_dir::Skipped;
 use super::config::TrainConfig;
 use crate::engine::model::Tlb;
 
@@ -225,126 +226,9 @@ pub fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
     write_atomic(path, &serde_json::to_vec_pretty(value)?)
 }
 
-/// The checkpoint files of a run directory.
-#[derive(Debug, Clone)]
-pub struct CheckpointDir(pub PathBuf);
-
-impl CheckpointDir {
-    pub fn epoch_path(&self, epoch: usize) -> PathBuf {
-        self.0.join(format!("epoch-{epoch:04}.ckpt"))
-    }
-    pub fn best_path(&self) -> PathBuf {
-        self.0.join("best.ckpt")
-    }
-    /// Written when a run stops mid-epoch (cancel, time budget, shutdown).
-    pub fn interrupted_path(&self) -> PathBuf {
-        self.0.join("last.ckpt")
-    }
-
-    /// Epoch checkpoints, oldest first.
-    pub fn epochs(&self) -> Vec<(usize, PathBuf)> {
-        let mut found: Vec<(usize, PathBuf)> = std::fs::read_dir(&self.0)
-            .into_iter()
-            .flatten()
-            .filter_map(|e| e.ok())
-            .filter_map(|e| {
-                let name = e.file_name().to_string_lossy().into_owned();
-                let n = name
-                    .strip_prefix("epoch-")?
-                    .strip_suffix(".ckpt")?
-                    .parse()
-                    .ok()?;
-                Some((n, e.path()))
-            })
-            .collect();
-        found.sort();
-        found
-    }
-
-    /// The newest intact state to resume from: the mid-epoch one (written only when it is
-    /// ahead of the last epoch file), else the epoch files newest first; `best.ckpt` (a copy
-    /// of the best epoch, written separately) when it is further ahead than those. A file
-    /// that fails verification is renamed aside (`*.corrupt`) and reported in `skipped`.
-    pub fn latest(&self) -> Resume {
-        let mut skipped = Vec::new();
-        let mut read = |path: PathBuf| match Checkpoint::read(&path) {
-            Ok(c) => Some(c),
-            Err(e) => {
-                skipped.push(quarantine(&path, e));
-                None
-            }
-        };
-        let interrupted = self.interrupted_path();
-        let newest = std::iter::once(interrupted)
-            .filter(|p| p.exists())
-            .chain(self.epochs().into_iter().rev().map(|(_, p)| p))
-            .find_map(&mut read);
-        let best = Some(self.best_path())
-            .filter(|p| p.exists())
-            .and_then(&mut read);
-        let checkpoint = match (newest, best) {
-            (Some(n), Some(b)) if b.meta.global_step > n.meta.global_step => Some(b),
-            (Some(n), _) => Some(n),
-            (None, b) => b,
-        };
-        Resume {
-            checkpoint,
-            skipped,
-        }
-    }
-
-    /// The checkpoint of the best epoch `epoch`: `best.ckpt` when it holds that epoch, else
-    /// the epoch file (then copied to `best.ckpt` again). A file that fails verification is
-    /// renamed aside and reported in `skipped`.
-    pub fn best(&self, epoch: usize, skipped: &mut Vec<Skipped>) -> Option<Checkpoint> {
-        for path in [self.best_path(), self.epoch_path(epoch)] {
-            if !path.exists() {
-                continue;
-            }
-            match Checkpoint::read(&path) {
-                Ok(c) if c.meta.epoch == epoch => {
-                    if path != self.best_path() {
-                        let _ = c.write(&self.best_path());
-                    }
-                    return Some(c);
-                }
-                // A best of a run past the resumed position (its newer files were corrupt).
-                Ok(_) => {}
-                Err(e) => skipped.push(quarantine(&path, e)),
-            }
-        }
-        None
-    }
-
-    /// Deletes epoch checkpoints beyond the newest `keep`.
-    pub fn prune(&self, keep: usize) {
-        let all = self.epochs();
-        let n = all.len().saturating_sub(keep.max(1));
-        for (_, path) in all.into_iter().take(n) {
-            let _ = std::fs::remove_file(path);
-        }
-    }
-}
-
-/// What [`CheckpointDir::latest`] found.
-#[derive(Debug, Default)]
-pub struct Resume {
-    /// The newest intact checkpoint, if any.
-    pub checkpoint: Option<Checkpoint>,
-    /// Newer checkpoints that failed verification, newest first.
-    pub skipped: Vec<Skipped>,
-}
-
-/// A checkpoint file that was passed over, and why.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Skipped {
-    pub path: PathBuf,
-    pub reason: String,
-}
-
 /// Renames a checkpoint that failed to read to `<name>.corrupt` (kept for a post-mortem, never
 /// read again) and says why it was skipped.
-fn quarantine(path: &Path, error: anyhow::Error) -> Skipped {
+pub(super) fn quarantine(path: &Path, error: anyhow::Error) -> Skipped {
     let mut aside = path.as_os_str().to_owned();
     aside.push(CORRUPT_SUFFIX);
     let _ = std::fs::rename(path, &aside);

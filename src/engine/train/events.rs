@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
-use super::checkpoint::Skipped;
+use super::ckpt_dir::Skipped;
 
 /// A figure that may be NaN or infinite: JSON has no such numbers, so it is written as `null`
 /// and read back as NaN (a diverged run's metrics are stored and served, never an error).
@@ -91,6 +91,8 @@ pub enum TrainEvent {
         epoch: usize,
         val_accuracy: Option<f64>,
         best: bool,
+        /// Where the best model's copy was written, when this checkpoint is the best so far.
+        copy: Option<PathBuf>,
         /// Time to serialise and write the file (fsync and rename included).
         seconds: f64,
     },
@@ -105,6 +107,9 @@ pub enum Outcome {
     Completed,
     /// Stopped on request; the last checkpoint resumes it.
     Interrupted,
+    /// Stopped because the run belongs to someone else now ([`TrainObserver::may_write`]
+    /// said no): nothing more was written.
+    Abandoned,
 }
 
 /// Receives a run's events, and can stop it (checked between steps).
@@ -113,6 +118,12 @@ pub trait TrainObserver<B: burn::tensor::backend::AutodiffBackend> {
     /// True when the run should checkpoint and stop.
     fn should_stop(&mut self) -> bool {
         false
+    }
+    /// Asked right before the run writes its files (metrics, checkpoints): false when the run
+    /// is no longer this process's to write (another worker took the job over). The run then
+    /// stops at once, writing nothing more.
+    fn may_write(&mut self) -> bool {
+        true
     }
     /// Called between optimiser steps with the current weights: a place to serve inference.
     fn between_steps(&mut self, _model: &crate::engine::model::Tlb<B>) {}

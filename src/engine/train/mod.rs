@@ -1,6 +1,7 @@
 //! Training: recipes, the loop, evaluation, checkpoints and export.
 
 mod checkpoint;
+mod ckpt_dir;
 mod config;
 mod eval;
 mod events;
@@ -11,9 +12,10 @@ mod step;
 mod trainer;
 
 pub use checkpoint::{
-    record_bytes, remove_stale_temp_files, write_atomic, write_json, Checkpoint, CheckpointDir,
-    CheckpointMeta, Resume, Skipped, CORRUPT_SUFFIX,
+    record_bytes, remove_stale_temp_files, write_atomic, write_json, Checkpoint, CheckpointMeta,
+    CORRUPT_SUFFIX,
 };
+pub use ckpt_dir::{CheckpointDir, Resume, Skipped, Start};
 pub use config::{Preset, Schedule, TrainConfig};
 pub use eval::{batch_tensors, cpu_threads, evaluate, forward_sharded, loss_and_correct};
 pub use events::{
@@ -24,4 +26,4 @@ pub use export::{export_safetensors, named_tensors};
 pub use memory::{human_bytes, param_count, Footprint};
 pub use run_dir::RunDir;
 pub use step::{replica, step_grads, step_grads_with, StepGrads};
-pub use trainer::train;
+pub use trainer::{train, train_run, Run};

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
-use super::checkpoint::{write_atomic, CheckpointDir};
+use super::checkpoint::write_atomic;
+use super::ckpt_dir::CheckpointDir;
 use super::events::EpochMetrics;
 
 /// Files of one run: `config.json`, `metrics.jsonl`, `checkpoints/`.
@@ -14,8 +15,12 @@ use super::events::EpochMetrics;
 pub struct RunDir(pub PathBuf);
 
 impl RunDir {
-    pub fn checkpoints(&self) -> CheckpointDir {
-        CheckpointDir(self.0.join("checkpoints"))
+    /// The checkpoints of one attempt (`None`: a local run).
+    pub fn checkpoints(&self, attempt: Option<u32>) -> CheckpointDir {
+        CheckpointDir {
+            dir: self.0.join("checkpoints"),
+            attempt,
+        }
     }
     pub fn metrics_path(&self) -> PathBuf {
         self.0.join("metrics.jsonl")

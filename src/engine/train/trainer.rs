@@ -1,7 +1,7 @@
 //! The training loop: AdamW steps over prefetched batches, per-epoch validation, atomic
 //! checkpoints, exact resume, and the test figure of the best-by-validation model.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -10,9 +10,8 @@ use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Tensor};
 
-use super::checkpoint::{
-    load_record, record_bytes, write_json, Checkpoint, CheckpointMeta, Resume,
-};
+use super::checkpoint::{load_record, record_bytes, write_json, Checkpoint, CheckpointMeta};
+use super::ckpt_dir::{Resume, Start};
 use super::config::TrainConfig;
 use super::eval::{batch_tensors, evaluate};
 use super::events::{EpochMetrics, FinalMetrics, Outcome, Progress, TrainEvent, TrainObserver};
@@ -37,6 +36,33 @@ pub fn train<B: AutodiffBackend>(
     resume: bool,
     observer: &mut dyn TrainObserver<B>,
 ) -> Result<(Outcome, FinalMetrics)> {
+    let run = Run {
+        dir: out.to_path_buf(),
+        attempt: None,
+        start: if resume { Start::Newest } else { Start::Fresh },
+    };
+    train_run(config, splits, &run, device, observer)
+}
+
+/// One run of a training: its directory, the attempt it is (tagging its checkpoint files;
+/// `None` for a local run) and where it starts.
+#[derive(Debug, Clone)]
+pub struct Run {
+    pub dir: PathBuf,
+    pub attempt: Option<u32>,
+    pub start: Start,
+}
+
+/// Trains `config` on `splits` as `run` says; see [`train`].
+pub fn train_run<B: AutodiffBackend>(
+    config: &TrainConfig,
+    splits: &Splits,
+    run: &Run,
+    device: &B::Device,
+    observer: &mut dyn TrainObserver<B>,
+) -> Result<(Outcome, FinalMetrics)> {
+    let out = run.dir.as_path();
+    let resume = run.start.resumes();
     config.validate()?;
     let classes = splits.class_names().len();
     if config.model.num_classes != classes {
@@ -48,9 +74,10 @@ pub fn train<B: AutodiffBackend>(
     if splits.train.is_empty() || splits.val.is_empty() {
         bail!("the dataset needs at least one training and one validation image");
     }
-    let run = RunDir(out.to_path_buf());
-    let ckpts = run.checkpoints();
-    std::fs::create_dir_all(&ckpts.0).with_context(|| format!("creating {}", ckpts.0.display()))?;
+    let ckpts = RunDir(out.to_path_buf()).checkpoints(run.attempt);
+    let run_files = RunDir(out.to_path_buf());
+    std::fs::create_dir_all(&ckpts.dir)
+        .with_context(|| format!("creating {}", ckpts.dir.display()))?;
 
     // Initial weights come from the run's seed too.
     B::seed(device, mix64(config.seed));
@@ -72,10 +99,10 @@ pub fn train<B: AutodiffBackend>(
     let Resume {
         checkpoint: latest,
         mut skipped,
-    } = if resume {
-        ckpts.latest()
-    } else {
-        Resume::default()
+    } = match &run.start {
+        Start::Fresh => Resume::default(),
+        Start::Newest => ckpts.latest(),
+        Start::From { newest_first, best } => Resume::newest_of(newest_first, best),
     };
     for s in &skipped {
         observer.event(&TrainEvent::CheckpointSkipped(s.clone()));
@@ -113,13 +140,16 @@ pub fn train<B: AutodiffBackend>(
         for p in [
             ckpts.best_path(),
             ckpts.interrupted_path(),
-            run.metrics_path(),
+            run_files.metrics_path(),
         ] {
             let _ = std::fs::remove_file(p);
         }
     }
+    if !observer.may_write() {
+        return Ok(abandoned(&meta, Instant::now()));
+    }
     if resume {
-        run.keep_metrics_through(meta.epoch)?;
+        run_files.keep_metrics_through(meta.epoch)?;
     }
     write_json(&out.join("config.json"), config)?;
 
@@ -132,7 +162,9 @@ pub fn train<B: AutodiffBackend>(
     // The best model so far, as of the checkpoint resumed from (`best.ckpt` may be newer when
     // a newer checkpoint was corrupt, or be corrupt itself: then the epoch file serves).
     let reported = skipped.len();
-    let best = meta.best_epoch.and_then(|e| ckpts.best(e, &mut skipped));
+    let best = meta
+        .best_epoch
+        .and_then(|e| ckpts.best_of(&ckpts.best_candidates(&run.start, e), e, &mut skipped));
     for s in &skipped[reported..] {
         observer.event(&TrainEvent::CheckpointSkipped(s.clone()));
     }
@@ -260,7 +292,10 @@ pub fn train<B: AutodiffBackend>(
             images_per_sec: seen as f64 / epoch_start.elapsed().as_secs_f64().max(1e-9),
             data_wait_fraction: wait / epoch_start.elapsed().as_secs_f64().max(1e-9),
         };
-        run.append_metrics(&metrics)?;
+        if !observer.may_write() {
+            return Ok(abandoned(&meta, started));
+        }
+        run_files.append_metrics(&metrics)?;
         observer.event(&TrainEvent::Epoch(metrics));
         meta.epoch += 1;
         meta.step_in_epoch = 0;
@@ -276,8 +311,14 @@ pub fn train<B: AutodiffBackend>(
         let path = ckpts.epoch_path(meta.epoch);
         ckpt.write(&path)?;
         let seconds = written.elapsed().as_secs_f64();
-        if is_best {
-            ckpt.write(&ckpts.best_path())?;
+        let copy = is_best.then(|| ckpts.best_path());
+        if let Some(copy) = &copy {
+            ckpt.write(copy)?;
+        }
+        if !observer.may_write() {
+            // Lost while writing: the file would never count; it goes.
+            let _ = std::fs::remove_file(&path);
+            return Ok(abandoned(&meta, started));
         }
         let _ = std::fs::remove_file(ckpts.interrupted_path());
         ckpts.prune(config.keep_last);
@@ -286,33 +327,33 @@ pub fn train<B: AutodiffBackend>(
             epoch: meta.epoch,
             val_accuracy: Some(val_accuracy),
             best: is_best,
+            copy,
             seconds,
         });
     }
 
+    if (outcome == Outcome::Interrupted || stopped_early) && !observer.may_write() {
+        return Ok(abandoned(&meta, started));
+    }
     if outcome == Outcome::Interrupted || stopped_early {
         // Keep the exact position so the run can be resumed (or extended) later.
         let path = ckpts.interrupted_path();
         let written = Instant::now();
         snapshot(&model, &optim, &meta)?.write(&path)?;
+        if !observer.may_write() {
+            let _ = std::fs::remove_file(&path);
+            return Ok(abandoned(&meta, started));
+        }
         observer.event(&TrainEvent::CheckpointSaved {
             path,
             epoch: meta.epoch,
             val_accuracy: meta.val_accuracy,
             best: false,
+            copy: None,
             seconds: written.elapsed().as_secs_f64(),
         });
         if outcome == Outcome::Interrupted {
-            let partial = FinalMetrics {
-                epochs_completed: meta.epoch,
-                best_epoch: meta.best_epoch,
-                best_val_accuracy: meta.best_val_accuracy,
-                test_accuracy: None,
-                test_loss: None,
-                train_seconds: started.elapsed().as_secs_f64(),
-                stopped_early: true,
-            };
-            return Ok((outcome, partial));
+            return Ok((outcome, partial(&meta, started)));
         }
     }
 
@@ -337,9 +378,30 @@ pub fn train<B: AutodiffBackend>(
         train_seconds: started.elapsed().as_secs_f64(),
         stopped_early,
     };
-    run.append_metrics(&summary)?;
+    if !observer.may_write() {
+        return Ok(abandoned(&meta, started));
+    }
+    run_files.append_metrics(&summary)?;
     observer.event(&TrainEvent::Finished(summary.clone()));
     Ok((Outcome::Completed, summary))
+}
+
+/// How far a run got when it was abandoned.
+fn abandoned(meta: &CheckpointMeta, started: Instant) -> (Outcome, FinalMetrics) {
+    (Outcome::Abandoned, partial(meta, started))
+}
+
+/// How far a run got when it stopped before its end.
+fn partial(meta: &CheckpointMeta, started: Instant) -> FinalMetrics {
+    FinalMetrics {
+        epochs_completed: meta.epoch,
+        best_epoch: meta.best_epoch,
+        best_val_accuracy: meta.best_val_accuracy,
+        test_accuracy: None,
+        test_loss: None,
+        train_seconds: started.elapsed().as_secs_f64(),
+        stopped_early: true,
+    }
 }
 
 fn snapshot<B: AutodiffBackend, O: Optimizer<Tlb<B>, B>>(

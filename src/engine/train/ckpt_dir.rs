@@ -1,0 +1,199 @@
+//! The checkpoint files of a run directory, and which of them a run resumes from.
+//!
+//! A run of a server job is one *attempt* (a claim of the job by a worker); its files carry the
+//! attempt in their names (`epoch-0002.a3.ckpt`, `best.a3.ckpt`, `last.a3.ckpt`), so two
+//! attempts never overwrite each other's files: a worker that lost its job cannot replace the
+//! new owner's checkpoints. Which files are the job's checkpoints is then the job store's
+//! word ([`Start::From`]). A local run (`tlb train`) has no attempts: `epoch-0002.ckpt`.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::checkpoint::{quarantine, Checkpoint};
+
+/// The checkpoint files of a run directory, as one attempt names and sees them.
+#[derive(Debug, Clone)]
+pub struct CheckpointDir {
+    pub dir: PathBuf,
+    /// The attempt whose files these are; `None`: a local run, untagged names.
+    pub attempt: Option<u32>,
+}
+
+/// Where a run starts.
+#[derive(Debug, Clone, Default)]
+pub enum Start {
+    /// From scratch; a local run's older files in the directory are removed.
+    #[default]
+    Fresh,
+    /// From the newest intact checkpoint in the directory (`tlb train --resume`).
+    Newest,
+    /// From the newest intact of these files, newest first (the checkpoints a job store
+    /// committed), with `best`: the files that may hold the best epoch's model. Empty lists
+    /// start from scratch.
+    From {
+        newest_first: Vec<PathBuf>,
+        best: Vec<PathBuf>,
+    },
+}
+
+impl Start {
+    pub fn resumes(&self) -> bool {
+        !matches!(self, Self::Fresh)
+    }
+}
+
+/// The attempt tag of a checkpoint file name (`a3` in `epoch-0002.a3.ckpt`); 0 when untagged.
+fn attempt_of(stem_rest: &str) -> Option<u32> {
+    match stem_rest {
+        "" => Some(0),
+        tag => tag.strip_prefix(".a")?.parse().ok(),
+    }
+}
+
+impl CheckpointDir {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            attempt: None,
+        }
+    }
+
+    fn named(&self, stem: &str) -> PathBuf {
+        match self.attempt {
+            Some(a) => self.dir.join(format!("{stem}.a{a}.ckpt")),
+            None => self.dir.join(format!("{stem}.ckpt")),
+        }
+    }
+    pub fn epoch_path(&self, epoch: usize) -> PathBuf {
+        self.named(&format!("epoch-{epoch:04}"))
+    }
+    pub fn best_path(&self) -> PathBuf {
+        self.named("best")
+    }
+    /// Written when a run stops mid-epoch (cancel, time budget, shutdown).
+    pub fn interrupted_path(&self) -> PathBuf {
+        self.named("last")
+    }
+
+    /// Epoch checkpoints of this attempt and earlier ones (untagged counting as 0), oldest
+    /// first: never a later attempt's, which this one must not touch.
+    pub fn epochs(&self) -> Vec<(usize, PathBuf)> {
+        let mine = self.attempt.unwrap_or(0);
+        let mut found: Vec<(usize, u32, PathBuf)> = std::fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let stem = name.strip_prefix("epoch-")?.strip_suffix(".ckpt")?;
+                let (digits, rest) = stem.split_at(stem.find('.').unwrap_or(stem.len()));
+                let attempt = attempt_of(rest).filter(|a| *a <= mine)?;
+                Some((digits.parse().ok()?, attempt, e.path()))
+            })
+            .collect();
+        found.sort();
+        found.into_iter().map(|(n, _, p)| (n, p)).collect()
+    }
+
+    /// The newest intact state to resume from: the mid-epoch one (written only when it is
+    /// ahead of the last epoch file), else the epoch files newest first; `best.ckpt` (a copy
+    /// of the best epoch, written separately) when it is further ahead than those. A file
+    /// that fails verification is renamed aside (`*.corrupt`) and reported in `skipped`.
+    pub fn latest(&self) -> Resume {
+        let newest_first: Vec<PathBuf> = std::iter::once(self.interrupted_path())
+            .chain(self.epochs().into_iter().rev().map(|(_, p)| p))
+            .collect();
+        Resume::newest_of(&newest_first, &[self.best_path()])
+    }
+
+    /// The checkpoint of the best epoch `epoch` among `candidates` (the first holding it). A
+    /// file that fails verification is renamed aside and reported in `skipped`. When it came
+    /// from another file than this attempt's best copy, it is copied there again.
+    pub fn best_of(
+        &self,
+        candidates: &[PathBuf],
+        epoch: usize,
+        skipped: &mut Vec<Skipped>,
+    ) -> Option<Checkpoint> {
+        for path in candidates {
+            if !path.exists() {
+                continue;
+            }
+            match Checkpoint::read(path) {
+                Ok(c) if c.meta.epoch == epoch => {
+                    if *path != self.best_path() && self.attempt.is_none() {
+                        let _ = c.write(&self.best_path());
+                    }
+                    return Some(c);
+                }
+                // A best of a run past the resumed position (its newer files were corrupt).
+                Ok(_) => {}
+                Err(e) => skipped.push(quarantine(path, e)),
+            }
+        }
+        None
+    }
+
+    /// Where a run's best model of epoch `epoch` may be, for [`Self::best_of`].
+    pub fn best_candidates(&self, start: &Start, epoch: usize) -> Vec<PathBuf> {
+        match start {
+            Start::From { best, .. } => best.clone(),
+            _ => vec![self.best_path(), self.epoch_path(epoch)],
+        }
+    }
+
+    /// Deletes epoch checkpoints beyond the newest `keep` (of this attempt and earlier ones).
+    pub fn prune(&self, keep: usize) {
+        let all = self.epochs();
+        let n = all.len().saturating_sub(keep.max(1));
+        for (_, path) in all.into_iter().take(n) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// What a run resumes from.
+#[derive(Debug, Default)]
+pub struct Resume {
+    /// The newest intact checkpoint, if any.
+    pub checkpoint: Option<Checkpoint>,
+    /// Newer checkpoints that failed verification, newest first.
+    pub skipped: Vec<Skipped>,
+}
+
+impl Resume {
+    /// The first intact of `newest_first` (missing files passed over, bad ones quarantined),
+    /// or an intact one of `best` when that is further ahead.
+    pub fn newest_of(newest_first: &[PathBuf], best: &[PathBuf]) -> Self {
+        let mut skipped = Vec::new();
+        let mut read = |path: &Path| match Checkpoint::read(path) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                skipped.push(quarantine(path, e));
+                None
+            }
+        };
+        let newest = newest_first
+            .iter()
+            .filter(|p| p.exists())
+            .find_map(|p| read(p));
+        let best = best.iter().filter(|p| p.exists()).find_map(|p| read(p));
+        let checkpoint = match (newest, best) {
+            (Some(n), Some(b)) if b.meta.global_step > n.meta.global_step => Some(b),
+            (Some(n), _) => Some(n),
+            (None, b) => b,
+        };
+        Self {
+            checkpoint,
+            skipped,
+        }
+    }
+}
+
+/// A checkpoint file that was passed over, and why.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Skipped {
+    pub path: PathBuf,
+    pub reason: String,
+}

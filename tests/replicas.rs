@@ -1,0 +1,475 @@
+//! Replicas sharing one PostgreSQL job store and one data dir (real PostgreSQL, real `tlb
+//! serve` processes, leases of 3 s): jobs spread over both, a killed replica's job is taken
+//! over with the weights of an uninterrupted run, a paused owner writes nothing after the
+//! takeover, any replica cancels and watches any job, and one process runs a worker per
+//! device.
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime};
+
+use common::postgres::Postgres;
+use common::server::{encoded, get_job, png, start_job, start_request, Server};
+use common::write_synthetic_cifar;
+use tlb::engine::backend::{cpu_device, Cpu};
+use tlb::engine::train::{named_tensors, Checkpoint};
+use tlb::proto::v1 as pb;
+use tlb::proto::v1::job_event::Event;
+use tlb::proto::v1::training_service_client::TrainingServiceClient;
+use tlb::store::Store;
+use tonic::transport::Channel;
+
+/// Lease of the replicas; `TLB_TEST_LEASE_SECONDS=30` measures the default's takeover.
+fn lease_seconds() -> String {
+    std::env::var("TLB_TEST_LEASE_SECONDS").unwrap_or_else(|_| "3".into())
+}
+
+/// A replica on `root/data` (shared), datasets under `datasets`.
+fn replica(root: &Path, datasets: &Path, url: &str, id: &str, extra: &[&str]) -> Server {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tlb"));
+    cmd.args(["serve", "--addr", "127.0.0.1:0", "--data-dir"])
+        .arg(root.join("data"))
+        .arg("--datasets-root")
+        .arg(datasets)
+        .args(["--database-url", url, "--replica-id", id])
+        .args(["--lease-seconds", &lease_seconds()])
+        .args(extra)
+        .env("TLB_THREADS", "1")
+        .env("RUST_LOG", "warn");
+    Server::spawn(cmd, root)
+}
+
+fn shared_data() -> PathBuf {
+    let root = std::env::var("TLB_SHARED_DATA")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data").to_string());
+    let root = PathBuf::from(root);
+    assert!(
+        root.join("cifar10-mini/data_batch_1.bin").exists(),
+        "set TLB_SHARED_DATA: {} has no cifar10-mini",
+        root.display()
+    );
+    root
+}
+
+/// Polls GetJob until `done` holds (bounded by `timeout`).
+async fn wait_job(
+    client: &mut TrainingServiceClient<Channel>,
+    job: &str,
+    timeout: Duration,
+    what: &str,
+    done: impl Fn(&pb::Job) -> bool,
+) -> pb::Job {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let j = get_job(client, job).await;
+        if done(&j) {
+            return j;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {j:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn ended(j: &pb::Job) -> bool {
+    ![pb::JobState::Queued as i32, pb::JobState::Running as i32].contains(&j.state)
+}
+
+fn state(j: &pb::Job) -> pb::JobState {
+    pb::JobState::try_from(j.state).unwrap()
+}
+
+fn metric_epochs(root: &Path, job: &str) -> Vec<u64> {
+    std::fs::read_to_string(root.join("data/jobs").join(job).join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v.get("epoch").and_then(|e| e.as_u64()))
+        .collect()
+}
+
+/// The model weights of a job's last epoch checkpoint, as the store commits it (values, not
+/// record bytes: those hold burn's random parameter ids).
+async fn final_weights(store: &Store, job: &str) -> Vec<f32> {
+    let rows = store.list_checkpoints(job.parse().unwrap()).await.unwrap();
+    let last = rows.last().expect("a checkpoint");
+    let model = Checkpoint::read(&last.path)
+        .unwrap()
+        .into_model::<Cpu>(&cpu_device())
+        .unwrap();
+    named_tensors(&model)
+        .into_iter()
+        .flat_map(|t| t.values)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_the_queue_and_train_each_epoch_once() {
+    let Some(pg) = Postgres::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let datasets = dir.path().join("datasets");
+    write_synthetic_cifar(&datasets.join("synth"), 300, 50);
+    let a = replica(dir.path(), &datasets, &pg.url, "a", &[]);
+    let b = replica(dir.path(), &datasets, &pg.url, "b", &[]);
+    let mut clients = [a.training().await, b.training().await];
+    let mut jobs = Vec::new();
+    for i in 0..8 {
+        let request = start_request("tiny", 2, "synth");
+        jobs.push(start_job(&mut clients[i % 2], request).await);
+    }
+    let mut workers = HashSet::new();
+    for (i, job) in jobs.iter().enumerate() {
+        // Either replica answers about any job.
+        let client = &mut clients[(i + 1) % 2];
+        let j = wait_job(
+            client,
+            job,
+            Duration::from_secs(600),
+            "the job to end",
+            ended,
+        )
+        .await;
+        assert_eq!(state(&j), pb::JobState::Succeeded, "{j:?}");
+        assert_eq!((j.attempt, j.restarts, j.device.as_str()), (1, 0, "cpu"));
+        assert_eq!(metric_epochs(dir.path(), job), vec![1, 2], "job {job}");
+        workers.insert(j.worker);
+    }
+    assert_eq!(workers, HashSet::from(["a".to_string(), "b".to_string()]));
+
+    // Each replica classifies with a model the other may have trained (shared data dir).
+    for (server, job) in [
+        (&a, &jobs[0]),
+        (&b, &jobs[1]),
+        (&a, &jobs[3]),
+        (&b, &jobs[2]),
+    ] {
+        let answer = server
+            .inference()
+            .await
+            .classify(pb::ClassifyRequest {
+                model: job.clone(),
+                images: vec![encoded(png(32, 9))],
+                top_k: 1,
+            })
+            .await;
+        assert!(answer.is_ok(), "{answer:?}");
+    }
+}
+
+/// kill -9 of the replica running a `cpu-small` job on cifar10-mini: the other one takes it
+/// over when the lease runs out, resumes it from its newest committed checkpoint and ends with
+/// the weights of an uninterrupted run. Prints the takeover time (the figure for the README:
+/// `TLB_TEST_LEASE_SECONDS=30 cargo test --test replicas killed -- --nocapture`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replicas_job_is_taken_over_and_ends_with_the_same_weights() {
+    let Some(pg) = Postgres::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let datasets = shared_data();
+    let mut servers = [
+        Some(replica(dir.path(), &datasets, &pg.url, "a", &[])),
+        Some(replica(dir.path(), &datasets, &pg.url, "b", &[])),
+    ];
+    let request = || start_request("cpu-small", 2, "cifar10-mini");
+    let mut client = servers[0].as_ref().unwrap().training().await;
+    let job = start_job(&mut client, request()).await;
+    // Past its first checkpoint, into epoch 2.
+    let j = wait_job(
+        &mut client,
+        &job,
+        Duration::from_secs(900),
+        "epoch 1",
+        |j| j.epochs_completed >= 1,
+    )
+    .await;
+    assert_eq!(
+        j.epochs_completed, 1,
+        "the job ended before it could be killed"
+    );
+    let owner = usize::from(j.worker == "b");
+    let other = 1 - owner;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    servers[owner].as_mut().unwrap().signal_and_wait("KILL");
+    let killed = Instant::now();
+    servers[owner] = None;
+
+    let survivor = servers[other].as_ref().unwrap();
+    let mut client = survivor.training().await;
+    let survivor_id = ["a", "b"][other];
+    let j = wait_job(
+        &mut client,
+        &job,
+        Duration::from_secs(120),
+        "the takeover",
+        |j| j.attempt == 2 && j.worker == survivor_id,
+    )
+    .await;
+    println!(
+        "takeover after kill -9 with --lease-seconds {}: {:.1} s",
+        lease_seconds(),
+        killed.elapsed().as_secs_f64()
+    );
+    assert_eq!((j.restarts, state(&j)), (1, pb::JobState::Running));
+    let j = wait_job(
+        &mut client,
+        &job,
+        Duration::from_secs(900),
+        "the end",
+        ended,
+    )
+    .await;
+    assert_eq!(state(&j), pb::JobState::Succeeded, "{j:?}");
+    assert_eq!(metric_epochs(dir.path(), &job), vec![1, 2]);
+
+    // The same job, uninterrupted, on the survivor.
+    let reference = start_job(&mut client, request()).await;
+    let r = wait_job(
+        &mut client,
+        &reference,
+        Duration::from_secs(900),
+        "the end",
+        ended,
+    )
+    .await;
+    assert_eq!((state(&r), r.attempt), (pb::JobState::Succeeded, 1));
+    let store = Store::connect(Some(&pg.url), dir.path()).await.unwrap();
+    let (taken_over, uninterrupted) = (
+        final_weights(&store, &job).await,
+        final_weights(&store, &reference).await,
+    );
+    assert_eq!(taken_over.len(), uninterrupted.len());
+    let differing = taken_over
+        .iter()
+        .zip(&uninterrupted)
+        .filter(|(a, b)| a.to_bits() != b.to_bits())
+        .count();
+    assert_eq!(differing, 0, "weights differ from an uninterrupted run's");
+}
+
+/// The owner is paused (SIGSTOP) past its lease; the other replica takes the job over; the
+/// owner wakes up (SIGCONT) and writes nothing more for it: the store and the checkpoint
+/// files show only the new attempt from the takeover on, and the job succeeds once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_owner_writes_nothing_after_the_takeover() {
+    let Some(pg) = Postgres::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let datasets = dir.path().join("datasets");
+    write_synthetic_cifar(&datasets.join("synth"), 1500, 50);
+    let servers = [
+        replica(dir.path(), &datasets, &pg.url, "a", &[]),
+        replica(dir.path(), &datasets, &pg.url, "b", &[]),
+    ];
+    let epochs = 6;
+    let mut client = servers[0].training().await;
+    let job = start_job(&mut client, start_request("tiny", epochs, "synth")).await;
+    let j = wait_job(
+        &mut client,
+        &job,
+        Duration::from_secs(300),
+        "epoch 1",
+        |j| j.epochs_completed >= 1,
+    )
+    .await;
+    let owner = usize::from(j.worker == "b");
+    let other = 1 - owner;
+    let pid = servers[owner].child.id().to_string();
+    let signal = |sig: &str| {
+        let ok = Command::new("kill").args([sig, &pid]).status().unwrap();
+        assert!(ok.success(), "kill {sig}");
+    };
+    signal("-STOP");
+    let mut client = servers[other].training().await;
+    let new_owner = ["a", "b"][other];
+    let j = wait_job(
+        &mut client,
+        &job,
+        Duration::from_secs(60),
+        "the takeover",
+        |j| j.attempt == 2 && j.worker == new_owner,
+    )
+    .await;
+    let taken_at = SystemTime::now();
+    let epochs_at_takeover = j.epochs_completed;
+    // The new owner gets ahead, then the old one wakes up.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    signal("-CONT");
+    let j = wait_job(
+        &mut client,
+        &job,
+        Duration::from_secs(600),
+        "the end",
+        ended,
+    )
+    .await;
+    assert_eq!(state(&j), pb::JobState::Succeeded, "{j:?}");
+    // Time for the woken owner to misbehave, were it going to.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let j = get_job(&mut client, &job).await;
+    assert_eq!(
+        (j.attempt, j.worker.as_str(), j.epochs_completed),
+        (2, new_owner, epochs)
+    );
+    assert_eq!(
+        metric_epochs(dir.path(), &job),
+        (1..=epochs as u64).collect::<Vec<_>>()
+    );
+
+    // Rows: attempt 1 only for epochs it committed before the takeover.
+    let store = Store::connect(Some(&pg.url), dir.path()).await.unwrap();
+    for row in store.list_checkpoints(job.parse().unwrap()).await.unwrap() {
+        let name = row.path.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(
+            name.contains(".a2.") || row.epoch <= epochs_at_takeover,
+            "a row of the old attempt after the takeover: {name} (epoch {})",
+            row.epoch
+        );
+    }
+    // Files: nothing of attempt 1 written after the takeover.
+    let ckpts = dir.path().join("data/jobs").join(&job).join("checkpoints");
+    for entry in std::fs::read_dir(&ckpts).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let modified = entry.metadata().unwrap().modified().unwrap();
+        assert!(
+            !name.contains(".a1.") || modified < taken_at,
+            "{name} was written by the old owner after the takeover"
+        );
+    }
+    // The woken replica serves on, and agrees.
+    let mut woken = servers[owner].training().await;
+    let seen = get_job(&mut woken, &job).await;
+    assert_eq!((seen.attempt, state(&seen)), (2, pb::JobState::Succeeded));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_and_watch_through_the_replica_that_does_not_run_the_job() {
+    let Some(pg) = Postgres::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let datasets = dir.path().join("datasets");
+    write_synthetic_cifar(&datasets.join("synth"), 1500, 50);
+    let servers = [
+        replica(dir.path(), &datasets, &pg.url, "a", &[]),
+        replica(dir.path(), &datasets, &pg.url, "b", &[]),
+    ];
+    let mut client = servers[0].training().await;
+    let job = start_job(&mut client, start_request("tiny", 50, "synth")).await;
+    let j = wait_job(
+        &mut client,
+        &job,
+        Duration::from_secs(120),
+        "a worker",
+        |j| !j.worker.is_empty(),
+    )
+    .await;
+    let other = &servers[usize::from(j.worker == "a")];
+    let mut watcher = other.training().await;
+    let mut stream = watcher
+        .watch_job(pb::WatchJobRequest {
+            job_id: job.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Steps of a job running elsewhere arrive within about a second.
+    let progress = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match stream.message().await.unwrap().unwrap().event {
+                Some(Event::Progress(p)) => return p,
+                _ => continue,
+            }
+        }
+    })
+    .await
+    .expect("no progress event through the other replica");
+    assert!(progress.global_step >= 1);
+
+    let asked = Instant::now();
+    let mut canceller = other.training().await;
+    let answer = canceller
+        .cancel_job(pb::CancelJobRequest {
+            job_id: job.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state(&answer), pb::JobState::Cancelled, "{answer:?}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        asked.elapsed()
+    );
+    // The watch ends with the job's end.
+    let last = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut last = None;
+        while let Some(e) = stream.message().await.unwrap() {
+            last = e.event;
+        }
+        last
+    })
+    .await
+    .expect("the watch did not end");
+    assert!(
+        matches!(&last, Some(Event::State(j)) if state(j) == pb::JobState::Cancelled),
+        "{last:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_devices_in_one_process_run_two_jobs_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    write_synthetic_cifar(&dir.path().join("datasets/synth"), 1500, 50);
+    let server = Server::start(dir.path(), &["--device", "cpu", "--device", "cpu"]);
+    let mut client = server.training().await;
+    let a = start_job(&mut client, start_request("tiny", 50, "synth")).await;
+    let b = start_job(&mut client, start_request("tiny", 50, "synth")).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let devices = loop {
+        let jobs = client
+            .list_jobs(pb::ListJobsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .jobs;
+        let running: Vec<&pb::Job> = jobs
+            .iter()
+            .filter(|j| state(j) == pb::JobState::Running)
+            .collect();
+        if running.len() == 2 {
+            break running
+                .iter()
+                .map(|j| j.device.clone())
+                .collect::<HashSet<_>>();
+        }
+        assert!(Instant::now() < deadline, "never both running: {jobs:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(devices, HashSet::from(["cpu#0".into(), "cpu#1".into()]));
+    // Both finish epochs while the other one runs.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let now = (
+            get_job(&mut client, &a).await,
+            get_job(&mut client, &b).await,
+        );
+        assert!(!ended(&now.0) && !ended(&now.1), "{now:?}");
+        if now.0.epochs_completed >= 1 && now.1.epochs_completed >= 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "both jobs did not advance");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for job in [&a, &b] {
+        let j = client
+            .cancel_job(pb::CancelJobRequest {
+                job_id: job.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(state(&j), pb::JobState::Cancelled);
+    }
+}
