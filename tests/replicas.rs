@@ -473,3 +473,66 @@ async fn two_devices_in_one_process_run_two_jobs_at_once() {
         assert_eq!(state(&j), pb::JobState::Cancelled);
     }
 }
+
+/// SIGTERM: the owner checkpoints and releases its lease, and the other replica resumes the
+/// job at once, not when a (here 30 s) lease would have run out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_hands_the_job_to_the_other_replica_at_once() {
+    let Some(pg) = Postgres::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let datasets = dir.path().join("datasets");
+    write_synthetic_cifar(&datasets.join("synth"), 1500, 50);
+    let lease = ["--lease-seconds", "30"];
+    let mut servers = [
+        Some(replica(dir.path(), &datasets, &pg.url, "a", &lease)),
+        Some(replica(dir.path(), &datasets, &pg.url, "b", &lease)),
+    ];
+    let mut client = servers[0].as_ref().unwrap().training().await;
+    let job = start_job(&mut client, start_request("tiny", 50, "synth")).await;
+    let j = wait_job(
+        &mut client,
+        &job,
+        Duration::from_secs(120),
+        "epoch 1",
+        |j| j.epochs_completed >= 1,
+    )
+    .await;
+    let owner = usize::from(j.worker == "b");
+    let other = 1 - owner;
+    let stopped = Instant::now();
+    let status = servers[owner].as_mut().unwrap().signal_and_wait("TERM");
+    assert!(status.success(), "SIGTERM exit: {status}");
+    servers[owner] = None;
+    let mut client = servers[other].as_ref().unwrap().training().await;
+    let new_owner = ["a", "b"][other];
+    let j = wait_job(
+        &mut client,
+        &job,
+        Duration::from_secs(15),
+        "the hand-over",
+        |j| j.attempt == 2 && j.worker == new_owner,
+    )
+    .await;
+    println!(
+        "hand-over after SIGTERM: {:.1} s",
+        stopped.elapsed().as_secs_f64()
+    );
+    // A clean stop: a restart, not an unclean exit; it resumes where the owner stopped.
+    assert_eq!((j.restarts, state(&j)), (1, pb::JobState::Running));
+    let resumed = wait_job(&mut client, &job, Duration::from_secs(60), "a step", |j| {
+        j.epochs_completed > 0
+    })
+    .await;
+    assert!(resumed.epochs_completed >= j.epochs_completed);
+    let j = client
+        .cancel_job(pb::CancelJobRequest {
+            job_id: job.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state(&j), pb::JobState::Cancelled);
+    let epochs = metric_epochs(dir.path(), &job);
+    let unique: HashSet<_> = epochs.iter().collect();
+    assert_eq!(unique.len(), epochs.len(), "an epoch twice: {epochs:?}");
+}

@@ -459,7 +459,9 @@ async fn the_store_writes_again_as_soon_as_a_full_disk_has_space() {
     };
     let store = Store::open(&data).await.unwrap();
     let queued = || JobRow::queued("tiny", Preset::Tiny.config(), "cifar10", "x");
-    let (a, b) = (queued(), queued());
+    let (a, mut b) = (queued(), queued());
+    // `a` is the older one: the one claimed first.
+    b.created_at_ms = a.created_at_ms + 1;
     store.insert_job(&a).await.unwrap();
     store.insert_job(&b).await.unwrap();
     let fence = store

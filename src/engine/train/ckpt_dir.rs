@@ -143,12 +143,25 @@ impl CheckpointDir {
         }
     }
 
-    /// Deletes epoch checkpoints beyond the newest `keep` (of this attempt and earlier ones).
+    /// Deletes epoch checkpoints beyond the newest `keep` (of this attempt and earlier ones),
+    /// and the mid-epoch checkpoints of earlier attempts (an epoch file supersedes them).
     pub fn prune(&self, keep: usize) {
         let all = self.epochs();
         let n = all.len().saturating_sub(keep.max(1));
         for (_, path) in all.into_iter().take(n) {
             let _ = std::fs::remove_file(path);
+        }
+        let Some(mine) = self.attempt else { return };
+        for entry in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let older = name
+                .strip_prefix("last")
+                .and_then(|rest| rest.strip_suffix(".ckpt"))
+                .and_then(attempt_of)
+                .is_some_and(|a| a < mine);
+            if older {
+                let _ = std::fs::remove_file(entry.path());
+            }
         }
     }
 }
