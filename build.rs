@@ -1,4 +1,4 @@
-//! Compiles `proto/tlb/v1/*.proto` with a vendored protoc (no system package needed) and
+//! Compiles `proto/tlb/v1/*.proto` and `proto/inference/` (Open Inference Protocol) with a vendored protoc (no system package needed) and
 //! writes the descriptor set that server reflection serves.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -9,6 +9,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "proto/tlb/v1/training.proto",
         "proto/tlb/v1/inference.proto",
+        // The Open Inference Protocol (KServe v2), for Triton/KServe clients.
+        "proto/inference/grpc_predict_v2.proto",
     ];
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("tlb_descriptor.bin"))

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Ops check with plain grpcurl and JSON, no .proto files: reflection, health, a training job
-# on cifar10-mini, Classify and GetAttention. Prints "grpcurl: N passed, M failed".
+# on cifar10-mini, Classify and GetAttention, the Open Inference Protocol (grpcurl and
+# tritonclient, tests/open_inference.py). Prints "grpcurl: N passed, M failed".
 #   TLB_SHARED_DATA  folder holding cifar10-mini/ (default ../shared/data)
 #   TLB_BIN          the tlb binary (default: target/debug/tlb, built if missing)
 set -euo pipefail
@@ -93,6 +94,34 @@ check "GetAttention renders a PNG" bash -c "head -c 8 '$WORK/overlay.png' | od -
 grid=$(json 'd["gridHeight"] * d["gridWidth"] == len(d["tokenScores"])' <"$WORK/attention.json")
 check "token scores fill the grid" test "$grid" = True
 
+# --- The Open Inference Protocol (KServe v2) on the same port: by reflection, then through
+# Triton's own client (tritonclient[grpc], in a venv) against Classify/GetAttention. ---
+check "reflection lists inference.GRPCInferenceService" grep -qx inference.GRPCInferenceService <<<"$services"
+live=$("${G[@]}" "$ADDR" inference.GRPCInferenceService/ServerLive | json 'd.get("live", False)')
+check "ServerLive by grpcurl: true" test "$live" = True
+"${G[@]}" -d "{\"name\":\"$JOB\"}" "$ADDR" inference.GRPCInferenceService/ModelMetadata >"$WORK/oip-meta.json"
+outs=$(json '",".join(o["name"] for o in d["outputs"])' <"$WORK/oip-meta.json")
+check "ModelMetadata by grpcurl lists the outputs" test "$outs" = "probabilities,attention,labels"
+# Typed contents (what JSON clients send) instead of raw_input_contents.
+typed="{\"model_name\":\"$JOB\",\"id\":\"t1\",\"inputs\":[{\"name\":\"images\",\"datatype\":\"UINT8\",\"shape\":[1,2,2,3],\"contents\":{\"uint_contents\":[0,10,20,30,40,50,60,70,80,90,100,110]}}]}"
+"${G[@]}" -d "$typed" "$ADDR" inference.GRPCInferenceService/ModelInfer >"$WORK/oip-infer.json"
+typed_ok=$(json 'd["id"] == "t1" and [o["name"] for o in d["outputs"]] == ["probabilities", "labels"] and len(__import__("base64").b64decode(d["rawOutputContents"][0])) == 40' <"$WORK/oip-infer.json")
+check "ModelInfer by grpcurl with typed UINT8 contents: 10 FP32 probabilities" test "$typed_ok" = True
+big=$("${G[@]}" -d "{\"model_name\":\"$JOB\",\"inputs\":[{\"name\":\"images\",\"datatype\":\"UINT8\",\"shape\":[1,1,1,3],\"contents\":{\"uint_contents\":[1,2,300]}}]}" "$ADDR" inference.GRPCInferenceService/ModelInfer 2>&1 || true)
+check "a typed element over 255 is InvalidArgument" grep -q "Code: InvalidArgument" <<<"$big"
+PYVENV="${TLB_PY_VENV:-target/py-venv}"
+if ! "$PYVENV/bin/python" -c 'import tritonclient.grpc, grpc_tools, PIL, numpy' 2>/dev/null; then
+    [ -x "$PYVENV/bin/python" ] || python3 -m venv "$PYVENV"
+    "$PYVENV/bin/pip" install --quiet --disable-pip-version-check \
+        'tritonclient[grpc]' grpcio-tools numpy pillow
+fi
+mkdir -p "$WORK/stubs"
+"$PYVENV/bin/python" -m grpc_tools.protoc -I proto --python_out="$WORK/stubs" \
+    --grpc_python_out="$WORK/stubs" proto/tlb/v1/inference.proto
+"$PYVENV/bin/python" tests/open_inference.py "$ADDR" "$JOB" "$WORK/stubs" | tee "$WORK/oip.log"
+oip_failed=$(sed -n 's/^open-inference: [0-9]* passed, \([0-9]*\) failed$/\1/p' "$WORK/oip.log")
+check "tritonclient checks all pass" test "${oip_failed:-1}" = 0
+
 code=$("${G[@]}" -d '{"job_id":"nope"}' "$ADDR" tlb.v1.TrainingService/GetJob 2>&1 || true)
 check "a bad job id is InvalidArgument" grep -q "Code: InvalidArgument" <<<"$code"
 
@@ -148,6 +177,12 @@ for who in none wrong infer train admin; do
     expect "$(ok_or_401 OK)" "[$who] reflection list" "$tok" "$A" list
     expect "$(ok_or_401 OK)" "[$who] ListJobs" "$tok" "$A" tlb.v1.TrainingService/ListJobs
     expect "$(ok_or_401 OK)" "[$who] ListModels" "$tok" "$A" tlb.v1.InferenceService/ListModels
+    # The Open Inference Protocol takes the same tokens (any role may infer).
+    expect "$(ok_or_401 OK)" "[$who] ServerReady (open inference)" "$tok" "$A" \
+        inference.GRPCInferenceService/ServerReady
+    expect "$(ok_or_401 NotFound)" "[$who] ModelInfer of an unknown model" "$tok" \
+        -d "{\"model_name\":\"$(cat /proc/sys/kernel/random/uuid)\",\"inputs\":[{\"name\":\"images\",\"datatype\":\"UINT8\",\"shape\":[1,1,1,3],\"contents\":{\"uint_contents\":[1,2,3]}}]}" \
+        "$A" inference.GRPCInferenceService/ModelInfer
     writes=$([ "$who" = infer ] && echo PermissionDenied || echo InvalidArgument)
     expect "$(ok_or_401 "$writes")" "[$who] StartTraining" "$tok" -d '{"preset":"nope"}' \
         "$A" tlb.v1.TrainingService/StartTraining

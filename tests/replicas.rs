@@ -35,10 +35,12 @@ fn replica(root: &Path, datasets: &Path, url: &str, id: &str, extra: &[&str]) ->
         .arg("--datasets-root")
         .arg(datasets)
         .args(["--database-url", url, "--replica-id", id])
-        .args(["--lease-seconds", &lease_seconds()])
         .args(extra)
         .env("TLB_THREADS", "1")
         .env("RUST_LOG", "warn");
+    if !extra.contains(&"--lease-seconds") {
+        cmd.args(["--lease-seconds", &lease_seconds()]);
+    }
     Server::spawn(cmd, root)
 }
 

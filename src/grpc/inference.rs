@@ -20,20 +20,25 @@ const OVERLAY_RANGE: std::ops::RangeInclusive<u32> = 32..=1024;
 
 pub struct InferenceApi(pub AppState);
 
+/// The files a checkpoint row's model is read from.
+pub(super) fn model_ref(data_dir: &std::path::Path, row: &CheckpointRow) -> ModelRef {
+    ModelRef {
+        checkpoint_id: row.id,
+        path: row.path.clone(),
+        fallback: row.is_best.then(|| {
+            row.copy_path.clone().unwrap_or_else(|| {
+                // Written before copies were recorded.
+                job_dir(data_dir, row.job_id)
+                    .join("checkpoints")
+                    .join("best.ckpt")
+            })
+        }),
+    }
+}
+
 impl InferenceApi {
     fn model_ref(&self, row: &CheckpointRow) -> ModelRef {
-        ModelRef {
-            checkpoint_id: row.id,
-            path: row.path.clone(),
-            fallback: row.is_best.then(|| {
-                row.copy_path.clone().unwrap_or_else(|| {
-                    // Written before copies were recorded.
-                    job_dir(&self.0.data_dir, row.job_id)
-                        .join("checkpoints")
-                        .join("best.ckpt")
-                })
-            }),
-        }
+        model_ref(&self.0.data_dir, row)
     }
 
     /// A job id (its best checkpoint), a checkpoint id, or empty (the default model).
@@ -78,7 +83,10 @@ impl InferenceApi {
 }
 
 /// Decodes images off the async threads.
-async fn decode_all(images: Vec<pb::Image>, keep_rgb: bool) -> Result<Vec<Decoded>, ApiError> {
+pub(super) async fn decode_all(
+    images: Vec<pb::Image>,
+    keep_rgb: bool,
+) -> Result<Vec<Decoded>, ApiError> {
     tokio::task::spawn_blocking(move || {
         images
             .into_iter()

@@ -4,6 +4,7 @@
 pub mod convert;
 mod images;
 mod inference;
+mod oip;
 mod training;
 
 use std::path::PathBuf;
@@ -12,6 +13,7 @@ use std::sync::Arc;
 use tokio::sync::{broadcast, watch};
 
 pub use inference::InferenceApi;
+pub use oip::{OipApi, OnlyOpenInference};
 pub use training::TrainingApi;
 
 use crate::admission::Admission;

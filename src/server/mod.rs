@@ -24,8 +24,11 @@ use crate::datasets::{
 };
 use crate::engine::backend::DeviceSpec;
 use crate::engine::train::remove_stale_temp_files;
-use crate::grpc::{AppState, InferenceApi, TrainingApi, MAX_MESSAGE_BYTES};
+use crate::grpc::{
+    AppState, InferenceApi, OipApi, OnlyOpenInference, TrainingApi, MAX_MESSAGE_BYTES,
+};
 use crate::metrics::RpcMetricsLayer;
+use crate::proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::proto::v1::inference_service_server::InferenceServiceServer;
 use crate::proto::v1::training_service_server::TrainingServiceServer;
 use crate::store::Store;
@@ -33,7 +36,11 @@ use crate::worker::{WorkerContext, WorkerHandle};
 use endpoints::{reload_on_sighup, serve_metrics, tls_config};
 use lock::DataDirLock;
 
-const SERVICES: [&str; 2] = ["tlb.v1.TrainingService", "tlb.v1.InferenceService"];
+const SERVICES: [&str; 3] = [
+    "tlb.v1.TrainingService",
+    "tlb.v1.InferenceService",
+    "inference.GRPCInferenceService",
+];
 
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
@@ -316,9 +323,15 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
         .build_v1alpha()?;
     let training = TrainingServiceServer::new(TrainingApi(state.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
-    let inference = InferenceServiceServer::new(InferenceApi(state))
+    let inference = InferenceServiceServer::new(InferenceApi(state.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    // The Open Inference Protocol (KServe v2) on the same port, for Triton/KServe clients.
+    let open_inference = OnlyOpenInference(
+        GrpcInferenceServiceServer::new(OipApi(state))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+    );
 
     let listener = tokio::net::TcpListener::bind(args.addr)
         .await
@@ -361,6 +374,7 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
         .layer(AuthLayer { tokens })
         .add_service(training)
         .add_service(inference)
+        .add_service(open_inference)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

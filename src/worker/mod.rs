@@ -295,6 +295,11 @@ impl WorkerHandle {
         rx.await.map_err(|_| gone())?
     }
 
+    /// Whether at least one device answered its first operation.
+    pub fn any_device_ready(&self) -> bool {
+        self.slots.iter().any(|s| s.alive.load(Ordering::SeqCst))
+    }
+
     /// Tells the workers a job was queued.
     pub fn wake(&self) {
         for slot in &self.slots {
