@@ -250,6 +250,44 @@ mod resume {
         assert!(err.to_string().contains("another config"), "{err}");
     }
 
+    /// Under a time budget the run plans its epochs from the first one's time, and its cosine
+    /// schedule ends annealed at the planned end instead of being cut off high.
+    #[test]
+    fn a_time_budget_plans_the_epochs_and_anneals_by_its_end() {
+        let _serial = super::serial();
+        let tmp = tempfile::tempdir().unwrap();
+        let splits = data(&tmp.path().join("data"));
+        let device = cpu_device();
+        let mut cfg = config();
+        cfg.epochs = 10_000;
+        cfg.max_minutes = 0.05; // 3 s
+        let out = tmp.path().join("run");
+        let (outcome, summary) =
+            train::<CpuAutodiff>(&cfg, &splits, &out, &device, false, &mut quiet()).unwrap();
+        assert_eq!(outcome, Outcome::Completed);
+        let dir = CheckpointDir::new(out.join("checkpoints"));
+        let (_, newest) = dir.epochs().pop().unwrap();
+        let planned = Checkpoint::read(&newest).unwrap().meta.planned_epochs;
+        let planned = planned.expect("a budgeted run plans its epochs");
+        assert!((1..10_000).contains(&planned), "{planned}");
+        assert!(summary.epochs_completed <= planned, "{summary:?}");
+        // The schedule of the plan reaches its floor at the planned end.
+        let spe = splits.train.len().div_ceil(cfg.batch_size);
+        let last = cfg.lr_at(planned * spe - 1, spe, planned);
+        let floor = cfg.lr * cfg.min_lr_ratio;
+        assert!(
+            last < floor * 1.05 + 1e-12,
+            "lr {last} at the end, floor {floor}"
+        );
+        // Without a budget, nothing is planned.
+        assert_eq!(cfg.epochs_within(100.0, 9.0), 10);
+        cfg.epochs = 4;
+        assert_eq!(
+            (cfg.epochs_within(100.0, 9.0), cfg.epochs_within(1.0, 9.0)),
+            (4, 1)
+        );
+    }
+
     #[test]
     fn export_writes_documented_pytorch_names_and_layouts() {
         let _serial = super::serial();

@@ -43,6 +43,11 @@ pub struct CheckpointMeta {
     pub val_accuracy: Option<f64>,
     pub best_val_accuracy: Option<f64>,
     pub best_epoch: Option<usize>,
+    /// Epochs the run plans to train under its time budget (`max_minutes`), fixed after its
+    /// first epoch from that epoch's measured time, so the schedule anneals by the end of the
+    /// budget on any host. `None`: no budget, or not planned yet; then `config.epochs`.
+    #[serde(default)]
+    pub planned_epochs: Option<usize>,
 }
 
 /// A checkpoint in memory: its metadata and the raw records.

@@ -179,6 +179,14 @@ impl TrainConfig {
     }
 
     /// Validates the model and the recipe, naming the offending field.
+    /// Epochs that fit a time budget of `budget_seconds` when one epoch (training and
+    /// validation) takes `epoch_seconds`: a 5 % margin is kept for the test evaluation and the
+    /// checkpoints; at least one, at most `self.epochs`.
+    pub fn epochs_within(&self, budget_seconds: f64, epoch_seconds: f64) -> usize {
+        let fit = (budget_seconds * 0.95 / epoch_seconds.max(1e-9)).floor();
+        (fit.max(1.0) as usize).min(self.epochs.max(1))
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.model.validate()?;
         let bad = |field, message: String| Err(ConfigError { field, message });
@@ -225,13 +233,13 @@ impl TrainConfig {
         Ok(())
     }
 
-    /// Learning rate at optimiser step `step` of `total` steps.
-    pub fn lr_at(&self, step: usize, steps_per_epoch: usize) -> f64 {
+    /// Learning rate at optimiser step `step` of a run of `epochs` epochs.
+    pub fn lr_at(&self, step: usize, steps_per_epoch: usize, epochs: usize) -> f64 {
         match self.schedule {
             Schedule::Constant => self.lr,
             Schedule::Cosine => {
                 let warmup = (self.warmup_epochs * steps_per_epoch as f64).round() as usize;
-                let total = (self.epochs * steps_per_epoch).max(1);
+                let total = (epochs * steps_per_epoch).max(1);
                 if step < warmup {
                     return self.lr * (step + 1) as f64 / warmup as f64;
                 }

@@ -95,6 +95,7 @@ pub fn train_run<B: AutodiffBackend>(
         val_accuracy: None,
         best_val_accuracy: None,
         best_epoch: None,
+        planned_epochs: None,
     };
     let Resume {
         checkpoint: latest,
@@ -157,7 +158,13 @@ pub fn train_run<B: AutodiffBackend>(
     // Evaluation keeps no graph, so it can take larger batches than training.
     let eval_batch = micro.max(256);
     let steps_per_epoch = splits.train.len().div_ceil(config.batch_size);
-    let total_steps = steps_per_epoch * config.epochs;
+    let budget = (config.max_minutes > 0.0).then_some(config.max_minutes * 60.0);
+    // Epochs this run trains: re-planned once under a time budget (after the first epoch).
+    let mut epochs = match (budget, meta.planned_epochs) {
+        (Some(_), Some(planned)) => planned.min(config.epochs),
+        _ => config.epochs,
+    };
+    let mut total_steps = steps_per_epoch * epochs;
     let image_size = config.model.image_size;
     // The best model so far, as of the checkpoint resumed from (`best.ckpt` may be newer when
     // a newer checkpoint was corrupt, or be corrupt itself: then the epoch file serves).
@@ -182,10 +189,10 @@ pub fn train_run<B: AutodiffBackend>(
     });
 
     let started = Instant::now();
-    let budget = (config.max_minutes > 0.0).then_some(config.max_minutes * 60.0);
+    let first_epoch_here = meta.epoch;
     let mut outcome = Outcome::Completed;
     let mut stopped_early = false;
-    'epochs: while meta.epoch < config.epochs {
+    'epochs: while meta.epoch < epochs {
         let epoch = meta.epoch;
         let plan = EpochPlan {
             batch_size: config.batch_size,
@@ -203,7 +210,7 @@ pub fn train_run<B: AutodiffBackend>(
         );
         let epoch_start = Instant::now();
         let (mut loss_sum, mut correct, mut seen, mut wait) = (0.0f64, 0usize, 0usize, 0.0f64);
-        let mut lr = config.lr_at(meta.global_step, steps_per_epoch);
+        let mut lr = config.lr_at(meta.global_step, steps_per_epoch, epochs);
         loop {
             let t_wait = Instant::now();
             let Some(batch) = loader.next() else { break };
@@ -216,7 +223,7 @@ pub fn train_run<B: AutodiffBackend>(
                 stopped_early = true;
                 break 'epochs;
             }
-            lr = config.lr_at(meta.global_step, steps_per_epoch);
+            lr = config.lr_at(meta.global_step, steps_per_epoch, epochs);
             let n = batch.len();
             let (images, labels) = batch_tensors::<B>(batch, device);
             let step = step_grads_with(
@@ -299,6 +306,15 @@ pub fn train_run<B: AutodiffBackend>(
         observer.event(&TrainEvent::Epoch(metrics));
         meta.epoch += 1;
         meta.step_in_epoch = 0;
+        if let (Some(budget), None, 1) = (budget, meta.planned_epochs, meta.epoch) {
+            // The first epoch's time says how many fit the budget; the cosine schedule is
+            // stretched or shrunk to end there (resumes keep the plan: it is in the meta).
+            let per_epoch =
+                started.elapsed().as_secs_f64() / (meta.epoch - first_epoch_here) as f64;
+            epochs = config.epochs_within(budget, per_epoch);
+            meta.planned_epochs = Some(epochs);
+            total_steps = steps_per_epoch * epochs;
+        }
         meta.val_accuracy = Some(val_accuracy);
         let is_best = meta.best_val_accuracy.is_none_or(|b| val_accuracy > b);
         if is_best {
