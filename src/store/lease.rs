@@ -53,8 +53,14 @@ pub struct Claimed {
     pub fence: Fence,
     /// The job as claimed (state RUNNING), or why its row cannot be read.
     pub job: Result<JobRow>,
-    /// The job was running before (its last owner stopped or lost it): it resumes.
-    pub resumed: bool,
+}
+
+impl Claimed {
+    /// The job was claimed before (its last owner stopped or lost it): it resumes. Every
+    /// claim after the first takes a running job.
+    pub fn resumed(&self) -> bool {
+        self.fence.attempt > 1
+    }
 }
 
 /// How a renewal went.
@@ -107,15 +113,7 @@ impl Store {
                 attempt: row.try_get::<i64, _>("attempt")? as u32,
             };
             let job = JobRow::from_row(&row);
-            let resumed = match &job {
-                Ok(j) => j.restarts > 0 && j.attempt > 1,
-                Err(_) => false,
-            };
-            Ok(Some(Claimed {
-                fence,
-                job,
-                resumed,
-            }))
+            Ok(Some(Claimed { fence, job }))
         })
         .await
     }

@@ -292,10 +292,7 @@ impl<B: Backend> Inference<B> {
             self.cache.push(hit.clone());
             return Ok(hit.1);
         }
-        let path = match (&model.fallback, model.path.exists()) {
-            (Some(fallback), false) => fallback.clone(),
-            _ => model.path.clone(),
-        };
+        let path = model.file().to_path_buf();
         if !path.exists() {
             return Err(ApiError::FailedPrecondition(format!(
                 "checkpoint {} has no file any more ({} was removed)",

@@ -33,11 +33,8 @@ pub(super) fn run_job<B: AutodiffBackend>(
     rx: &Receiver<Request>,
     claimed: Claimed,
 ) {
-    let Claimed {
-        fence,
-        job,
-        resumed,
-    } = claimed;
+    let resumed = claimed.resumed();
+    let Claimed { fence, job } = claimed;
     let span = info_span!("job", id = %fence.job, attempt = fence.attempt);
     let _enter = span.enter();
     let id = fence.job;
@@ -79,11 +76,13 @@ pub(super) fn run_job<B: AutodiffBackend>(
     info!(resumed, device = %ctx.device_label, "job started");
     let result = train_job::<B>(ctx, device, inference, rx, &job, &lease, cancel.clone());
     ctx.running.lock().expect("running jobs").remove(&id);
-    let lost = lease.lost();
+    // The job is another attempt's now (the lease or a fenced write said so, or the run
+    // stopped on it): this one records nothing more.
+    let lost = lease.lost() || matches!(&result, Err(e) if e.is::<LeaseLost>());
     drop(lease);
     match result {
-        _ if lost => info!("job left to the worker that owns it now"),
         Ok((Outcome::Abandoned, _)) => info!("job left to the worker that owns it now"),
+        _ if lost => info!("job left to the worker that owns it now"),
         Ok((Outcome::Completed, test_accuracy)) => {
             info!(?test_accuracy, "job succeeded");
             finish(
@@ -108,7 +107,6 @@ pub(super) fn run_job<B: AutodiffBackend>(
                 Err(e) => error!(error = %format!("{e:#}"), "releasing the job's lease"),
             }
         }
-        Err(e) if e.is::<LeaseLost>() => info!("job left to the worker that owns it now"),
         Err(e) => {
             let message = format!("{e:#}");
             warn!(error = %message, "job failed");

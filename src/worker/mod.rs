@@ -42,6 +42,16 @@ pub struct ModelRef {
     pub fallback: Option<PathBuf>,
 }
 
+impl ModelRef {
+    /// The file to read: `path`, or the fallback when `path` was pruned.
+    pub fn file(&self) -> &std::path::Path {
+        match (&self.fallback, self.path.exists()) {
+            (Some(fallback), false) => fallback,
+            _ => &self.path,
+        }
+    }
+}
+
 /// A request's place in the inference queue: its images count against
 /// `--max-queued-images` from the moment it is accepted (before decoding) until it is answered
 /// or dropped; it knows when it was queued and the client's deadline.

@@ -233,3 +233,18 @@ pub async fn get_job(client: &mut TrainingServiceClient<Channel>, job_id: &str) 
         .unwrap()
         .into_inner()
 }
+
+/// A job's run directory under a [`Server`]'s root (`root/data/jobs/<id>`).
+pub fn job_dir(root: &Path, job: &str) -> PathBuf {
+    root.join("data/jobs").join(job)
+}
+
+/// Epoch numbers in a job's `metrics.jsonl`, in file order (each once after a resume).
+pub fn metric_epochs(root: &Path, job: &str) -> Vec<u64> {
+    std::fs::read_to_string(job_dir(root, job).join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v.get("epoch").and_then(|e| e.as_u64()))
+        .collect()
+}

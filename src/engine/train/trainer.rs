@@ -74,8 +74,8 @@ pub fn train_run<B: AutodiffBackend>(
     if splits.train.is_empty() || splits.val.is_empty() {
         bail!("the dataset needs at least one training and one validation image");
     }
-    let ckpts = RunDir(out.to_path_buf()).checkpoints(run.attempt);
     let run_files = RunDir(out.to_path_buf());
+    let ckpts = run_files.checkpoints(run.attempt);
     std::fs::create_dir_all(&ckpts.dir)
         .with_context(|| format!("creating {}", ckpts.dir.display()))?;
 

@@ -148,11 +148,7 @@ impl GrpcInferenceService for OipApi {
         let ready = match self.checkpoint(&r.name, &r.version).await {
             Ok(row) => {
                 let model = model_ref(&self.0.data_dir, &row);
-                let path = match (&model.fallback, model.path.exists()) {
-                    (Some(fallback), false) => fallback.clone(),
-                    _ => model.path,
-                };
-                self.ready() && std::fs::File::open(path).is_ok()
+                self.ready() && std::fs::File::open(model.file()).is_ok()
             }
             Err(ApiError::NotFound(_) | ApiError::FailedPrecondition(_)) => false,
             Err(e) => return Err(e.into()),
