@@ -166,8 +166,44 @@ pub struct FoldedBlock<'a, B: Backend> {
 }
 
 impl<B: Backend> FoldedBlock<'_, B> {
+    /// The block as one fused operation where the backend has it (single head, no weights
+    /// wanted): see [`super::fused`].
+    fn fused(&self, x: Tensor<B, 3>, context: Option<Tensor<B, 3>>) -> Tensor<B, 3> {
+        let b = self.block;
+        let (o, f2) = (&b.output, &b.ffn_out);
+        super::fused::run(super::fused::BlockInputs {
+            x,
+            context,
+            weights: [
+                self.query.0.clone(),
+                self.key.0.clone(),
+                self.value.0.clone(),
+                o.weight.val(),
+                self.ffn_in.0.clone(),
+                f2.weight.val(),
+            ],
+            biases: [
+                self.query.1.clone(),
+                self.key.1.clone(),
+                self.value.1.clone(),
+                o.bias.val(),
+                self.ffn_in.1.clone(),
+                f2.bias.val(),
+            ],
+            attn_dropout: b.attn_dropout,
+            ffn_dropout: b.ffn_dropout,
+        })
+    }
+
+    fn fusable(&self) -> bool {
+        self.block.num_heads == 1 && super::fused::enabled::<B>()
+    }
+
     /// Self-attention block: query, key and value all come from `x` (normalised once).
     pub fn forward_self(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        if self.fusable() {
+            return self.fused(x, None);
+        }
         let x_hat = standardize(x.clone());
         let q = self.query.apply(x_hat.clone());
         let k = self.key.apply(x_hat.clone());
@@ -184,6 +220,9 @@ impl<B: Backend> FoldedBlock<'_, B> {
         context: Tensor<B, 3>,
         want_weights: bool,
     ) -> (Tensor<B, 3>, Option<Tensor<B, 4>>) {
+        if !want_weights && self.fusable() {
+            return (self.fused(x, Some(context)), None);
+        }
         let q = self.query.apply(standardize(x.clone()));
         // One normalisation pass serves both key and value.
         let c_hat = standardize(context);

@@ -9,7 +9,7 @@ use std::cell::Cell;
 use std::sync::Mutex;
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{Distribution, Tensor};
+use burn::tensor::{Distribution, Tensor, TensorData};
 
 use crate::engine::data::mix64;
 
@@ -39,11 +39,35 @@ pub fn with_rng_lock<T>(f: impl FnOnce() -> T) -> T {
     f()
 }
 
+/// The next inverted-dropout mask of this thread's stream for `len` values: each value is 0
+/// with probability `p`, else `1 / (1 - p)`. A pure function of the stream, drawn on the host
+/// without a lock (the CPU backend's masks; the fused block draws the same ones).
+pub(crate) fn host_mask(len: usize, p: f64) -> Vec<f32> {
+    let seed = next_seed();
+    let keep = (1.0 / (1.0 - p)) as f32;
+    // 24 random bits per value, compared with p in the same resolution.
+    let threshold = (p * (1u64 << 24) as f64) as u64;
+    (0..len as u64)
+        .map(|i| {
+            if mix64(seed.wrapping_add(i)) >> 40 < threshold {
+                0.0
+            } else {
+                keep
+            }
+        })
+        .collect()
+}
+
 /// Inverted dropout with keep probability `1 - p`; the identity outside training.
 pub fn dropout<B: Backend, const D: usize>(x: Tensor<B, D>, p: f64) -> Tensor<B, D> {
     let device = x.device();
     if p == 0.0 || !B::ad_enabled(&device) {
         return x;
+    }
+    if super::fused::is_host::<B>() {
+        let shape = x.shape();
+        let mask = host_mask(shape.num_elements(), p);
+        return x * Tensor::from_data(TensorData::new(mask, shape), &device);
     }
     let seed = next_seed();
     let mask = {

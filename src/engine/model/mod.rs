@@ -3,6 +3,7 @@
 mod block;
 mod config;
 mod dropout;
+pub mod fused;
 mod tlb;
 
 pub use block::{standardize, Affine, Block, FoldedBlock, Projection, LN_EPS};

@@ -1,0 +1,162 @@
+//! The fused CPU block against burn's composition of the same maths: logits, attention and
+//! every parameter's gradient, with dropout on (both draw the same masks from the stream).
+
+use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{Distribution, Int, Tensor};
+use tlb::engine::backend::{cpu_device, CpuAutodiff};
+use tlb::engine::model::{fused, set_dropout_stream, Readout, Tlb, TlbConfig};
+use tlb::engine::train::{loss_and_correct, Preset};
+
+type B = CpuAutodiff;
+
+fn config(readout: Readout, dropout: f64) -> TlbConfig {
+    TlbConfig::new()
+        .with_image_size(16)
+        .with_patch_size(4)
+        .with_embed_dim(16)
+        .with_chunk_size(4)
+        .with_r(2)
+        .with_num_layers(3)
+        .with_num_classes(7)
+        .with_readout(readout)
+        .with_attn_dropout(dropout)
+        .with_ffn_dropout(dropout)
+}
+
+/// Every parameter's gradient, flattened, in visiting order.
+struct Collect<'a, B: AutodiffBackend> {
+    grads: &'a B::Gradients,
+    out: Vec<(String, Vec<f32>)>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for Collect<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let g = param
+            .val()
+            .grad(self.grads)
+            .map(|g| g.into_data().to_vec::<f32>().unwrap())
+            .unwrap_or_default();
+        self.out.push((format!("{:?}", param.id), g));
+    }
+}
+
+/// Logits and gradients of one training step's loss.
+fn step(
+    model: &Tlb<B>,
+    images: Tensor<B, 4>,
+    labels: Tensor<B, 1, Int>,
+) -> (Vec<f32>, Vec<(String, Vec<f32>)>) {
+    set_dropout_stream(42);
+    let logits = model.forward(images);
+    let (loss, _) = loss_and_correct(logits.clone(), labels, 0.1);
+    let grads = loss.backward();
+    let mut c = Collect::<B> {
+        grads: &grads,
+        out: Vec::new(),
+    };
+    model.visit(&mut c);
+    (logits.into_data().to_vec().unwrap(), c.out)
+}
+
+fn assert_close(what: &str, a: &[f32], b: &[f32], tol: f32) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+    let scale = b.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!(
+            (x - y).abs() <= tol * scale,
+            "{what}[{i}]: fused {x} vs composition {y} (scale {scale})"
+        );
+    }
+}
+
+#[test]
+fn fused_block_matches_the_composition_in_values_and_gradients() {
+    let device = cpu_device();
+    assert!(
+        fused::enabled::<B>(),
+        "the CPU autodiff backend runs fused blocks"
+    );
+    for (readout, dropout) in [
+        (Readout::Slow, 0.2),
+        (Readout::LastFast, 0.0),
+        (Readout::Slow, 0.5),
+    ] {
+        let model = config(readout, dropout).init::<B>(&device).unwrap();
+        let images =
+            Tensor::<B, 4>::random([5, 3, 16, 16], Distribution::Uniform(0.0, 1.0), &device);
+        let labels = Tensor::<B, 1, Int>::from_ints([0, 3, 6, 2, 5], &device);
+
+        let calls = fused::calls();
+        let (logits, grads) = step(&model, images.clone(), labels.clone());
+        // 4 chunks × (3 self + 2 cross + 1 bottleneck) blocks.
+        assert_eq!(fused::calls() - calls, 24, "every block ran fused");
+        let calls = fused::calls();
+        let (logits_ref, grads_ref) =
+            fused::with_unfused(|| step(&model, images.clone(), labels.clone()));
+        assert_eq!(fused::calls(), calls, "with_unfused runs the composition");
+
+        assert_close("logits", &logits, &logits_ref, 1e-5);
+        assert_eq!(grads.len(), grads_ref.len());
+        for ((name, g), (_, r)) in grads.iter().zip(&grads_ref) {
+            assert_close(name, g, r, 2e-4);
+        }
+        // With dropout the latents differ and every parameter gets a gradient (without it the
+        // zero-initialised latents stay identical and some cross-attention gradients vanish).
+        if dropout > 0.0 {
+            let zero = grads_ref
+                .iter()
+                .filter(|(_, r)| r.iter().all(|v| *v == 0.0))
+                .count();
+            assert_eq!(
+                zero,
+                0,
+                "{readout:?}: {zero} of {} gradients are zero",
+                grads.len()
+            );
+        }
+
+        // Inference (the plain backend) too.
+        let valid = model.valid();
+        let x = images.inner();
+        let a = valid
+            .forward(x.clone())
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        let b = fused::with_unfused(|| valid.forward(x).into_data().to_vec::<f32>().unwrap());
+        assert_close("eval logits", &a, &b, 1e-5);
+    }
+}
+
+#[test]
+fn dropout_masks_differ_between_steps_and_keep_the_expected_share() {
+    // The fused path draws its own masks: they must change with the stream and drop ~p.
+    let device = cpu_device();
+    let model = config(Readout::Slow, 0.5).init::<B>(&device).unwrap();
+    let images = Tensor::<B, 4>::random([4, 3, 16, 16], Distribution::Uniform(0.0, 1.0), &device);
+    set_dropout_stream(1);
+    let a = model.forward(images.clone()).into_data();
+    set_dropout_stream(1);
+    let b = model.forward(images.clone()).into_data();
+    set_dropout_stream(2);
+    let c = model.forward(images).into_data();
+    assert_eq!(a, b, "same stream, same masks");
+    assert_ne!(a, c, "another stream, other masks");
+}
+
+#[test]
+fn the_reference_preset_runs_fused_and_matches() {
+    // The real shapes (D128, L6, 48 px) on two images: gradients agree with the composition.
+    let device = cpu_device();
+    let cfg = Preset::Reference.config().model;
+    let model = cfg.init::<B>(&device).unwrap();
+    let images = Tensor::<B, 4>::random([2, 3, 48, 48], Distribution::Uniform(0.0, 1.0), &device);
+    let labels = Tensor::<B, 1, Int>::from_ints([1, 8], &device);
+    let (logits, grads) = step(&model, images.clone(), labels.clone());
+    let (logits_ref, grads_ref) = fused::with_unfused(|| step(&model, images, labels));
+    assert_close("logits", &logits, &logits_ref, 1e-4);
+    for ((name, g), (_, r)) in grads.iter().zip(&grads_ref) {
+        assert_close(name, g, r, 1e-3);
+    }
+}
