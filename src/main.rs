@@ -1,6 +1,7 @@
 use clap::Parser;
 
 fn main() {
+    tlb::engine::backend::keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

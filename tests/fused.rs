@@ -160,3 +160,30 @@ fn the_reference_preset_runs_fused_and_matches() {
         assert_close(name, g, r, 1e-3);
     }
 }
+
+#[test]
+fn chunked_embedding_equals_the_convolution() {
+    // embed_chunks (the patch convolution as a matrix product per chunk) against embed (burn's
+    // conv2d over the whole image, then sliced): same tokens.
+    let device = cpu_device();
+    for (side, patch) in [(16, 4), (48, 4), (32, 2)] {
+        let cfg = config(Readout::Slow, 0.0)
+            .with_image_size(side)
+            .with_patch_size(patch);
+        let model = cfg.init::<tlb::engine::backend::Cpu>(&device).unwrap();
+        let images = Tensor::random([3, 3, side, side], Distribution::Uniform(0.0, 1.0), &device);
+        let tokens = model.embed(images.clone());
+        let chunks = model.embed_chunks(images);
+        assert_eq!(chunks.len(), cfg.num_chunks());
+        for (c, chunk) in chunks.into_iter().enumerate() {
+            let want = tokens.clone().narrow(1, c * cfg.chunk_size, cfg.chunk_size);
+            let got = chunk.into_data().to_vec::<f32>().unwrap();
+            assert_close(
+                &format!("chunk {c}"),
+                &got,
+                &want.into_data().to_vec::<f32>().unwrap(),
+                1e-5,
+            );
+        }
+    }
+}

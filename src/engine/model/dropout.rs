@@ -45,17 +45,23 @@ pub fn with_rng_lock<T>(f: impl FnOnce() -> T) -> T {
 pub(crate) fn host_mask(len: usize, p: f64) -> Vec<f32> {
     let seed = next_seed();
     let keep = (1.0 / (1.0 - p)) as f32;
-    // 24 random bits per value, compared with p in the same resolution.
+    // 24 random bits per value (two values per 64-bit draw), compared with p at that resolution.
     let threshold = (p * (1u64 << 24) as f64) as u64;
-    (0..len as u64)
-        .map(|i| {
-            if mix64(seed.wrapping_add(i)) >> 40 < threshold {
-                0.0
-            } else {
-                keep
-            }
-        })
-        .collect()
+    let value = |bits: u64| {
+        if bits & 0xFF_FFFF < threshold {
+            0.0
+        } else {
+            keep
+        }
+    };
+    let mut mask = Vec::with_capacity(len + 1);
+    for i in 0..len.div_ceil(2) as u64 {
+        let bits = mix64(seed.wrapping_add(i));
+        mask.push(value(bits >> 40));
+        mask.push(value(bits >> 8));
+    }
+    mask.truncate(len);
+    mask
 }
 
 /// Inverted dropout with keep probability `1 - p`; the identity outside training.

@@ -93,6 +93,41 @@ impl<B: Backend> Tlb<B> {
         self.embed_norm.forward(tokens + self.pos_embed.val())
     }
 
+    /// The same tokens as [`Self::embed`], one tensor `[batch, chunk_size, D]` per chunk:
+    /// the patch convolution written as its matrix product over each chunk's patches. The
+    /// recurrence takes its chunks from these, so no gradient flows through a slice of one
+    /// large token tensor (whose backward writes a zero-filled full-size tensor per chunk).
+    pub fn embed_chunks(&self, images: Tensor<B, 4>) -> Vec<Tensor<B, 3>> {
+        let cfg = &self.config;
+        let [batch, channels, side, _] = images.dims();
+        let (p, g, cs) = (cfg.patch_size, side / cfg.patch_size, cfg.chunk_size);
+        let k = channels * p * p;
+        let chunks = cfg.num_chunks();
+        // [batch, tokens, (channel, dy, dx)] → chunk-major rows [chunks · batch · cs, k].
+        let patches = images
+            .reshape([batch, channels, g, p, g, p])
+            .permute([0, 2, 4, 1, 3, 5])
+            .reshape([batch, chunks, cs, k])
+            .swap_dims(0, 1)
+            .reshape([chunks * batch * cs, k]);
+        let conv = &self.patch_embed;
+        let dim = conv.weight.dims()[0];
+        let weight = conv.weight.val().reshape([dim, k]).transpose();
+        let bias = conv.bias.as_ref().map(|b| b.val());
+        let pos = self.pos_embed.val();
+        (0..chunks)
+            .map(|c| {
+                let rows = patches.clone().narrow(0, c * batch * cs, batch * cs);
+                let x = burn::tensor::module::linear(rows, weight.clone(), bias.clone())
+                    .reshape([batch, cs, dim]);
+                // The chunk's positions repeated over the batch: a same-shape add (a broadcast
+                // one walks the CPU backend's strided path).
+                let pos = pos.clone().narrow(1, c * cs, cs).repeat_dim(0, batch);
+                self.embed_norm.forward(x + pos)
+            })
+            .collect()
+    }
+
     pub fn forward(&self, images: Tensor<B, 4>) -> Tensor<B, 2> {
         self.forward_with(images, false).logits
     }
@@ -102,17 +137,17 @@ impl<B: Backend> Tlb<B> {
     /// mode the weights are still pre-dropout, but the state they produced saw dropout).
     pub fn forward_with(&self, images: Tensor<B, 4>, want_attention: bool) -> TlbOutput<B> {
         let cfg = &self.config;
-        let tokens = self.embed(images);
-        let [batch, _, dim] = tokens.dims();
-        let device = tokens.device();
+        let chunks = self.embed_chunks(images);
+        let [batch, _, dim] = chunks[0].dims();
+        let device = chunks[0].device();
         let mut slow = Tensor::<B, 3>::zeros([batch, cfg.num_latents(), dim], &device);
-        let mut fast = tokens.clone();
+        let mut fast = chunks[0].clone();
         let mut maps = Vec::with_capacity(if want_attention { cfg.num_chunks() } else { 0 });
         let perceptual: Vec<_> = self.perceptual.iter().map(Block::fold).collect();
         let perceptual_cross: Vec<_> = self.perceptual_cross.iter().map(Block::fold).collect();
         let bottleneck = self.bottleneck.fold();
-        for c in 0..cfg.num_chunks() {
-            fast = tokens.clone().narrow(1, c * cfg.chunk_size, cfg.chunk_size);
+        for chunk in chunks {
+            fast = chunk;
             for (l, block) in perceptual.iter().enumerate() {
                 fast = block.forward_self(fast);
                 if l % cfg.r == 0 {

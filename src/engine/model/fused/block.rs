@@ -14,7 +14,7 @@
 //! `Ma`, `Mf` are the dropout masks (0 or 1/(1−p)), absent outside training.
 
 use super::kernels::{
-    col_sum, gelu, gelu_and_backward, linear, matmul, softmax_rows, standardize,
+    col_sum, dot, gelu, gelu_and_backward, linear, matmul, multiversion, softmax_rows, standardize,
     standardize_backward,
 };
 
@@ -75,6 +75,7 @@ pub struct Grads {
     pub params: [Vec<f32>; 12],
 }
 
+multiversion! {
 /// `P·V` per sample (`p` `[n, tq, tk]`, `v` `[n·tk, d]`) → `[n·tq, d]`.
 fn weighted_sum(p: &[f32], v: &[f32], dims: Dims) -> Vec<f32> {
     let Dims { tq, tk, d, .. } = dims;
@@ -94,9 +95,28 @@ fn weighted_sum(p: &[f32], v: &[f32], dims: Dims) -> Vec<f32> {
     }
     out
 }
+}
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
+multiversion! {
+/// Scores `Q·Kᵀ` per sample (`q` `[n·tq, d]`, `k` `[n·tk, d]`), softmax over the keys:
+/// `[n, tq, tk]`.
+fn attention_weights(q: &[f32], k: &[f32], dims: Dims) -> Vec<f32> {
+    let Dims { n, tq, tk, d, .. } = dims;
+    let mut p = vec![0.0f32; n * tq * tk];
+    for ((ps, qs), ks) in p
+        .chunks_exact_mut(tq * tk)
+        .zip(q.chunks_exact(tq * d))
+        .zip(k.chunks_exact(tk * d))
+    {
+        for (prow, qrow) in ps.chunks_exact_mut(tk).zip(qs.chunks_exact(d)) {
+            for (s, krow) in prow.iter_mut().zip(ks.chunks_exact(d)) {
+                *s = dot(qrow, krow);
+            }
+        }
+    }
+    softmax_rows(&mut p, tk);
+    p
+}
 }
 
 fn apply_mask(x: &[f32], mask: Option<&Vec<f32>>) -> Vec<f32> {
@@ -104,6 +124,57 @@ fn apply_mask(x: &[f32], mask: Option<&Vec<f32>>) -> Vec<f32> {
         Some(m) => x.iter().zip(m).map(|(a, b)| a * b).collect(),
         None => x.to_vec(),
     }
+}
+
+multiversion! {
+/// Gradients of `Q`, `K`, `V` from the gradient of `A = (P ⊙ Ma)·V` (`da` `[n·tq, d]`).
+fn attention_backward(da: &[f32], s: &Saved, dims: Dims) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let Dims { n, tq, tk, d, .. } = dims;
+    let mut dq = vec![0.0f32; n * tq * d];
+    let mut dk = vec![0.0f32; n * tk * d];
+    let mut dv = vec![0.0f32; n * tk * d];
+    let mut dp = vec![0.0f32; tq * tk];
+    for i in 0..n {
+        let (qo, ko) = (i * tq * d, i * tk * d);
+        let po = i * tq * tk;
+        let p = &s.p[po..po + tq * tk];
+        let das = &da[qo..qo + tq * d];
+        let vs = &s.v[ko..ko + tk * d];
+        // dPm = dA·Vᵀ; dV = Pmᵀ·dA; dP = dPm ⊙ Ma.
+        for (r, (dprow, darow)) in dp.chunks_exact_mut(tk).zip(das.chunks_exact(d)).enumerate() {
+            for (j, (dpj, vrow)) in dprow.iter_mut().zip(vs.chunks_exact(d)).enumerate() {
+                let m = s.mask_attn.as_ref().map_or(1.0, |m| m[po + r * tk + j]);
+                *dpj = dot(darow, vrow) * m;
+                let weight = p[r * tk + j] * m;
+                let dvrow = &mut dv[ko + j * d..ko + (j + 1) * d];
+                dvrow
+                    .iter_mut()
+                    .zip(darow)
+                    .for_each(|(o, g)| *o += weight * g);
+            }
+        }
+        // Softmax backward: dS = P ⊙ (dP − rowsum(dP ⊙ P)); then dQ = dS·K, dK = dSᵀ·Q.
+        for r in 0..tq {
+            let prow = &p[r * tk..(r + 1) * tk];
+            let dprow = &mut dp[r * tk..(r + 1) * tk];
+            let inner = dot(dprow, prow);
+            dprow
+                .iter_mut()
+                .zip(prow)
+                .for_each(|(g, pv)| *g = pv * (*g - inner));
+            let qrow = &s.q[qo + r * d..qo + (r + 1) * d];
+            for (j, &ds) in dprow.iter().enumerate() {
+                let krow = &s.k[ko + j * d..ko + (j + 1) * d];
+                let dqrow = &mut dq[qo + r * d..qo + (r + 1) * d];
+                dqrow.iter_mut().zip(krow).for_each(|(o, kv)| *o += ds * kv);
+                let dkrow = &mut dk[ko + j * d..ko + (j + 1) * d];
+                dkrow.iter_mut().zip(qrow).for_each(|(o, qv)| *o += ds * qv);
+            }
+        }
+    }
+
+    (dq, dk, dv)
+}
 }
 
 /// The block's output `[n·tq, d]`, and what its backward pass needs when `save`.
@@ -127,20 +198,7 @@ pub fn forward(
     let k = linear(ctx, n * tk, w.wk, w.bk);
     let v = linear(ctx, n * tk, w.wv, w.bv);
 
-    // Scores Q·Kᵀ per sample, then softmax over the keys.
-    let mut p = vec![0.0f32; n * tq * tk];
-    for ((ps, qs), ks) in p
-        .chunks_exact_mut(tq * tk)
-        .zip(q.chunks_exact(tq * d))
-        .zip(k.chunks_exact(tk * d))
-    {
-        for (prow, qrow) in ps.chunks_exact_mut(tk).zip(qs.chunks_exact(d)) {
-            for (s, krow) in prow.iter_mut().zip(ks.chunks_exact(d)) {
-                *s = dot(qrow, krow);
-            }
-        }
-    }
-    softmax_rows(&mut p, tk);
+    let p = attention_weights(&q, &k, dims);
     let (mask_attn, mask_ffn) = masks;
     let a = weighted_sum(&apply_mask(&p, mask_attn.as_ref()), &v, dims);
 
@@ -209,48 +267,7 @@ pub fn backward(dout: &[f32], s: &Saved, w: &Weights, dims: Dims) -> Grads {
     let mut da = vec![0.0f32; rows * d];
     matmul(rows, d, d, &dh, false, w.wo, true, &mut da, false);
 
-    let mut dq = vec![0.0f32; rows * d];
-    let mut dk = vec![0.0f32; n * tk * d];
-    let mut dv = vec![0.0f32; n * tk * d];
-    let mut dp = vec![0.0f32; tq * tk];
-    for i in 0..n {
-        let (qo, ko) = (i * tq * d, i * tk * d);
-        let po = i * tq * tk;
-        let p = &s.p[po..po + tq * tk];
-        let das = &da[qo..qo + tq * d];
-        let vs = &s.v[ko..ko + tk * d];
-        // dPm = dA·Vᵀ; dV = Pmᵀ·dA; dP = dPm ⊙ Ma.
-        for (r, (dprow, darow)) in dp.chunks_exact_mut(tk).zip(das.chunks_exact(d)).enumerate() {
-            for (j, (dpj, vrow)) in dprow.iter_mut().zip(vs.chunks_exact(d)).enumerate() {
-                let m = s.mask_attn.as_ref().map_or(1.0, |m| m[po + r * tk + j]);
-                *dpj = dot(darow, vrow) * m;
-                let weight = p[r * tk + j] * m;
-                let dvrow = &mut dv[ko + j * d..ko + (j + 1) * d];
-                dvrow
-                    .iter_mut()
-                    .zip(darow)
-                    .for_each(|(o, g)| *o += weight * g);
-            }
-        }
-        // Softmax backward: dS = P ⊙ (dP − rowsum(dP ⊙ P)); then dQ = dS·K, dK = dSᵀ·Q.
-        for r in 0..tq {
-            let prow = &p[r * tk..(r + 1) * tk];
-            let dprow = &mut dp[r * tk..(r + 1) * tk];
-            let inner = dot(dprow, prow);
-            dprow
-                .iter_mut()
-                .zip(prow)
-                .for_each(|(g, pv)| *g = pv * (*g - inner));
-            let qrow = &s.q[qo + r * d..qo + (r + 1) * d];
-            for (j, &ds) in dprow.iter().enumerate() {
-                let krow = &s.k[ko + j * d..ko + (j + 1) * d];
-                let dqrow = &mut dq[qo + r * d..qo + (r + 1) * d];
-                dqrow.iter_mut().zip(krow).for_each(|(o, kv)| *o += ds * kv);
-                let dkrow = &mut dk[ko + j * d..ko + (j + 1) * d];
-                dkrow.iter_mut().zip(qrow).for_each(|(o, qv)| *o += ds * qv);
-            }
-        }
-    }
+    let (dq, dk, dv) = attention_backward(&da, s, dims);
 
     // Projections back to the standardised inputs.
     let ctx_rows = n * tk;

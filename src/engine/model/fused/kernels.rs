@@ -5,6 +5,40 @@
 
 use super::super::block::LN_EPS;
 
+/// Defines `fn` so that its body is compiled three times (baseline x86-64, AVX2+FMA,
+/// AVX-512) and the widest one the CPU has is chosen at run time. The bodies are plain
+/// loops the compiler vectorises for each width.
+macro_rules! multiversion {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$m])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+                unsafe fn v4($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn v3($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
+                if std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+                {
+                    // SAFETY: the CPU has the features v4 is compiled for.
+                    return unsafe { v4($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU has the features v3 is compiled for.
+                    return unsafe { v3($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+pub(crate) use multiversion;
+
 /// `c (+)= op(a) · op(b)` with `op(a)` `[m, k]` and `op(b)` `[k, n]`; `ta`/`tb` read `a`
 /// stored `[k, m]` / `b` stored `[n, k]` (a transposed view, no copy). With `acc` the product
 /// is added to `c`, else it replaces it.
@@ -60,6 +94,43 @@ pub fn matmul(
     }
 }
 
+/// Lanes of the reductions below: sums kept in 16 independent accumulators so that the
+/// compiler can vectorise them (a single running f32 sum must stay sequential).
+const LANES: usize = 16;
+
+/// `Σ aᵢ·bᵢ`.
+#[inline(always)]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..LANES {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `Σ aᵢ`.
+#[inline(always)]
+pub fn sum(a: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let ca = a.chunks_exact(LANES);
+    let tail: f32 = ca.remainder().iter().sum();
+    for x in ca {
+        for i in 0..LANES {
+            acc[i] += x[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 /// `x · w + bias` for `x` `[rows, d_in]`, `w` `[d_in, d_out]`: a new `[rows, d_out]`.
 pub fn linear(x: &[f32], rows: usize, w: &[f32], bias: &[f32]) -> Vec<f32> {
     let d_out = bias.len();
@@ -72,6 +143,7 @@ pub fn linear(x: &[f32], rows: usize, w: &[f32], bias: &[f32]) -> Vec<f32> {
     y
 }
 
+multiversion! {
 /// Sum over rows of `g` `[rows, cols]`: the gradient of a bias.
 pub fn col_sum(g: &[f32], cols: usize) -> Vec<f32> {
     let mut s = vec![0.0f32; cols];
@@ -82,7 +154,9 @@ pub fn col_sum(g: &[f32], cols: usize) -> Vec<f32> {
     }
     s
 }
+}
 
+multiversion! {
 /// Standardised rows (zero mean, unit variance; biased variance, `LN_EPS`) and each row's
 /// reciprocal standard deviation.
 pub fn standardize(x: &[f32], d: usize) -> (Vec<f32>, Vec<f32>) {
@@ -90,30 +164,35 @@ pub fn standardize(x: &[f32], d: usize) -> (Vec<f32>, Vec<f32>) {
     let mut y = vec![0.0f32; x.len()];
     let mut rstd = Vec::with_capacity(rows);
     for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
-        let mean = xr.iter().sum::<f32>() / d as f32;
-        let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
-        let r = 1.0 / (var + LN_EPS as f32).sqrt();
+        let mean = sum(xr) / d as f32;
         for (o, v) in yr.iter_mut().zip(xr) {
-            *o = (v - mean) * r;
+            *o = v - mean;
         }
+        let var = dot(yr, yr) / d as f32;
+        let r = 1.0 / (var + LN_EPS as f32).sqrt();
+        yr.iter_mut().for_each(|v| *v *= r);
         rstd.push(r);
     }
     (y, rstd)
 }
+}
 
+multiversion! {
 /// Adds to `dx` the gradient through [`standardize`]:
 /// `dx += r · (dy − mean(dy) − y · mean(dy ⊙ y))` per row.
 pub fn standardize_backward(dy: &[f32], y: &[f32], rstd: &[f32], d: usize, dx: &mut [f32]) {
     let rows = dy.chunks_exact(d).zip(y.chunks_exact(d));
     for ((dyr, yr), (dxr, r)) in rows.zip(dx.chunks_exact_mut(d).zip(rstd)) {
-        let mean_dy = dyr.iter().sum::<f32>() / d as f32;
-        let mean_dyy = dyr.iter().zip(yr).map(|(a, b)| a * b).sum::<f32>() / d as f32;
+        let mean_dy = sum(dyr) / d as f32;
+        let mean_dyy = dot(dyr, yr) / d as f32;
         for ((o, g), v) in dxr.iter_mut().zip(dyr).zip(yr) {
             *o += r * (g - mean_dy - v * mean_dyy);
         }
     }
 }
+}
 
+multiversion! {
 /// Softmax of every row of `s` `[rows, cols]`, in place.
 pub fn softmax_rows(s: &mut [f32], cols: usize) {
     for row in s.chunks_exact_mut(cols) {
@@ -126,6 +205,7 @@ pub fn softmax_rows(s: &mut [f32], cols: usize) {
         let inv = 1.0 / sum;
         row.iter_mut().for_each(|v| *v *= inv);
     }
+}
 }
 
 /// `e^x` to about 2 ulp for `x` in the f32 range (Cody–Waite reduction, degree-6 polynomial),
@@ -149,44 +229,60 @@ pub fn exp(x: f32) -> f32 {
     p * f32::from_bits(bits as u32)
 }
 
-/// `Φ(u)` (standard normal CDF) and `φ(u)` (its density), from erfc to ~1.2e-7 relative
-/// (Numerical Recipes' Chebyshev fit).
+/// `erf(x)` to a few ulp: the rational minimax fit used by Eigen and XLA (odd degree-13
+/// numerator, even degree-8 denominator on [−4, 4], ±1 beyond), no exponential.
 #[inline(always)]
-fn normal_cdf_pdf(u: f32) -> (f32, f32) {
-    const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
-    const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
-    let z = (u * FRAC_1_SQRT_2).abs();
-    let t = 1.0 / (1.0 + 0.5 * z);
-    let poly = -1.265_512_2
-        + t * (1.000_023_7
-            + t * (0.374_091_96
-                + t * (0.096_784_18
-                    + t * (-0.186_288_06
-                        + t * (0.278_868_07
-                            + t * (-1.135_203_98
-                                + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
-    let e = exp(-0.5 * u * u);
-    // erfc(z) = t · e^(−z² + poly); half of it is the upper tail.
-    let tail = 0.5 * t * e * exp(poly);
-    let cdf = if u >= 0.0 { 1.0 - tail } else { tail };
-    (cdf, e * FRAC_1_SQRT_2PI)
+fn erf(x: f32) -> f32 {
+    let x = x.clamp(-4.0, 4.0);
+    let x2 = x * x;
+    let mut p = x2 * -2.726_142_3e-10 + 2.770_681_4e-8;
+    p = x2 * p + -2.101_024e-6;
+    p = x2 * p + -5.692_506_4e-5;
+    p = x2 * p + -7.349_906_3e-4;
+    p = x2 * p + -2.954_600_2e-3;
+    p = x2 * p + -1.609_603_3e-2;
+    let mut q = x2 * -1.456_607_2e-5 + -2.133_740_6e-4;
+    q = x2 * q + -1.682_827e-3;
+    q = x2 * q + -7.373_329_2e-3;
+    q = x2 * q + -1.426_474e-2;
+    x * p / q
 }
 
+/// `Φ(u)`, the standard normal CDF.
+#[inline(always)]
+fn normal_cdf(u: f32) -> f32 {
+    0.5 + 0.5 * erf(u * std::f32::consts::FRAC_1_SQRT_2)
+}
+
+/// `φ(u)`, the standard normal density.
+#[inline(always)]
+fn normal_pdf(u: f32) -> f32 {
+    0.398_942_3 * exp(-0.5 * u * u)
+}
+
+multiversion! {
 /// Exact GELU, `u · Φ(u)`, of every element.
 pub fn gelu(u: &[f32]) -> Vec<f32> {
-    u.iter().map(|&v| v * normal_cdf_pdf(v).0).collect()
+    let mut out = vec![0.0f32; u.len()];
+    for (o, &v) in out.iter_mut().zip(u) {
+        *o = v * normal_cdf(v);
+    }
+    out
+}
 }
 
+multiversion! {
 /// `gelu(u)` and `g ⊙ gelu'(u)` (`gelu'(u) = Φ(u) + u·φ(u)`) in one pass; the second
 /// overwrites `g`.
 pub fn gelu_and_backward(u: &[f32], g: &mut [f32]) -> Vec<f32> {
     let mut out = vec![0.0f32; u.len()];
     for ((o, gi), &v) in out.iter_mut().zip(g.iter_mut()).zip(u) {
-        let (cdf, pdf) = normal_cdf_pdf(v);
+        let cdf = normal_cdf(v);
         *o = v * cdf;
-        *gi *= cdf + v * pdf;
+        *gi *= cdf + v * normal_pdf(v);
     }
     out
+}
 }
 
 #[cfg(test)]

@@ -119,9 +119,14 @@ fn dims(x: &FlexTensor, context: Option<&FlexTensor>, w1: &FlexTensor) -> Dims {
     }
 }
 
-/// A contiguous f32 copy-free view where possible.
+/// The tensor itself when its values are one contiguous run (an offset is fine), else a
+/// contiguous copy.
 fn host(t: &FlexTensor) -> FlexTensor {
-    t.to_contiguous()
+    if t.as_slice::<f32>().is_some() {
+        t.clone()
+    } else {
+        t.to_contiguous()
+    }
 }
 
 fn slice(t: &FlexTensor) -> &[f32] {
