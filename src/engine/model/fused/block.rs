@@ -14,8 +14,8 @@
 //! `Ma`, `Mf` are the dropout masks (0 or 1/(1−p)), absent outside training.
 
 use super::kernels::{
-    col_sum, dot, gelu, gelu_and_backward, linear, matmul, multiversion, softmax_rows, standardize,
-    standardize_backward,
+    col_sum, dot, gelu, gelu_and_backward, gelu_in_place, linear, matmul, multiversion, product,
+    softmax_rows, standardize, standardize_backward,
 };
 
 /// The block's parameters, already folded: weights `[d_in, d_out]`, biases `[d_out]`.
@@ -205,8 +205,14 @@ pub fn forward(
     let mut h = linear(&a, n * tq, w.wo, w.bo);
     h.iter_mut().zip(x).for_each(|(o, xi)| *o += xi);
     let (h_hat, h_rstd) = standardize(&h, d);
-    let u = linear(&h_hat, n * tq, w.w1, w.b1);
-    let g = gelu(&u);
+    let mut u = linear(&h_hat, n * tq, w.w1, w.b1);
+    // Training keeps U for the backward pass; inference overwrites it.
+    let g = if save {
+        gelu(&u)
+    } else {
+        gelu_in_place(&mut u);
+        std::mem::take(&mut u)
+    };
     let ffn = linear(&g, n * tq, w.w2, w.b2);
     let mut out = h;
     match &mask_ffn {
@@ -245,43 +251,32 @@ pub fn backward(dout: &[f32], s: &Saved, w: &Weights, dims: Dims) -> Grads {
 
     // FFN half: out = h + (gelu(U)·W2 + b2) ⊙ Mf.
     let d_ffn = apply_mask(dout, s.mask_ffn.as_ref());
-    let mut dg = vec![0.0f32; rows * f];
-    matmul(rows, f, d, &d_ffn, false, w.w2, true, &mut dg, false);
+    let mut dg = product(rows, f, d, &d_ffn, false, w.w2, true);
     let g = gelu_and_backward(&s.u, &mut dg); // dg is now dU
     let du = dg;
-    let mut dw2 = vec![0.0f32; f * d];
-    matmul(f, d, rows, &g, true, &d_ffn, false, &mut dw2, false);
+    let dw2 = product(f, d, rows, &g, true, &d_ffn, false);
     let db2 = col_sum(&d_ffn, d);
-    let mut dw1 = vec![0.0f32; d * f];
-    matmul(d, f, rows, &s.h_hat, true, &du, false, &mut dw1, false);
+    let dw1 = product(d, f, rows, &s.h_hat, true, &du, false);
     let db1 = col_sum(&du, f);
-    let mut dh_hat = vec![0.0f32; rows * d];
-    matmul(rows, d, f, &du, false, w.w1, true, &mut dh_hat, false);
+    let dh_hat = product(rows, d, f, &du, false, w.w1, true);
     let mut dh = dout.to_vec();
     standardize_backward(&dh_hat, &s.h_hat, &s.h_rstd, d, &mut dh);
 
     // Attention half: h = x + A·Wo + bo.
-    let mut dwo = vec![0.0f32; d * d];
-    matmul(d, d, rows, &s.a, true, &dh, false, &mut dwo, false);
+    let dwo = product(d, d, rows, &s.a, true, &dh, false);
     let dbo = col_sum(&dh, d);
-    let mut da = vec![0.0f32; rows * d];
-    matmul(rows, d, d, &dh, false, w.wo, true, &mut da, false);
+    let da = product(rows, d, d, &dh, false, w.wo, true);
 
     let (dq, dk, dv) = attention_backward(&da, s, dims);
 
     // Projections back to the standardised inputs.
     let ctx_rows = n * tk;
-    let mut dwq = vec![0.0f32; d * d];
-    matmul(d, d, rows, &s.x_hat, true, &dq, false, &mut dwq, false);
-    let mut dwk = vec![0.0f32; d * d];
-    matmul(d, d, ctx_rows, ctx, true, &dk, false, &mut dwk, false);
-    let mut dwv = vec![0.0f32; d * d];
-    matmul(d, d, ctx_rows, ctx, true, &dv, false, &mut dwv, false);
+    let dwq = product(d, d, rows, &s.x_hat, true, &dq, false);
+    let dwk = product(d, d, ctx_rows, ctx, true, &dk, false);
+    let dwv = product(d, d, ctx_rows, ctx, true, &dv, false);
     let (dbq, dbk, dbv) = (col_sum(&dq, d), col_sum(&dk, d), col_sum(&dv, d));
-    let mut dx_hat = vec![0.0f32; rows * d];
-    matmul(rows, d, d, &dq, false, w.wq, true, &mut dx_hat, false);
-    let mut dc_hat = vec![0.0f32; ctx_rows * d];
-    matmul(ctx_rows, d, d, &dk, false, w.wk, true, &mut dc_hat, false);
+    let mut dx_hat = product(rows, d, d, &dq, false, w.wq, true);
+    let mut dc_hat = product(ctx_rows, d, d, &dk, false, w.wk, true);
     matmul(ctx_rows, d, d, &dv, false, w.wv, true, &mut dc_hat, true);
 
     let mut dx = dh; // the residual

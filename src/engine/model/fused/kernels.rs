@@ -54,44 +54,84 @@ pub fn matmul(
     c: &mut [f32],
     acc: bool,
 ) {
-    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
+    assert!(c.len() >= m * n);
+    // SAFETY: c holds m·n initialised values and is borrowed exclusively.
+    unsafe { gemm_into(m, n, k, a, ta, b, tb, c.as_mut_ptr(), acc) }
+}
+
+/// `op(a) · op(b)` as a new `[m, n]` (see [`matmul`]), written straight into fresh memory.
+pub fn product(m: usize, n: usize, k: usize, a: &[f32], ta: bool, b: &[f32], tb: bool) -> Vec<f32> {
+    let mut c = Vec::<f32>::with_capacity(m * n);
+    // SAFETY: the spare capacity holds m·n values; gemm without `acc` only writes them (and
+    // gemm_into zero-fills when k = 0), so all are initialised before set_len.
+    unsafe {
+        gemm_into(
+            m,
+            n,
+            k,
+            a,
+            ta,
+            b,
+            tb,
+            c.spare_capacity_mut().as_mut_ptr().cast(),
+            false,
+        );
+        c.set_len(m * n);
+    }
+    c
+}
+
+/// # Safety
+/// `c` must be valid for writes of `m·n` values, and for reads of them when `acc`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_into(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    ta: bool,
+    b: &[f32],
+    tb: bool,
+    c: *mut f32,
+    acc: bool,
+) {
+    assert!(a.len() >= m * k && b.len() >= k * n);
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
         if !acc {
-            c[..m * n].fill(0.0);
+            std::ptr::write_bytes(c, 0, m * n);
         }
         return;
     }
     // (row stride, column stride) of each operand, in elements.
     let (a_rs, a_cs) = if ta { (1, m as isize) } else { (k as isize, 1) };
     let (b_rs, b_cs) = if tb { (1, k as isize) } else { (n as isize, 1) };
-    // SAFETY: the asserts above bound every index gemm reads or writes: op(a) is m×k, op(b)
-    // k×n and c m×n with the strides given; the three slices do not overlap (&mut c).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            acc,
-            a.as_ptr(),
-            a_cs,
-            a_rs,
-            b.as_ptr(),
-            b_cs,
-            b_rs,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
+    // SAFETY: the assert bounds every index gemm reads: op(a) is m×k, op(b) k×n with the
+    // strides given; c is m×n row-major, valid as the caller promises; without `acc` gemm
+    // does not read c.
+    gemm::gemm(
+        m,
+        n,
+        k,
+        c,
+        1,
+        n as isize,
+        acc,
+        a.as_ptr(),
+        a_cs,
+        a_rs,
+        b.as_ptr(),
+        b_cs,
+        b_rs,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
 }
 
 /// Lanes of the reductions below: sums kept in 16 independent accumulators so that the
@@ -135,12 +175,20 @@ pub fn sum(a: &[f32]) -> f32 {
 pub fn linear(x: &[f32], rows: usize, w: &[f32], bias: &[f32]) -> Vec<f32> {
     let d_out = bias.len();
     let d_in = w.len() / d_out.max(1);
-    let mut y = Vec::with_capacity(rows * d_out);
-    for _ in 0..rows {
-        y.extend_from_slice(bias);
-    }
-    matmul(rows, d_out, d_in, x, false, w, false, &mut y, true);
+    let mut y = product(rows, d_out, d_in, x, false, w, false);
+    add_rows(&mut y, bias);
     y
+}
+
+multiversion! {
+/// Adds `bias` to every row of `y`.
+pub fn add_rows(y: &mut [f32], bias: &[f32]) {
+    for row in y.chunks_exact_mut(bias.len()) {
+        for (o, b) in row.iter_mut().zip(bias) {
+            *o += b;
+        }
+    }
+}
 }
 
 multiversion! {
@@ -258,6 +306,15 @@ fn normal_cdf(u: f32) -> f32 {
 #[inline(always)]
 fn normal_pdf(u: f32) -> f32 {
     0.398_942_3 * exp(-0.5 * u * u)
+}
+
+multiversion! {
+/// Exact GELU in place.
+pub fn gelu_in_place(u: &mut [f32]) {
+    for v in u.iter_mut() {
+        *v *= normal_cdf(*v);
+    }
+}
 }
 
 multiversion! {
