@@ -14,8 +14,8 @@
 //! `Ma`, `Mf` are the dropout masks (0 or 1/(1−p)), absent outside training.
 
 use super::kernels::{
-    col_sum, dot, gelu, gelu_and_backward, gelu_in_place, linear, matmul, multiversion, product,
-    softmax_rows, standardize, standardize_backward,
+    bias_gelu, bias_gelu_in_place, col_sum, dot, gelu_and_backward, linear, matmul, multiversion,
+    product, softmax_rows, standardize, standardize_backward,
 };
 
 /// The block's parameters, already folded: weights `[d_in, d_out]`, biases `[d_out]`.
@@ -205,12 +205,13 @@ pub fn forward(
     let mut h = linear(&a, n * tq, w.wo, w.bo);
     h.iter_mut().zip(x).for_each(|(o, xi)| *o += xi);
     let (h_hat, h_rstd) = standardize(&h, d);
-    let mut u = linear(&h_hat, n * tq, w.w1, w.b1);
-    // Training keeps U for the backward pass; inference overwrites it.
+    // U = ĥ·W1 + b1, the bias added in the GELU's pass. Training keeps U for the backward
+    // pass; inference overwrites it.
+    let mut u = product(n * tq, f, d, &h_hat, false, w.w1, false);
     let g = if save {
-        gelu(&u)
+        bias_gelu(&mut u, w.b1)
     } else {
-        gelu_in_place(&mut u);
+        bias_gelu_in_place(&mut u, w.b1);
         std::mem::take(&mut u)
     };
     let ffn = linear(&g, n * tq, w.w2, w.b2);

@@ -309,20 +309,26 @@ fn normal_pdf(u: f32) -> f32 {
 }
 
 multiversion! {
-/// Exact GELU in place.
-pub fn gelu_in_place(u: &mut [f32]) {
-    for v in u.iter_mut() {
-        *v *= normal_cdf(*v);
+/// `u ← u + bias` (per row), then exact GELU in place.
+pub fn bias_gelu_in_place(u: &mut [f32], bias: &[f32]) {
+    for row in u.chunks_exact_mut(bias.len()) {
+        for (v, b) in row.iter_mut().zip(bias) {
+            let x = *v + b;
+            *v = x * normal_cdf(x);
+        }
     }
 }
 }
 
 multiversion! {
-/// Exact GELU, `u · Φ(u)`, of every element.
-pub fn gelu(u: &[f32]) -> Vec<f32> {
+/// `u ← u + bias` (per row), and the exact GELU of the result, `u · Φ(u)`, as a new tensor.
+pub fn bias_gelu(u: &mut [f32], bias: &[f32]) -> Vec<f32> {
     let mut out = vec![0.0f32; u.len()];
-    for (o, &v) in out.iter_mut().zip(u) {
-        *o = v * normal_cdf(v);
+    for (row, orow) in u.chunks_exact_mut(bias.len()).zip(out.chunks_exact_mut(bias.len())) {
+        for ((v, b), o) in row.iter_mut().zip(bias).zip(orow) {
+            *v += b;
+            *o = *v * normal_cdf(*v);
+        }
     }
     out
 }
@@ -375,7 +381,10 @@ mod tests {
             let u = i as f64 * 0.01;
             let cdf = 0.5 * (1.0 + erf_ref(u / 2f64.sqrt()));
             let want = u * cdf;
-            let got = gelu(&[u as f32])[0] as f64;
+            let got = bias_gelu(&mut [u as f32], &[0.0])[0] as f64;
+            let mut in_place = [u as f32];
+            bias_gelu_in_place(&mut in_place, &[0.0]);
+            assert_eq!(in_place[0] as f64, got);
             assert!((got - want).abs() < 2e-6, "gelu({u}) = {got}, want {want}");
             let pdf = (-0.5 * u * u).exp() / (2.0 * std::f64::consts::PI).sqrt();
             let mut g = [1.0f32];
