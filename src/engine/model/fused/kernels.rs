@@ -208,19 +208,24 @@ multiversion! {
 /// Standardised rows (zero mean, unit variance; biased variance, `LN_EPS`) and each row's
 /// reciprocal standard deviation.
 pub fn standardize(x: &[f32], d: usize) -> (Vec<f32>, Vec<f32>) {
+    assert!(d > 0 && x.len().is_multiple_of(d), "rows of {d} values");
     let rows = x.len() / d;
-    let mut y = vec![0.0f32; x.len()];
+    let mut y = Vec::<f32>::with_capacity(x.len());
     let mut rstd = Vec::with_capacity(rows);
-    for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
+    let out = &mut y.spare_capacity_mut()[..x.len()];
+    for (xr, yr) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
         let mean = sum(xr) / d as f32;
         for (o, v) in yr.iter_mut().zip(xr) {
-            *o = v - mean;
+            o.write(v - mean);
         }
-        let var = dot(yr, yr) / d as f32;
-        let r = 1.0 / (var + LN_EPS as f32).sqrt();
+        // SAFETY: every value of this row was written just above.
+        let yr: &mut [f32] = unsafe { &mut *(yr as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
+        let r = 1.0 / (dot(yr, yr) / d as f32 + LN_EPS as f32).sqrt();
         yr.iter_mut().for_each(|v| *v *= r);
         rstd.push(r);
     }
+    // SAFETY: the loop wrote all rows · d = x.len() values.
+    unsafe { y.set_len(x.len()) };
     (y, rstd)
 }
 }

@@ -1,0 +1,288 @@
+//! The fused block on the `flex` backend: dispatch, and the autodiff node with its backward.
+
+use std::any::{Any, TypeId};
+use std::cell::Cell;
+use std::sync::Arc;
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::FlexTensor;
+use burn::backend::{Autodiff, Flex};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData, TensorPrimitive};
+
+use super::block::{self, Dims, Saved, Weights};
+
+type Ad = Autodiff<Flex>;
+
+thread_local! {
+    static DISABLED: Cell<bool> = const { Cell::new(false) };
+    static CALLS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// How many fused blocks this thread has run (tests check the path is taken).
+pub fn calls() -> u64 {
+    CALLS.with(Cell::get)
+}
+
+/// Runs `f` with the fused block switched off on this thread (burn's composition instead):
+/// for tests and measurements that compare the two.
+pub fn with_unfused<T>(f: impl FnOnce() -> T) -> T {
+    let before = DISABLED.with(|d| d.replace(true));
+    let out = f();
+    DISABLED.with(|d| d.set(before));
+    out
+}
+
+/// Whether `B` is the CPU backend this module computes on (plain or under autodiff).
+pub fn is_host<B: Backend>() -> bool {
+    let id = TypeId::of::<B>();
+    id == TypeId::of::<Flex>() || id == TypeId::of::<Ad>()
+}
+
+/// Whether blocks on `B` run fused on this thread.
+pub fn enabled<B: Backend>() -> bool {
+    is_host::<B>() && !DISABLED.with(Cell::get)
+}
+
+/// `t` as the same tensor of backend `T` (which must be `B`).
+fn same<B: Backend, T: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<T, D> {
+    let boxed: Box<dyn Any> = Box::new(t);
+    *boxed
+        .downcast::<Tensor<T, D>>()
+        .unwrap_or_else(|_| panic!("fused block: backend mismatch"))
+}
+
+/// The inputs of one block: `x` (queries), `context` (keys and values; `None` for
+/// self-attention), and the folded parameters in [`Weights`]' order
+/// (`[wq, wk, wv, wo, w1, w2]`, `[bq, bk, bv, bo, b1, b2]`).
+pub struct BlockInputs<B: Backend> {
+    pub x: Tensor<B, 3>,
+    pub context: Option<Tensor<B, 3>>,
+    pub weights: [Tensor<B, 2>; 6],
+    pub biases: [Tensor<B, 1>; 6],
+    /// Dropout on the attention weights and on the FFN output, applied when training.
+    pub attn_dropout: f64,
+    pub ffn_dropout: f64,
+}
+
+/// Runs the block fused. Call only where [`enabled`] holds for `B`.
+pub fn run<B: Backend>(inputs: BlockInputs<B>) -> Tensor<B, 3> {
+    CALLS.with(|c| c.set(c.get() + 1));
+    if TypeId::of::<B>() == TypeId::of::<Ad>() {
+        same::<Ad, B, 3>(run_tracked(cast(inputs)))
+    } else {
+        same::<Flex, B, 3>(run_plain(cast(inputs)))
+    }
+}
+
+fn cast<B: Backend, T: Backend>(i: BlockInputs<B>) -> BlockInputs<T> {
+    BlockInputs {
+        x: same(i.x),
+        context: i.context.map(same),
+        weights: i.weights.map(same),
+        biases: i.biases.map(same),
+        attn_dropout: i.attn_dropout,
+        ffn_dropout: i.ffn_dropout,
+    }
+}
+
+fn dims(x: &FlexTensor, context: Option<&FlexTensor>, w1: &FlexTensor) -> Dims {
+    use burn::tensor::TensorMetadata;
+    let [n, tq, d] = x.shape().dims();
+    let tk = context.map_or(tq, |c| c.shape().dims::<3>()[1]);
+    Dims {
+        n,
+        tq,
+        tk,
+        d,
+        f: w1.shape().dims::<2>()[1],
+    }
+}
+
+/// The tensor itself when its values are one contiguous run (an offset is fine), else a
+/// contiguous copy.
+fn host(t: &FlexTensor) -> FlexTensor {
+    if t.as_slice::<f32>().is_some() {
+        t.clone()
+    } else {
+        t.to_contiguous()
+    }
+}
+
+fn slice(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>()
+        .expect("fused block: contiguous f32 tensors")
+}
+
+fn tensor(values: Vec<f32>, shape: [usize; 3]) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(values, shape))
+}
+
+/// Parameters kept alive for the backward pass (`[wq, bq, wk, bk, …]`).
+#[derive(Clone, Debug)]
+struct Params(Arc<[FlexTensor; 12]>);
+
+impl Params {
+    fn new(weights: [FlexTensor; 6], biases: [FlexTensor; 6]) -> Self {
+        let [wq, wk, wv, wo, w1, w2] = weights.map(|t| host(&t));
+        let [bq, bk, bv, bo, b1, b2] = biases.map(|t| host(&t));
+        Self(Arc::new([wq, bq, wk, bk, wv, bv, wo, bo, w1, b1, w2, b2]))
+    }
+
+    fn weights(&self) -> Weights<'_> {
+        let [wq, bq, wk, bk, wv, bv, wo, bo, w1, b1, w2, b2] = &*self.0;
+        Weights {
+            wq: slice(wq),
+            bq: slice(bq),
+            wk: slice(wk),
+            bk: slice(bk),
+            wv: slice(wv),
+            bv: slice(bv),
+            wo: slice(wo),
+            bo: slice(bo),
+            w1: slice(w1),
+            b1: slice(b1),
+            w2: slice(w2),
+            b2: slice(b2),
+        }
+    }
+}
+
+fn masks(
+    i: &BlockInputs<impl Backend>,
+    dims: Dims,
+    training: bool,
+) -> (Option<Vec<f32>>, Option<Vec<f32>>) {
+    let Dims { n, tq, tk, d, .. } = dims;
+    let draw = |p: f64, len: usize| {
+        (training && p > 0.0).then(|| super::super::dropout::host_mask(len, p))
+    };
+    // Same order of draws as the composition: attention weights first, then the FFN output.
+    let attn = draw(i.attn_dropout, n * tq * tk);
+    let ffn = draw(i.ffn_dropout, n * tq * d);
+    (attn, ffn)
+}
+
+fn run_plain(i: BlockInputs<Flex>) -> Tensor<Flex, 3> {
+    let x = host(&i.x.clone().into_primitive().tensor());
+    let c = i
+        .context
+        .clone()
+        .map(|c| host(&c.into_primitive().tensor()));
+    let params = Params::new(
+        i.weights.clone().map(|t| t.into_primitive().tensor()),
+        i.biases.clone().map(|t| t.into_primitive().tensor()),
+    );
+    let dims = dims(&x, c.as_ref(), &params.0[8]);
+    let (out, _) = block::forward(
+        slice(&x),
+        c.as_ref().map(slice),
+        &params.weights(),
+        dims,
+        (None, None),
+        false,
+    );
+    Tensor::from_primitive(TensorPrimitive::Float(tensor(
+        out,
+        [dims.n, dims.tq, dims.d],
+    )))
+}
+
+#[derive(Debug)]
+struct FusedBlock;
+
+#[derive(Clone, Debug)]
+struct State {
+    saved: Arc<Saved>,
+    params: Params,
+    dims: Dims,
+}
+
+impl Backward<Flex, 14> for FusedBlock {
+    type State = State;
+
+    fn backward(self, ops: Ops<State, 14>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let State {
+            saved,
+            params,
+            dims,
+        } = ops.state;
+        let dout = host(&grads.consume::<Flex>(&ops.node));
+        let g = block::backward(slice(&dout), &saved, &params.weights(), dims);
+        let [px, pc, rest @ ..] = ops.parents;
+        if let Some(node) = px {
+            grads.register::<Flex>(node.id, tensor(g.x, [dims.n, dims.tq, dims.d]));
+        }
+        if let (Some(node), Some(dc)) = (pc, g.c) {
+            grads.register::<Flex>(node.id, tensor(dc, [dims.n, dims.tk, dims.d]));
+        }
+        for ((parent, grad), like) in rest.into_iter().zip(g.params).zip(params.0.iter()) {
+            if let Some(node) = parent {
+                use burn::tensor::TensorMetadata;
+                let data = TensorData::new(grad, like.shape());
+                grads.register::<Flex>(node.id, FlexTensor::from_data(data));
+            }
+        }
+    }
+}
+
+fn run_tracked(i: BlockInputs<Ad>) -> Tensor<Ad, 3> {
+    let prim = |t: Tensor<Ad, 3>| t.into_primitive().tensor();
+    let x = prim(i.x.clone());
+    let is_self = i.context.is_none();
+    let c = i.context.clone().map(prim).unwrap_or_else(|| x.clone());
+    let w = i.weights.clone().map(|t| t.into_primitive().tensor());
+    let b = i.biases.clone().map(|t| t.into_primitive().tensor());
+    let nodes = [
+        x.node.clone(),
+        c.node.clone(),
+        w[0].node.clone(),
+        b[0].node.clone(),
+        w[1].node.clone(),
+        b[1].node.clone(),
+        w[2].node.clone(),
+        b[2].node.clone(),
+        w[3].node.clone(),
+        b[3].node.clone(),
+        w[4].node.clone(),
+        b[4].node.clone(),
+        w[5].node.clone(),
+        b[5].node.clone(),
+    ];
+    let x_host = host(&x.primitive);
+    let c_host = (!is_self).then(|| host(&c.primitive));
+    let params = Params::new(w.map(|t| t.primitive), b.map(|t| t.primitive));
+    let dims = dims(&x_host, c_host.as_ref(), &params.0[8]);
+    let masks = masks(&i, dims, true);
+    let forward = |save| {
+        block::forward(
+            slice(&x_host),
+            c_host.as_ref().map(slice),
+            &params.weights(),
+            dims,
+            masks,
+            save,
+        )
+    };
+    let shape = [dims.n, dims.tq, dims.d];
+    let out = match FusedBlock
+        .prepare::<NoCheckpointing>(nodes)
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let (out, saved) = forward(true);
+            let state = State {
+                saved: Arc::new(saved.expect("saved when asked")),
+                params: params.clone(),
+                dims,
+            };
+            prep.finish(state, tensor(out, shape))
+        }
+        OpsKind::UnTracked(prep) => prep.finish(tensor(forward(false).0, shape)),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
