@@ -74,6 +74,26 @@ fn fill_mask(mask: &mut [f32], seed: u64, threshold: u32, keep: f32) {
 }
 }
 
+/// Inverted dropout with keep probability `1 - p`; the identity outside training.
+pub fn dropout<B: Backend, const D: usize>(x: Tensor<B, D>, p: f64) -> Tensor<B, D> {
+    let device = x.device();
+    if p == 0.0 || !B::ad_enabled(&device) {
+        return x;
+    }
+    if super::fused::is_host::<B>() {
+        let shape = x.shape();
+        let mask = host_mask(shape.num_elements(), p);
+        return x * Tensor::from_data(TensorData::new(mask, shape), &device);
+    }
+    let seed = next_seed();
+    let mask = {
+        let _guard = DRAW_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        B::seed(&device, seed);
+        x.random_like(Distribution::Bernoulli(1.0 - p))
+    };
+    x * mask * (1.0 / (1.0 - p))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,24 +114,4 @@ mod tests {
             assert_eq!(a, host_mask(200_000, p));
         }
     }
-}
-
-/// Inverted dropout with keep probability `1 - p`; the identity outside training.
-pub fn dropout<B: Backend, const D: usize>(x: Tensor<B, D>, p: f64) -> Tensor<B, D> {
-    let device = x.device();
-    if p == 0.0 || !B::ad_enabled(&device) {
-        return x;
-    }
-    if super::fused::is_host::<B>() {
-        let shape = x.shape();
-        let mask = host_mask(shape.num_elements(), p);
-        return x * Tensor::from_data(TensorData::new(mask, shape), &device);
-    }
-    let seed = next_seed();
-    let mask = {
-        let _guard = DRAW_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        B::seed(&device, seed);
-        x.random_like(Distribution::Bernoulli(1.0 - p))
-    };
-    x * mask * (1.0 / (1.0 - p))
 }

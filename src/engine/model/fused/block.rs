@@ -45,7 +45,7 @@ pub struct Dims {
 }
 
 /// What the backward pass needs from the forward pass.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Saved {
     x_hat: Vec<f32>,
     x_rstd: Vec<f32>,
@@ -64,6 +64,19 @@ pub struct Saved {
     h_rstd: Vec<f32>,
     u: Vec<f32>,
     mask_ffn: Option<Vec<f32>>,
+}
+
+impl std::fmt::Debug for Saved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Sizes only: the buffers hold megabytes.
+        f.debug_struct("Saved")
+            .field("self_attention", &self.c_hat.is_empty())
+            .field(
+                "values",
+                &(self.x_hat.len() + self.c_hat.len() + self.u.len()),
+            )
+            .finish_non_exhaustive()
+    }
 }
 
 /// Gradients of every input of [`forward`], in its order.
@@ -223,7 +236,7 @@ pub fn forward(
             .for_each(|(o, (y, k))| *o += y * k),
         None => out.iter_mut().zip(&ffn).for_each(|(o, y)| *o += y),
     }
-    let saved = save.then(|| Saved {
+    let saved = save.then_some(Saved {
         x_hat,
         x_rstd,
         c_hat,
