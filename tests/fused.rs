@@ -1,5 +1,7 @@
-//! The fused CPU block against burn's composition of the same maths: logits, attention and
-//! every parameter's gradient, with dropout on (both draw the same masks from the stream).
+//! The fused CPU block against burn's composition of the same maths: logits and every
+//! parameter's gradient, with dropout on (both draw the same masks from the stream).
+
+mod common;
 
 use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
 use burn::tensor::backend::AutodiffBackend;
@@ -8,18 +10,12 @@ use tlb::engine::backend::{cpu_device, CpuAutodiff};
 use tlb::engine::model::{fused, set_dropout_stream, Readout, Tlb, TlbConfig};
 use tlb::engine::train::{loss_and_correct, Preset};
 
+use common::small_model;
+
 type B = CpuAutodiff;
 
 fn config(readout: Readout, dropout: f64) -> TlbConfig {
-    TlbConfig::new()
-        .with_image_size(16)
-        .with_patch_size(4)
-        .with_embed_dim(16)
-        .with_chunk_size(4)
-        .with_r(2)
-        .with_num_layers(3)
-        .with_num_classes(7)
-        .with_readout(readout)
+    small_model(readout, 1)
         .with_attn_dropout(dropout)
         .with_ffn_dropout(dropout)
 }

@@ -1,21 +1,12 @@
+mod common;
+
 use burn::module::AutodiffModule;
 use burn::tensor::{Distribution, Tensor};
 use tlb::engine::backend::{cpu_device, Cpu, CpuAutodiff};
 use tlb::engine::model::{Readout, TlbConfig};
 use tlb::engine::train::Preset;
 
-fn small(readout: Readout, heads: usize) -> TlbConfig {
-    TlbConfig::new()
-        .with_image_size(16)
-        .with_patch_size(4)
-        .with_embed_dim(16)
-        .with_chunk_size(4)
-        .with_r(2)
-        .with_num_layers(3)
-        .with_num_heads(heads)
-        .with_num_classes(7)
-        .with_readout(readout)
-}
+use common::small_model;
 
 #[test]
 fn logits_and_attention_have_the_documented_shapes() {
@@ -25,7 +16,7 @@ fn logits_and_attention_have_the_documented_shapes() {
         (Readout::LastFast, 2),
         (Readout::Slow, 4),
     ] {
-        let cfg = small(readout, heads);
+        let cfg = small_model(readout, heads);
         let model = cfg.init::<Cpu>(&device).unwrap();
         let images =
             Tensor::<Cpu, 4>::random([3, 3, 16, 16], Distribution::Uniform(0.0, 1.0), &device);
@@ -45,7 +36,9 @@ fn logits_and_attention_have_the_documented_shapes() {
 fn perceptual_cross_blocks_follow_every_rth_layer() {
     let device = cpu_device();
     for (layers, r, expected) in [(6, 2, 3), (4, 1, 4), (5, 3, 2), (1, 1, 1)] {
-        let cfg = small(Readout::Slow, 1).with_num_layers(layers).with_r(r);
+        let cfg = small_model(Readout::Slow, 1)
+            .with_num_layers(layers)
+            .with_r(r);
         let model = cfg.init::<Cpu>(&device).unwrap();
         assert_eq!(model.perceptual.len(), layers);
         assert_eq!(model.perceptual_cross.len(), expected, "L={layers} r={r}");
@@ -57,7 +50,7 @@ fn readouts_differ_and_eval_mode_is_deterministic() {
     let device = cpu_device();
     let images =
         Tensor::<CpuAutodiff, 4>::random([2, 3, 16, 16], Distribution::Uniform(0.0, 1.0), &device);
-    let cfg = small(Readout::Slow, 1)
+    let cfg = small_model(Readout::Slow, 1)
         .with_ffn_dropout(0.5)
         .with_attn_dropout(0.5);
     let model = cfg.init::<CpuAutodiff>(&device).unwrap();
@@ -72,7 +65,7 @@ fn readouts_differ_and_eval_mode_is_deterministic() {
 
 #[test]
 fn config_validation_names_the_problem() {
-    let base = small(Readout::Slow, 1);
+    let base = small_model(Readout::Slow, 1);
     let cases: Vec<(TlbConfig, &str, &str)> = vec![
         (
             base.clone().with_image_size(18),

@@ -8,6 +8,7 @@ pub mod server;
 use std::path::Path;
 
 use tlb::engine::data::{write_cifar10, PIXELS};
+use tlb::engine::model::{Readout, TlbConfig};
 
 /// A learnable synthetic CIFAR-10 set: each class is a distinct colour pattern plus noise.
 pub fn synthetic_images(n: usize, seed: u64) -> (Vec<[u8; PIXELS]>, Vec<u8>) {
@@ -85,4 +86,19 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// A small model for fast tests: 16 px, patch 4 (16 tokens in 4 chunks of 4), D16, L3, r2,
+/// 7 classes.
+pub fn small_model(readout: Readout, heads: usize) -> TlbConfig {
+    TlbConfig::new()
+        .with_image_size(16)
+        .with_patch_size(4)
+        .with_embed_dim(16)
+        .with_chunk_size(4)
+        .with_r(2)
+        .with_num_layers(3)
+        .with_num_heads(heads)
+        .with_num_classes(7)
+        .with_readout(readout)
 }

@@ -180,7 +180,6 @@ impl TrainConfig {
         }
     }
 
-    /// Validates the model and the recipe, naming the offending field.
     /// Epochs that fit a time budget of `budget_seconds` when one epoch (training and
     /// validation) takes `epoch_seconds`: a 5 % margin is kept for the test evaluation and the
     /// checkpoints; at least one, at most `self.epochs`.
@@ -189,6 +188,7 @@ impl TrainConfig {
         (fit.max(1.0) as usize).min(self.epochs.max(1))
     }
 
+    /// Validates the model and the recipe, naming the offending field.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.model.validate()?;
         let bad = |field, message: String| Err(ConfigError { field, message });

@@ -189,7 +189,6 @@ pub fn train_run<B: AutodiffBackend>(
     });
 
     let started = Instant::now();
-    let first_epoch_here = meta.epoch;
     let mut outcome = Outcome::Completed;
     let mut stopped_early = false;
     'epochs: while meta.epoch < epochs {
@@ -309,9 +308,8 @@ pub fn train_run<B: AutodiffBackend>(
         if let (Some(budget), None, 1) = (budget, meta.planned_epochs, meta.epoch) {
             // The first epoch's time says how many fit the budget; the cosine schedule is
             // stretched or shrunk to end there (resumes keep the plan: it is in the meta).
-            let per_epoch =
-                started.elapsed().as_secs_f64() / (meta.epoch - first_epoch_here) as f64;
-            epochs = config.epochs_within(budget, per_epoch);
+            // (Reached only when this run started in epoch 0, so the clock timed that epoch.)
+            epochs = config.epochs_within(budget, started.elapsed().as_secs_f64());
             meta.planned_epochs = Some(epochs);
             total_steps = steps_per_epoch * epochs;
         }

@@ -13,6 +13,8 @@
 //!
 //! `Ma`, `Mf` are the dropout masks (0 or 1/(1−p)), absent outside training.
 
+use std::borrow::Cow;
+
 use super::kernels::{
     bias_gelu, bias_gelu_in_place, col_sum, dot, gelu_and_backward, linear, matmul, multiversion,
     product, softmax_rows, standardize, standardize_backward,
@@ -132,10 +134,11 @@ fn attention_weights(q: &[f32], k: &[f32], dims: Dims) -> Vec<f32> {
 }
 }
 
-fn apply_mask(x: &[f32], mask: Option<&Vec<f32>>) -> Vec<f32> {
+/// `x ⊙ mask`, or `x` itself without a mask (no copy).
+fn apply_mask<'a>(x: &'a [f32], mask: Option<&Vec<f32>>) -> Cow<'a, [f32]> {
     match mask {
-        Some(m) => x.iter().zip(m).map(|(a, b)| a * b).collect(),
-        None => x.to_vec(),
+        Some(m) => Cow::Owned(x.iter().zip(m).map(|(a, b)| a * b).collect()),
+        None => Cow::Borrowed(x),
     }
 }
 

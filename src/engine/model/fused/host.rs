@@ -1,7 +1,6 @@
 //! The fused block on the `flex` backend: dispatch, and the autodiff node with its backward.
 
 use std::any::{Any, TypeId};
-use std::cell::Cell;
 use std::sync::Arc;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -14,37 +13,14 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 
 use super::block::{self, Dims, Saved, Weights};
+use super::{BlockInputs, CALLS};
 
 type Ad = Autodiff<Flex>;
-
-thread_local! {
-    static DISABLED: Cell<bool> = const { Cell::new(false) };
-    static CALLS: Cell<u64> = const { Cell::new(0) };
-}
-
-/// How many fused blocks this thread has run (tests check the path is taken).
-pub fn calls() -> u64 {
-    CALLS.with(Cell::get)
-}
-
-/// Runs `f` with the fused block switched off on this thread (burn's composition instead):
-/// for tests and measurements that compare the two.
-pub fn with_unfused<T>(f: impl FnOnce() -> T) -> T {
-    let before = DISABLED.with(|d| d.replace(true));
-    let out = f();
-    DISABLED.with(|d| d.set(before));
-    out
-}
 
 /// Whether `B` is the CPU backend this module computes on (plain or under autodiff).
 pub fn is_host<B: Backend>() -> bool {
     let id = TypeId::of::<B>();
     id == TypeId::of::<Flex>() || id == TypeId::of::<Ad>()
-}
-
-/// Whether blocks on `B` run fused on this thread.
-pub fn enabled<B: Backend>() -> bool {
-    is_host::<B>() && !DISABLED.with(Cell::get)
 }
 
 /// `t` as the same tensor of backend `T` (which must be `B`).
@@ -53,19 +29,6 @@ fn same<B: Backend, T: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<T, D>
     *boxed
         .downcast::<Tensor<T, D>>()
         .unwrap_or_else(|_| panic!("fused block: backend mismatch"))
-}
-
-/// The inputs of one block: `x` (queries), `context` (keys and values; `None` for
-/// self-attention), and the folded parameters in [`Weights`]' order
-/// (`[wq, wk, wv, wo, w1, w2]`, `[bq, bk, bv, bo, b1, b2]`).
-pub struct BlockInputs<B: Backend> {
-    pub x: Tensor<B, 3>,
-    pub context: Option<Tensor<B, 3>>,
-    pub weights: [Tensor<B, 2>; 6],
-    pub biases: [Tensor<B, 1>; 6],
-    /// Dropout on the attention weights and on the FFN output, applied when training.
-    pub attn_dropout: f64,
-    pub ffn_dropout: f64,
 }
 
 /// Runs the block fused. Call only where [`enabled`] holds for `B`.
@@ -121,15 +84,25 @@ fn tensor(values: Vec<f32>, shape: [usize; 3]) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(values, shape))
 }
 
-/// Parameters kept alive for the backward pass (`[wq, bq, wk, bk, …]`).
+/// `[w0, b0, w1, b1, …]`: the order of the parameters in [`Weights`], in the fused node's
+/// parents (after `x` and the context) and in its gradients.
+fn interleave<T>(weights: [T; 6], biases: [T; 6]) -> [T; 12] {
+    let [wq, wk, wv, wo, w1, w2] = weights;
+    let [bq, bk, bv, bo, b1, b2] = biases;
+    [wq, bq, wk, bk, wv, bv, wo, bo, w1, b1, w2, b2]
+}
+
+/// Parameters kept alive for the backward pass, in [`interleave`]'s order.
 #[derive(Clone, Debug)]
 struct Params(Arc<[FlexTensor; 12]>);
 
 impl Params {
     fn new(weights: [FlexTensor; 6], biases: [FlexTensor; 6]) -> Self {
-        let [wq, wk, wv, wo, w1, w2] = weights.map(|t| host(&t));
-        let [bq, bk, bv, bo, b1, b2] = biases.map(|t| host(&t));
-        Self(Arc::new([wq, bq, wk, bk, wv, bv, wo, bo, w1, b1, w2, b2]))
+        Self(Arc::new(interleave(weights, biases).map(|t| host(&t))))
+    }
+
+    fn w1(&self) -> &FlexTensor {
+        &self.0[8]
     }
 
     fn weights(&self) -> Weights<'_> {
@@ -151,32 +124,25 @@ impl Params {
     }
 }
 
-fn masks(
-    i: &BlockInputs<impl Backend>,
-    dims: Dims,
-    training: bool,
-) -> (Option<Vec<f32>>, Option<Vec<f32>>) {
+/// The dropout masks of a training step (attention weights, FFN output), drawn in the same
+/// order as the composition draws them.
+fn masks(attn_p: f64, ffn_p: f64, dims: Dims) -> (Option<Vec<f32>>, Option<Vec<f32>>) {
     let Dims { n, tq, tk, d, .. } = dims;
-    let draw = |p: f64, len: usize| {
-        (training && p > 0.0).then(|| super::super::dropout::host_mask(len, p))
-    };
-    // Same order of draws as the composition: attention weights first, then the FFN output.
-    let attn = draw(i.attn_dropout, n * tq * tk);
-    let ffn = draw(i.ffn_dropout, n * tq * d);
+    let draw = |p: f64, len: usize| (p > 0.0).then(|| super::super::dropout::host_mask(len, p));
+    let attn = draw(attn_p, n * tq * tk);
+    let ffn = draw(ffn_p, n * tq * d);
     (attn, ffn)
 }
 
 fn run_plain(i: BlockInputs<Flex>) -> Tensor<Flex, 3> {
-    let x = host(&i.x.clone().into_primitive().tensor());
-    let c = i
-        .context
-        .clone()
-        .map(|c| host(&c.into_primitive().tensor()));
+    let prim = |t: Tensor<Flex, 3>| host(&t.into_primitive().tensor());
+    let x = prim(i.x);
+    let c = i.context.map(prim);
     let params = Params::new(
-        i.weights.clone().map(|t| t.into_primitive().tensor()),
-        i.biases.clone().map(|t| t.into_primitive().tensor()),
+        i.weights.map(|t| t.into_primitive().tensor()),
+        i.biases.map(|t| t.into_primitive().tensor()),
     );
-    let dims = dims(&x, c.as_ref(), &params.0[8]);
+    let dims = dims(&x, c.as_ref(), params.w1());
     let (out, _) = block::forward(
         slice(&x),
         c.as_ref().map(slice),
@@ -231,32 +197,22 @@ impl Backward<Flex, 14> for FusedBlock {
 
 fn run_tracked(i: BlockInputs<Ad>) -> Tensor<Ad, 3> {
     let prim = |t: Tensor<Ad, 3>| t.into_primitive().tensor();
-    let x = prim(i.x.clone());
+    let x = prim(i.x);
     let is_self = i.context.is_none();
-    let c = i.context.clone().map(prim).unwrap_or_else(|| x.clone());
-    let w = i.weights.clone().map(|t| t.into_primitive().tensor());
-    let b = i.biases.clone().map(|t| t.into_primitive().tensor());
-    let nodes = [
-        x.node.clone(),
-        c.node.clone(),
-        w[0].node.clone(),
-        b[0].node.clone(),
-        w[1].node.clone(),
-        b[1].node.clone(),
-        w[2].node.clone(),
-        b[2].node.clone(),
-        w[3].node.clone(),
-        b[3].node.clone(),
-        w[4].node.clone(),
-        b[4].node.clone(),
-        w[5].node.clone(),
-        b[5].node.clone(),
-    ];
+    let c = i.context.map(prim).unwrap_or_else(|| x.clone());
+    let w = i.weights.map(|t| t.into_primitive().tensor());
+    let b = i.biases.map(|t| t.into_primitive().tensor());
+    let params = interleave(w.each_ref(), b.each_ref()).map(|t| t.node.clone());
+    let nodes = std::array::from_fn(|k| match k {
+        0 => x.node.clone(),
+        1 => c.node.clone(),
+        k => params[k - 2].clone(),
+    });
     let x_host = host(&x.primitive);
     let c_host = (!is_self).then(|| host(&c.primitive));
     let params = Params::new(w.map(|t| t.primitive), b.map(|t| t.primitive));
-    let dims = dims(&x_host, c_host.as_ref(), &params.0[8]);
-    let masks = masks(&i, dims, true);
+    let dims = dims(&x_host, c_host.as_ref(), params.w1());
+    let masks = masks(i.attn_dropout, i.ffn_dropout, dims);
     let forward = |save| {
         block::forward(
             slice(&x_host),

@@ -14,6 +14,10 @@
 //! `TypeId`s and moving tensors across by a checked `Any` downcast, so no new trait bound
 //! spreads through the code base.
 
+use std::cell::Cell;
+
+use burn::tensor::{backend::Backend, Tensor};
+
 pub mod kernels;
 
 #[cfg(feature = "flex")]
@@ -21,36 +25,52 @@ pub mod block;
 #[cfg(feature = "flex")]
 mod host;
 #[cfg(feature = "flex")]
-pub use host::*;
+pub use host::{is_host, run};
+
+thread_local! {
+    static DISABLED: Cell<bool> = const { Cell::new(false) };
+    static CALLS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// How many fused blocks this thread has run (tests check the path is taken).
+pub fn calls() -> u64 {
+    CALLS.with(Cell::get)
+}
+
+/// Runs `f` with the fused block switched off on this thread (burn's composition instead):
+/// for tests and measurements that compare the two.
+pub fn with_unfused<T>(f: impl FnOnce() -> T) -> T {
+    let before = DISABLED.with(|d| d.replace(true));
+    let out = f();
+    DISABLED.with(|d| d.set(before));
+    out
+}
+
+/// Whether blocks on `B` run fused on this thread.
+pub fn enabled<B: Backend>() -> bool {
+    is_host::<B>() && !DISABLED.with(Cell::get)
+}
+
+/// The inputs of one block: `x` (queries), `context` (keys and values; `None` for
+/// self-attention), and the folded parameters in the order of `block::Weights`
+/// (`[wq, wk, wv, wo, w1, w2]`, `[bq, bk, bv, bo, b1, b2]`).
+pub struct BlockInputs<B: Backend> {
+    pub x: Tensor<B, 3>,
+    pub context: Option<Tensor<B, 3>>,
+    pub weights: [Tensor<B, 2>; 6],
+    pub biases: [Tensor<B, 1>; 6],
+    /// Dropout on the attention weights and on the FFN output, applied when training.
+    pub attn_dropout: f64,
+    pub ffn_dropout: f64,
+}
 
 /// Without the `flex` backend there is nothing to fuse on: burn's composition runs.
 #[cfg(not(feature = "flex"))]
-mod absent {
-    use burn::tensor::{backend::Backend, Tensor};
-
-    pub fn with_unfused<T>(f: impl FnOnce() -> T) -> T {
-        f()
-    }
-    pub fn calls() -> u64 {
-        0
-    }
-    pub fn is_host<B: Backend>() -> bool {
-        false
-    }
-    pub fn enabled<B: Backend>() -> bool {
-        false
-    }
-    pub struct BlockInputs<B: Backend> {
-        pub x: Tensor<B, 3>,
-        pub context: Option<Tensor<B, 3>>,
-        pub weights: [Tensor<B, 2>; 6],
-        pub biases: [Tensor<B, 1>; 6],
-        pub attn_dropout: f64,
-        pub ffn_dropout: f64,
-    }
-    pub fn run<B: Backend>(_: BlockInputs<B>) -> Tensor<B, 3> {
-        unreachable!("no fused block without the flex backend")
-    }
+pub fn is_host<B: Backend>() -> bool {
+    false
 }
+
 #[cfg(not(feature = "flex"))]
-pub use absent::*;
+pub fn run<B: Backend>(_: BlockInputs<B>) -> Tensor<B, 3> {
+    unreachable!("no fused block without the flex backend")
+}
