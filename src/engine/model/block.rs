@@ -5,8 +5,10 @@
 //! input. The maths (and the parameters, which stay separate) is exactly the paper's block;
 //! the fold saves the affine pass over the activations for every norm, and computes the
 //! normalisation statistics once for query, key and value (self-attention) or for key and
-//! value (cross-attention). Q, K and V stay separate matmuls: a fused QKV matmul must be cut
-//! apart again, and the backward of each cut writes a zero-filled full-width gradient.
+//! value (cross-attention). In burn's composition Q, K and V stay separate matmuls (a fused
+//! QKV matmul must be cut apart again, and the backward of each cut writes a zero-filled
+//! full-width gradient); the fused CPU block takes them as one `[Wq | Wk | Wv]`, concatenated
+//! once per fold, and cuts nothing.
 
 use burn::module::{Module, Param};
 use burn::nn::{Initializer, LayerNorm, LayerNormConfig};
@@ -67,6 +69,14 @@ impl<B: Backend> Projection<B> {
 pub struct Affine<B: Backend>(Tensor<B, 2>, Tensor<B, 1>);
 
 impl<B: Backend> Affine<B> {
+    /// `[W₁ | W₂ | …]` and `[b₁ | b₂ | …]`: the projections side by side.
+    fn concat(parts: [&Self; 3]) -> Self {
+        Self(
+            Tensor::cat(parts.iter().map(|a| a.0.clone()).collect(), 1),
+            Tensor::cat(parts.iter().map(|a| a.1.clone()).collect(), 0),
+        )
+    }
+
     fn apply(&self, x_hat: Tensor<B, 3>) -> Tensor<B, 3> {
         linear_rows(x_hat, self.0.clone(), self.1.clone())
     }
@@ -146,10 +156,15 @@ impl<B: Backend> Block<B> {
     pub fn fold(&self) -> FoldedBlock<'_, B> {
         let dim = self.query.weight.dims()[0];
         let scale = 1.0 / ((dim / self.num_heads) as f64).sqrt();
+        let query = self.query.folded(&self.norm_query, scale);
+        let key = self.key.folded(&self.norm_key, 1.0);
+        let value = self.value.folded(&self.norm_value, 1.0);
+        let fused = self.num_heads == 1 && super::fused::enabled::<B>();
         FoldedBlock {
-            query: self.query.folded(&self.norm_query, scale),
-            key: self.key.folded(&self.norm_key, 1.0),
-            value: self.value.folded(&self.norm_value, 1.0),
+            qkv: fused.then(|| Affine::concat([&query, &key, &value])),
+            query,
+            key,
+            value,
             ffn_in: self.ffn_in.folded(&self.norm_ffn, 1.0),
             block: self,
         }
@@ -161,6 +176,8 @@ pub struct FoldedBlock<'a, B: Backend> {
     query: Affine<B>,
     key: Affine<B>,
     value: Affine<B>,
+    /// `[Wq | Wk | Wv]` for the fused block, when it runs.
+    qkv: Option<Affine<B>>,
     ffn_in: Affine<B>,
     block: &'a Block<B>,
 }
@@ -171,25 +188,15 @@ impl<B: Backend> FoldedBlock<'_, B> {
     fn fused(&self, x: Tensor<B, 3>, context: Option<Tensor<B, 3>>) -> Tensor<B, 3> {
         let b = self.block;
         let (o, f2) = (&b.output, &b.ffn_out);
+        let Affine(wqkv, bqkv) = match &self.qkv {
+            Some(qkv) => qkv.clone(),
+            None => Affine::concat([&self.query, &self.key, &self.value]),
+        };
         super::fused::run(super::fused::BlockInputs {
             x,
             context,
-            weights: [
-                self.query.0.clone(),
-                self.key.0.clone(),
-                self.value.0.clone(),
-                o.weight.val(),
-                self.ffn_in.0.clone(),
-                f2.weight.val(),
-            ],
-            biases: [
-                self.query.1.clone(),
-                self.key.1.clone(),
-                self.value.1.clone(),
-                o.bias.val(),
-                self.ffn_in.1.clone(),
-                f2.bias.val(),
-            ],
+            weights: [wqkv, o.weight.val(), self.ffn_in.0.clone(), f2.weight.val()],
+            biases: [bqkv, o.bias.val(), self.ffn_in.1.clone(), f2.bias.val()],
             attn_dropout: b.attn_dropout,
             ffn_dropout: b.ffn_dropout,
         })

@@ -5,29 +5,29 @@
 //!
 //! ```text
 //! x̂ = std(x)                 ĉ = std(c)  (ĉ = x̂ for self-attention)
-//! Q = x̂·Wq + bq              K = ĉ·Wk + bk        V = ĉ·Wv + bv      (Wq carries 1/√d)
+//! [Q | K | V] = [x̂·Wq | ĉ·Wk | ĉ·Wv] + [bq | bk | bv]                 (Wq carries 1/√d)
 //! P = softmax(Q·Kᵀ)          A = (P ⊙ Ma)·V                           (per sample)
 //! h = x + A·Wo + bo
 //! U = std(h)·W1 + b1         out = h + (gelu(U)·W2 + b2) ⊙ Mf
 //! ```
 //!
-//! `Ma`, `Mf` are the dropout masks (0 or 1/(1−p)), absent outside training.
+//! `Ma`, `Mf` are the dropout masks (0 or 1/(1−p)), absent outside training. The three
+//! projections are one product with `[Wq | Wk | Wv]` `[d, 3d]` (self-attention) or two
+//! (`x̂·Wq`, `ĉ·[Wk | Wv]`), and so are their gradients: fewer, wider products.
 
 use std::borrow::Cow;
 
+use super::gelu::{bias_gelu, bias_gelu_in_place, gelu_and_backward};
 use super::kernels::{
-    bias_gelu, bias_gelu_in_place, col_sum, dot, gelu_and_backward, linear, matmul, multiversion,
-    product, softmax_rows, standardize, standardize_backward,
+    add_rows, append_product, col_sum, dot, linear, matmul, matmul_ld, multiversion, product,
+    product_ld, softmax_rows, standardize, standardize_backward, with_bias, Mat,
 };
 
 /// The block's parameters, already folded: weights `[d_in, d_out]`, biases `[d_out]`.
 pub struct Weights<'a> {
-    pub wq: &'a [f32],
-    pub bq: &'a [f32],
-    pub wk: &'a [f32],
-    pub bk: &'a [f32],
-    pub wv: &'a [f32],
-    pub bv: &'a [f32],
+    /// `[Wq | Wk | Wv]`, `[d, 3d]`, and `[bq | bk | bv]`.
+    pub wqkv: &'a [f32],
+    pub bqkv: &'a [f32],
     pub wo: &'a [f32],
     pub bo: &'a [f32],
     pub w1: &'a [f32],
@@ -46,6 +46,55 @@ pub struct Dims {
     pub f: usize,
 }
 
+/// Rows of `d` values starting at `base`, `stride` values apart, in a wider buffer.
+#[derive(Clone, Copy, Debug)]
+struct View {
+    base: usize,
+    stride: usize,
+}
+
+impl View {
+    #[inline(always)]
+    fn at(self, row: usize) -> usize {
+        self.base + row * self.stride
+    }
+}
+
+/// Where Q, K and V (and their gradients) sit in one buffer: self-attention's `[rows, 3d]`
+/// (`Q | K | V` side by side in every row), or cross-attention's `[n·tq, d]` Q followed by
+/// `[n·tk, 2d]` (`K | V`).
+#[derive(Clone, Copy, Debug)]
+struct Layout {
+    q: View,
+    k: View,
+    v: View,
+    len: usize,
+}
+
+impl Layout {
+    fn new(dims: Dims, is_self: bool) -> Self {
+        let Dims { n, tq, tk, d, .. } = dims;
+        let view = |base, stride| View { base, stride };
+        if is_self {
+            let s = 3 * d;
+            Self {
+                q: view(0, s),
+                k: view(d, s),
+                v: view(2 * d, s),
+                len: n * tq * s,
+            }
+        } else {
+            let q_len = n * tq * d;
+            Self {
+                q: view(0, d),
+                k: view(q_len, 2 * d),
+                v: view(q_len + d, 2 * d),
+                len: q_len + n * tk * 2 * d,
+            }
+        }
+    }
+}
+
 /// What the backward pass needs from the forward pass.
 #[derive(Default)]
 pub struct Saved {
@@ -54,9 +103,8 @@ pub struct Saved {
     /// Standardised context and its statistics; empty for self-attention (then `x_hat`).
     c_hat: Vec<f32>,
     c_rstd: Vec<f32>,
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
+    /// Q, K and V as [`Layout`] places them.
+    qkv: Vec<f32>,
     /// Attention weights before dropout, `[n, tq, tk]`.
     p: Vec<f32>,
     mask_attn: Option<Vec<f32>>,
@@ -86,26 +134,113 @@ pub struct Grads {
     pub x: Vec<f32>,
     /// Gradient of the context; `None` for self-attention (it is in `x`).
     pub c: Option<Vec<f32>>,
-    /// `[wq, bq, wk, bk, wv, bv, wo, bo, w1, b1, w2, b2]`.
-    pub params: [Vec<f32>; 12],
+    /// `[wqkv, bqkv, wo, bo, w1, b1, w2, b2]`.
+    pub params: [Vec<f32>; 8],
+}
+
+/// `[Q | K | V]` as [`Layout`] places them (bias included).
+fn project(x_hat: &[f32], c_hat: Option<&[f32]>, w: &Weights, dims: Dims) -> Vec<f32> {
+    let Dims { n, tq, tk, d, .. } = dims;
+    let layout = Layout::new(dims, c_hat.is_none());
+    let mut out = Vec::with_capacity(layout.len);
+    let x = Mat::dense(x_hat, d, false);
+    match c_hat {
+        None => {
+            append_product(
+                &mut out,
+                n * tq,
+                3 * d,
+                d,
+                x,
+                Mat::dense(w.wqkv, 3 * d, false),
+            );
+            add_rows(&mut out, w.bqkv);
+        }
+        Some(c) => {
+            let (wq, wkv) = (w.wqkv, &w.wqkv[d..]);
+            let cols = |data| Mat {
+                data,
+                ld: 3 * d,
+                t: false,
+            };
+            append_product(&mut out, n * tq, d, d, x, cols(wq));
+            append_product(
+                &mut out,
+                n * tk,
+                2 * d,
+                d,
+                Mat::dense(c, d, false),
+                cols(wkv),
+            );
+            let (q, kv) = out.split_at_mut(n * tq * d);
+            add_rows(q, &w.bqkv[..d]);
+            add_rows(kv, &w.bqkv[d..]);
+        }
+    }
+    out
+}
+
+/// Gradients through [`project`].
+struct ProjectGrads {
+    /// Of `[Wq | Wk | Wv]` and of its bias.
+    w: Vec<f32>,
+    b: Vec<f32>,
+    x_hat: Vec<f32>,
+    /// Of `ĉ`; `None` for self-attention (it is in `x_hat`).
+    c_hat: Option<Vec<f32>>,
+}
+
+/// The projections' backward from `g`, the gradient of [`project`]'s output.
+fn project_backward(g: &[f32], s: &Saved, w: &Weights, dims: Dims) -> ProjectGrads {
+    let Dims { n, tq, tk, d, .. } = dims;
+    let rows = n * tq;
+    if s.c_hat.is_empty() {
+        return ProjectGrads {
+            w: product(d, 3 * d, rows, &s.x_hat, true, g, false),
+            b: col_sum(g, 3 * d),
+            x_hat: product(rows, d, 3 * d, g, false, w.wqkv, true),
+            c_hat: None,
+        };
+    }
+    let (gq, gkv) = g.split_at(rows * d);
+    let (gq, gkv) = (Mat::dense(gq, d, false), Mat::dense(gkv, 2 * d, false));
+    let ctx_rows = n * tk;
+    let mut dw = vec![0.0f32; 3 * d * d];
+    let x_t = Mat::dense(&s.x_hat, d, true);
+    matmul_ld(d, d, rows, x_t, gq, &mut dw, 3 * d, false);
+    let c_t = Mat::dense(&s.c_hat, d, true);
+    matmul_ld(d, 2 * d, ctx_rows, c_t, gkv, &mut dw[d..], 3 * d, false);
+    let mut db = col_sum(gq.data, d);
+    db.extend(col_sum(gkv.data, 2 * d));
+    let cols_t = |data| Mat {
+        data,
+        ld: 3 * d,
+        t: true,
+    };
+    ProjectGrads {
+        w: dw,
+        b: db,
+        x_hat: product_ld(rows, d, d, gq, cols_t(w.wqkv)),
+        c_hat: Some(product_ld(ctx_rows, d, 2 * d, gkv, cols_t(&w.wqkv[d..]))),
+    }
+}
+
+/// `o += w · x`.
+#[inline(always)]
+fn axpy(o: &mut [f32], w: f32, x: &[f32]) {
+    o.iter_mut().zip(x).for_each(|(o, x)| *o += w * x);
 }
 
 multiversion! {
-/// `P·V` per sample (`p` `[n, tq, tk]`, `v` `[n·tk, d]`) → `[n·tq, d]`.
-fn weighted_sum(p: &[f32], v: &[f32], dims: Dims) -> Vec<f32> {
-    let Dims { tq, tk, d, .. } = dims;
-    let mut out = vec![0.0f32; dims.n * tq * d];
-    for ((ps, vs), os) in p
-        .chunks_exact(tq * tk)
-        .zip(v.chunks_exact(tk * d))
-        .zip(out.chunks_exact_mut(tq * d))
-    {
-        for (prow, orow) in ps.chunks_exact(tk).zip(os.chunks_exact_mut(d)) {
-            for (&w, vrow) in prow.iter().zip(vs.chunks_exact(d)) {
-                for (o, x) in orow.iter_mut().zip(vrow) {
-                    *o += w * x;
-                }
-            }
+/// `P·V` per sample (`p` `[n, tq, tk]`, V in `qkv` at `l.v`) → `[n·tq, d]`.
+fn weighted_sum(p: &[f32], qkv: &[f32], l: Layout, dims: Dims) -> Vec<f32> {
+    let Dims { n, tq, tk, d, .. } = dims;
+    let mut out = vec![0.0f32; n * tq * d];
+    let rows = p.chunks_exact(tk).zip(out.chunks_exact_mut(d));
+    for (r, (prow, orow)) in rows.enumerate() {
+        let i = r / tq;
+        for (j, &w) in prow.iter().enumerate() {
+            axpy(orow, w, &qkv[l.v.at(i * tk + j)..][..d]);
         }
     }
     out
@@ -113,20 +248,15 @@ fn weighted_sum(p: &[f32], v: &[f32], dims: Dims) -> Vec<f32> {
 }
 
 multiversion! {
-/// Scores `Q·Kᵀ` per sample (`q` `[n·tq, d]`, `k` `[n·tk, d]`), softmax over the keys:
+/// Scores `Q·Kᵀ` per sample (Q, K in `qkv` at `l.q`, `l.k`), softmax over the keys:
 /// `[n, tq, tk]`.
-fn attention_weights(q: &[f32], k: &[f32], dims: Dims) -> Vec<f32> {
+fn attention_weights(qkv: &[f32], l: Layout, dims: Dims) -> Vec<f32> {
     let Dims { n, tq, tk, d, .. } = dims;
     let mut p = vec![0.0f32; n * tq * tk];
-    for ((ps, qs), ks) in p
-        .chunks_exact_mut(tq * tk)
-        .zip(q.chunks_exact(tq * d))
-        .zip(k.chunks_exact(tk * d))
-    {
-        for (prow, qrow) in ps.chunks_exact_mut(tk).zip(qs.chunks_exact(d)) {
-            for (s, krow) in prow.iter_mut().zip(ks.chunks_exact(d)) {
-                *s = dot(qrow, krow);
-            }
+    for (r, prow) in p.chunks_exact_mut(tk).enumerate() {
+        let (i, q) = (r / tq, &qkv[l.q.at(r)..][..d]);
+        for (j, s) in prow.iter_mut().enumerate() {
+            *s = dot(q, &qkv[l.k.at(i * tk + j)..][..d]);
         }
     }
     softmax_rows(&mut p, tk);
@@ -143,53 +273,42 @@ fn apply_mask<'a>(x: &'a [f32], mask: Option<&Vec<f32>>) -> Cow<'a, [f32]> {
 }
 
 multiversion! {
-/// Gradients of `Q`, `K`, `V` from the gradient of `A = (P ⊙ Ma)·V` (`da` `[n·tq, d]`).
-fn attention_backward(da: &[f32], s: &Saved, dims: Dims) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+/// Gradients of `Q`, `K`, `V` (placed as `l` places them) from the gradient of
+/// `A = (P ⊙ Ma)·V` (`da` `[n·tq, d]`).
+fn attention_backward(da: &[f32], s: &Saved, l: Layout, dims: Dims) -> Vec<f32> {
     let Dims { n, tq, tk, d, .. } = dims;
-    let mut dq = vec![0.0f32; n * tq * d];
-    let mut dk = vec![0.0f32; n * tk * d];
-    let mut dv = vec![0.0f32; n * tk * d];
+    let mut g = vec![0.0f32; l.len];
     let mut dp = vec![0.0f32; tq * tk];
     for i in 0..n {
-        let (qo, ko) = (i * tq * d, i * tk * d);
         let po = i * tq * tk;
         let p = &s.p[po..po + tq * tk];
-        let das = &da[qo..qo + tq * d];
-        let vs = &s.v[ko..ko + tk * d];
+        let (qi, ki) = (i * tq, i * tk);
         // dPm = dA·Vᵀ; dV = Pmᵀ·dA; dP = dPm ⊙ Ma.
-        for (r, (dprow, darow)) in dp.chunks_exact_mut(tk).zip(das.chunks_exact(d)).enumerate() {
-            for (j, (dpj, vrow)) in dprow.iter_mut().zip(vs.chunks_exact(d)).enumerate() {
+        for (r, dprow) in dp.chunks_exact_mut(tk).enumerate() {
+            let darow = &da[(qi + r) * d..][..d];
+            for (j, dpj) in dprow.iter_mut().enumerate() {
                 let m = s.mask_attn.as_ref().map_or(1.0, |m| m[po + r * tk + j]);
-                *dpj = dot(darow, vrow) * m;
-                let weight = p[r * tk + j] * m;
-                let dvrow = &mut dv[ko + j * d..ko + (j + 1) * d];
-                dvrow
-                    .iter_mut()
-                    .zip(darow)
-                    .for_each(|(o, g)| *o += weight * g);
+                let v = l.v.at(ki + j);
+                *dpj = dot(darow, &s.qkv[v..][..d]) * m;
+                axpy(&mut g[v..][..d], p[r * tk + j] * m, darow);
             }
         }
         // Softmax backward: dS = P ⊙ (dP − rowsum(dP ⊙ P)); then dQ = dS·K, dK = dSᵀ·Q.
-        for r in 0..tq {
-            let prow = &p[r * tk..(r + 1) * tk];
-            let dprow = &mut dp[r * tk..(r + 1) * tk];
+        for (r, (dprow, prow)) in dp.chunks_exact_mut(tk).zip(p.chunks_exact(tk)).enumerate() {
             let inner = dot(dprow, prow);
             dprow
                 .iter_mut()
                 .zip(prow)
                 .for_each(|(g, pv)| *g = pv * (*g - inner));
-            let qrow = &s.q[qo + r * d..qo + (r + 1) * d];
+            let q = l.q.at(qi + r);
             for (j, &ds) in dprow.iter().enumerate() {
-                let krow = &s.k[ko + j * d..ko + (j + 1) * d];
-                let dqrow = &mut dq[qo + r * d..qo + (r + 1) * d];
-                dqrow.iter_mut().zip(krow).for_each(|(o, kv)| *o += ds * kv);
-                let dkrow = &mut dk[ko + j * d..ko + (j + 1) * d];
-                dkrow.iter_mut().zip(qrow).for_each(|(o, qv)| *o += ds * qv);
+                let k = l.k.at(ki + j);
+                axpy(&mut g[q..][..d], ds, &s.qkv[k..][..d]);
+                axpy(&mut g[k..][..d], ds, &s.qkv[q..][..d]);
             }
         }
     }
-
-    (dq, dk, dv)
+    g
 }
 }
 
@@ -203,50 +322,53 @@ pub fn forward(
     masks: (Option<Vec<f32>>, Option<Vec<f32>>),
     save: bool,
 ) -> (Vec<f32>, Option<Saved>) {
-    let Dims { n, tq, tk, d, f } = dims;
+    let Dims { n, tq, d, f, .. } = dims;
+    let rows = n * tq;
     let (x_hat, x_rstd) = standardize(x, d);
     let (c_hat, c_rstd) = match c {
         Some(c) => standardize(c, d),
         None => (Vec::new(), Vec::new()),
     };
-    let ctx = if c.is_some() { &c_hat } else { &x_hat };
-    let q = linear(&x_hat, n * tq, w.wq, w.bq);
-    let k = linear(ctx, n * tk, w.wk, w.bk);
-    let v = linear(ctx, n * tk, w.wv, w.bv);
+    let layout = Layout::new(dims, c.is_none());
+    let qkv = project(&x_hat, c.is_some().then_some(&c_hat[..]), w, dims);
 
-    let p = attention_weights(&q, &k, dims);
+    let p = attention_weights(&qkv, layout, dims);
     let (mask_attn, mask_ffn) = masks;
-    let a = weighted_sum(&apply_mask(&p, mask_attn.as_ref()), &v, dims);
+    let a = weighted_sum(&apply_mask(&p, mask_attn.as_ref()), &qkv, layout, dims);
 
-    let mut h = linear(&a, n * tq, w.wo, w.bo);
-    h.iter_mut().zip(x).for_each(|(o, xi)| *o += xi);
+    // h = x + A·Wo + bo: `x + bo` written once, the product added onto it.
+    let mut h = with_bias(x, w.bo);
+    matmul(rows, d, d, &a, false, w.wo, false, &mut h, true);
     let (h_hat, h_rstd) = standardize(&h, d);
     // U = ĥ·W1 + b1, the bias added in the GELU's pass. Training keeps U for the backward
     // pass; inference overwrites it.
-    let mut u = product(n * tq, f, d, &h_hat, false, w.w1, false);
+    let mut u = product(rows, f, d, &h_hat, false, w.w1, false);
     let g = if save {
         bias_gelu(&mut u, w.b1)
     } else {
         bias_gelu_in_place(&mut u, w.b1);
         std::mem::take(&mut u)
     };
-    let ffn = linear(&g, n * tq, w.w2, w.b2);
     let mut out = h;
     match &mask_ffn {
-        Some(m) => out
-            .iter_mut()
-            .zip(ffn.iter().zip(m))
-            .for_each(|(o, (y, k))| *o += y * k),
-        None => out.iter_mut().zip(&ffn).for_each(|(o, y)| *o += y),
+        Some(m) => {
+            let ffn = linear(&g, rows, w.w2, w.b2);
+            out.iter_mut()
+                .zip(ffn.iter().zip(m))
+                .for_each(|(o, (y, k))| *o += y * k);
+        }
+        // Without dropout the FFN's product is added straight onto the residual.
+        None => {
+            add_rows(&mut out, w.b2);
+            matmul(rows, d, f, &g, false, w.w2, false, &mut out, true);
+        }
     }
     let saved = save.then_some(Saved {
         x_hat,
         x_rstd,
         c_hat,
         c_rstd,
-        q,
-        k,
-        v,
+        qkv,
         p,
         mask_attn,
         a,
@@ -255,7 +377,7 @@ pub fn forward(
         u,
         mask_ffn,
     });
-    debug_assert_eq!(g.len(), n * tq * f);
+    debug_assert_eq!(g.len(), rows * f);
     (out, saved)
 }
 
@@ -263,8 +385,7 @@ pub fn forward(
 pub fn backward(dout: &[f32], s: &Saved, w: &Weights, dims: Dims) -> Grads {
     let Dims { n, tq, tk, d, f } = dims;
     let rows = n * tq;
-    let is_self = s.c_hat.is_empty();
-    let ctx = if is_self { &s.x_hat } else { &s.c_hat };
+    let layout = Layout::new(dims, s.c_hat.is_empty());
 
     // FFN half: out = h + (gelu(U)·W2 + b2) ⊙ Mf.
     let d_ffn = apply_mask(dout, s.mask_ffn.as_ref());
@@ -283,32 +404,19 @@ pub fn backward(dout: &[f32], s: &Saved, w: &Weights, dims: Dims) -> Grads {
     let dwo = product(d, d, rows, &s.a, true, &dh, false);
     let dbo = col_sum(&dh, d);
     let da = product(rows, d, d, &dh, false, w.wo, true);
-
-    let (dq, dk, dv) = attention_backward(&da, s, dims);
-
-    // Projections back to the standardised inputs.
-    let ctx_rows = n * tk;
-    let dwq = product(d, d, rows, &s.x_hat, true, &dq, false);
-    let dwk = product(d, d, ctx_rows, ctx, true, &dk, false);
-    let dwv = product(d, d, ctx_rows, ctx, true, &dv, false);
-    let (dbq, dbk, dbv) = (col_sum(&dq, d), col_sum(&dk, d), col_sum(&dv, d));
-    let mut dx_hat = product(rows, d, d, &dq, false, w.wq, true);
-    let mut dc_hat = product(ctx_rows, d, d, &dk, false, w.wk, true);
-    matmul(ctx_rows, d, d, &dv, false, w.wv, true, &mut dc_hat, true);
+    let dqkv = attention_backward(&da, s, layout, dims);
+    let proj = project_backward(&dqkv, s, w, dims);
 
     let mut dx = dh; // the residual
-    let dc = if is_self {
-        dx_hat.iter_mut().zip(&dc_hat).for_each(|(a, b)| *a += b);
-        None
-    } else {
-        let mut dc = vec![0.0f32; ctx_rows * d];
+    let dc = proj.c_hat.map(|dc_hat| {
+        let mut dc = vec![0.0f32; n * tk * d];
         standardize_backward(&dc_hat, &s.c_hat, &s.c_rstd, d, &mut dc);
-        Some(dc)
-    };
-    standardize_backward(&dx_hat, &s.x_hat, &s.x_rstd, d, &mut dx);
+        dc
+    });
+    standardize_backward(&proj.x_hat, &s.x_hat, &s.x_rstd, d, &mut dx);
     Grads {
         x: dx,
         c: dc,
-        params: [dwq, dbq, dwk, dbk, dwv, dbv, dwo, dbo, dw1, db1, dw2, db2],
+        params: [proj.w, proj.b, dwo, dbo, dw1, db1, dw2, db2],
     }
 }

@@ -86,34 +86,30 @@ fn tensor(values: Vec<f32>, shape: [usize; 3]) -> FlexTensor {
 
 /// `[w0, b0, w1, b1, …]`: the order of the parameters in [`Weights`], in the fused node's
 /// parents (after `x` and the context) and in its gradients.
-fn interleave<T>(weights: [T; 6], biases: [T; 6]) -> [T; 12] {
-    let [wq, wk, wv, wo, w1, w2] = weights;
-    let [bq, bk, bv, bo, b1, b2] = biases;
-    [wq, bq, wk, bk, wv, bv, wo, bo, w1, b1, w2, b2]
+fn interleave<T>(weights: [T; 4], biases: [T; 4]) -> [T; 8] {
+    let [wqkv, wo, w1, w2] = weights;
+    let [bqkv, bo, b1, b2] = biases;
+    [wqkv, bqkv, wo, bo, w1, b1, w2, b2]
 }
 
 /// Parameters kept alive for the backward pass, in [`interleave`]'s order.
 #[derive(Clone, Debug)]
-struct Params(Arc<[FlexTensor; 12]>);
+struct Params(Arc<[FlexTensor; 8]>);
 
 impl Params {
-    fn new(weights: [FlexTensor; 6], biases: [FlexTensor; 6]) -> Self {
+    fn new(weights: [FlexTensor; 4], biases: [FlexTensor; 4]) -> Self {
         Self(Arc::new(interleave(weights, biases).map(|t| host(&t))))
     }
 
     fn w1(&self) -> &FlexTensor {
-        &self.0[8]
+        &self.0[4]
     }
 
     fn weights(&self) -> Weights<'_> {
-        let [wq, bq, wk, bk, wv, bv, wo, bo, w1, b1, w2, b2] = &*self.0;
+        let [wqkv, bqkv, wo, bo, w1, b1, w2, b2] = &*self.0;
         Weights {
-            wq: slice(wq),
-            bq: slice(bq),
-            wk: slice(wk),
-            bk: slice(bk),
-            wv: slice(wv),
-            bv: slice(bv),
+            wqkv: slice(wqkv),
+            bqkv: slice(bqkv),
             wo: slice(wo),
             bo: slice(bo),
             w1: slice(w1),
@@ -167,10 +163,10 @@ struct State {
     dims: Dims,
 }
 
-impl Backward<Flex, 14> for FusedBlock {
+impl Backward<Flex, 10> for FusedBlock {
     type State = State;
 
-    fn backward(self, ops: Ops<State, 14>, grads: &mut Gradients, _: &mut Checkpointer) {
+    fn backward(self, ops: Ops<State, 10>, grads: &mut Gradients, _: &mut Checkpointer) {
         let State {
             saved,
             params,

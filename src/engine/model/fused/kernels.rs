@@ -1,5 +1,6 @@
 //! Host-slice maths for the fused block: matrix products through `gemm`, row
-//! standardisation, softmax, and an exact (erf) GELU written so that the compiler vectorises it.
+//! standardisation, softmax and `exp`, written so that the compiler vectorises them (GELU:
+//! [`super::gelu`]).
 //!
 //! Every matrix here is row-major and contiguous; `[rows, cols]` in the comments.
 
@@ -39,6 +40,44 @@ macro_rules! multiversion {
 }
 pub(crate) use multiversion;
 
+/// A matrix operand as stored, row-major with its rows `ld` values apart (a column block of a
+/// wider matrix when `ld` exceeds its width), read transposed when `t`.
+#[derive(Clone, Copy, Debug)]
+pub struct Mat<'a> {
+    pub data: &'a [f32],
+    pub ld: usize,
+    pub t: bool,
+}
+
+impl<'a> Mat<'a> {
+    /// `data` as stored `[rows, cols]` (`cols` values per row), transposed when `t`.
+    pub fn dense(data: &'a [f32], cols: usize, t: bool) -> Self {
+        Self { data, ld: cols, t }
+    }
+
+    /// Checks that `op(self)` can be read as `[rows, cols]`; returns (row stride, column
+    /// stride) of `op(self)` in elements.
+    fn strides(&self, rows: usize, cols: usize) -> (isize, isize) {
+        let (stored_rows, stored_cols) = if self.t { (cols, rows) } else { (rows, cols) };
+        assert!(
+            self.ld >= stored_cols,
+            "rows {} apart hold {stored_cols} values",
+            self.ld
+        );
+        if stored_rows > 0 && stored_cols > 0 {
+            assert!(
+                (stored_rows - 1) * self.ld + stored_cols <= self.data.len(),
+                "operand too short"
+            );
+        }
+        if self.t {
+            (1, self.ld as isize)
+        } else {
+            (self.ld as isize, 1)
+        }
+    }
+}
+
 /// `c (+)= op(a) · op(b)` with `op(a)` `[m, k]` and `op(b)` `[k, n]`; `ta`/`tb` read `a`
 /// stored `[k, m]` / `b` stored `[n, k]` (a transposed view, no copy). With `acc` the product
 /// is added to `c`, else it replaces it.
@@ -54,14 +93,55 @@ pub fn matmul(
     c: &mut [f32],
     acc: bool,
 ) {
-    assert!(c.len() >= m * n);
-    // SAFETY: c holds m·n initialised values and is borrowed exclusively.
-    unsafe { gemm_into(m, n, k, a, ta, b, tb, c.as_mut_ptr(), acc) }
+    let (a, b) = (
+        Mat::dense(a, if ta { m } else { k }, ta),
+        Mat::dense(b, if tb { k } else { n }, tb),
+    );
+    matmul_ld(m, n, k, a, b, c, n, acc);
+}
+
+/// [`matmul`] on strided operands, into `c` with rows `ldc` values apart.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_ld(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Mat,
+    b: Mat,
+    c: &mut [f32],
+    ldc: usize,
+    acc: bool,
+) {
+    assert!(
+        ldc >= n && (m == 0 || (m - 1) * ldc + n <= c.len()),
+        "c too short"
+    );
+    // SAFETY: c holds the m rows of n values `ldc` apart (asserted), initialised and borrowed
+    // exclusively.
+    unsafe { gemm_into(m, n, k, a, b, c.as_mut_ptr(), ldc, acc) }
 }
 
 /// `op(a) · op(b)` as a new `[m, n]` (see [`matmul`]), written straight into fresh memory.
 pub fn product(m: usize, n: usize, k: usize, a: &[f32], ta: bool, b: &[f32], tb: bool) -> Vec<f32> {
-    let mut c = Vec::<f32>::with_capacity(m * n);
+    let (a, b) = (
+        Mat::dense(a, if ta { m } else { k }, ta),
+        Mat::dense(b, if tb { k } else { n }, tb),
+    );
+    product_ld(m, n, k, a, b)
+}
+
+/// [`product`] of strided operands.
+pub fn product_ld(m: usize, n: usize, k: usize, a: Mat, b: Mat) -> Vec<f32> {
+    let mut c = Vec::with_capacity(m * n);
+    append_product(&mut c, m, n, k, a, b);
+    c
+}
+
+/// Appends `op(a) · op(b)` (`[m, n]`, row-major) to `c`, written straight into its spare
+/// capacity.
+pub fn append_product(c: &mut Vec<f32>, m: usize, n: usize, k: usize, a: Mat, b: Mat) {
+    c.reserve(m * n);
+    let len = c.len();
     // SAFETY: the spare capacity holds m·n values; gemm without `acc` only writes them (and
     // gemm_into zero-fills when k = 0), so all are initialised before set_len.
     unsafe {
@@ -70,59 +150,56 @@ pub fn product(m: usize, n: usize, k: usize, a: &[f32], ta: bool, b: &[f32], tb:
             n,
             k,
             a,
-            ta,
             b,
-            tb,
             c.spare_capacity_mut().as_mut_ptr().cast(),
+            n,
             false,
         );
-        c.set_len(m * n);
+        c.set_len(len + m * n);
     }
-    c
 }
 
 /// # Safety
-/// `c` must be valid for writes of `m·n` values, and for reads of them when `acc`.
+/// `c` must be valid for writes of `m` rows of `n` values `ldc` apart, and for reads of them
+/// when `acc`.
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_into(
     m: usize,
     n: usize,
     k: usize,
-    a: &[f32],
-    ta: bool,
-    b: &[f32],
-    tb: bool,
+    a: Mat,
+    b: Mat,
     c: *mut f32,
+    ldc: usize,
     acc: bool,
 ) {
-    assert!(a.len() >= m * k && b.len() >= k * n);
+    let (a_rs, a_cs) = a.strides(m, k);
+    let (b_rs, b_cs) = b.strides(k, n);
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
         if !acc {
-            std::ptr::write_bytes(c, 0, m * n);
+            for r in 0..m {
+                std::ptr::write_bytes(c.add(r * ldc), 0, n);
+            }
         }
         return;
     }
-    // (row stride, column stride) of each operand, in elements.
-    let (a_rs, a_cs) = if ta { (1, m as isize) } else { (k as isize, 1) };
-    let (b_rs, b_cs) = if tb { (1, k as isize) } else { (n as isize, 1) };
-    // SAFETY: the assert bounds every index gemm reads: op(a) is m×k, op(b) k×n with the
-    // strides given; c is m×n row-major, valid as the caller promises; without `acc` gemm
-    // does not read c.
+    // SAFETY: `strides` bounds every index gemm reads of op(a) (m×k) and op(b) (k×n); c is
+    // valid as the caller promises; without `acc` gemm does not read c.
     gemm::gemm(
         m,
         n,
         k,
         c,
         1,
-        n as isize,
+        ldc as isize,
         acc,
-        a.as_ptr(),
+        a.data.as_ptr(),
         a_cs,
         a_rs,
-        b.as_ptr(),
+        b.data.as_ptr(),
         b_cs,
         b_rs,
         1.0,
@@ -178,6 +255,23 @@ pub fn linear(x: &[f32], rows: usize, w: &[f32], bias: &[f32]) -> Vec<f32> {
     let mut y = product(rows, d_out, d_in, x, false, w, false);
     add_rows(&mut y, bias);
     y
+}
+
+multiversion! {
+/// `x` with `bias` added to every row, as a new tensor.
+pub fn with_bias(x: &[f32], bias: &[f32]) -> Vec<f32> {
+    assert!(x.len().is_multiple_of(bias.len()), "rows of {} values", bias.len());
+    let mut y = Vec::<f32>::with_capacity(x.len());
+    let out = &mut y.spare_capacity_mut()[..x.len()];
+    for (xr, yr) in x.chunks_exact(bias.len()).zip(out.chunks_exact_mut(bias.len())) {
+        for ((o, a), b) in yr.iter_mut().zip(xr).zip(bias) {
+            o.write(a + b);
+        }
+    }
+    // SAFETY: the loop wrote every row, x.len() values in all.
+    unsafe { y.set_len(x.len()) };
+    y
+}
 }
 
 multiversion! {
@@ -282,92 +376,9 @@ pub fn exp(x: f32) -> f32 {
     p * f32::from_bits(bits as u32)
 }
 
-/// `erf(x)` to a few ulp: the rational minimax fit used by Eigen and XLA (odd degree-13
-/// numerator, even degree-8 denominator on [−4, 4], ±1 beyond), no exponential.
-#[inline(always)]
-fn erf(x: f32) -> f32 {
-    let x = x.clamp(-4.0, 4.0);
-    let x2 = x * x;
-    let mut p = x2 * -2.726_142_3e-10 + 2.770_681_4e-8;
-    p = x2 * p + -2.101_024e-6;
-    p = x2 * p + -5.692_506_4e-5;
-    p = x2 * p + -7.349_906_3e-4;
-    p = x2 * p + -2.954_600_2e-3;
-    p = x2 * p + -1.609_603_3e-2;
-    let mut q = x2 * -1.456_607_2e-5 + -2.133_740_6e-4;
-    q = x2 * q + -1.682_827e-3;
-    q = x2 * q + -7.373_329_2e-3;
-    q = x2 * q + -1.426_474e-2;
-    x * p / q
-}
-
-/// `Φ(u)`, the standard normal CDF.
-#[inline(always)]
-fn normal_cdf(u: f32) -> f32 {
-    0.5 + 0.5 * erf(u * std::f32::consts::FRAC_1_SQRT_2)
-}
-
-/// `φ(u)`, the standard normal density.
-#[inline(always)]
-fn normal_pdf(u: f32) -> f32 {
-    0.398_942_3 * exp(-0.5 * u * u)
-}
-
-multiversion! {
-/// `u ← u + bias` (per row), then exact GELU in place.
-pub fn bias_gelu_in_place(u: &mut [f32], bias: &[f32]) {
-    for row in u.chunks_exact_mut(bias.len()) {
-        for (v, b) in row.iter_mut().zip(bias) {
-            let x = *v + b;
-            *v = x * normal_cdf(x);
-        }
-    }
-}
-}
-
-multiversion! {
-/// `u ← u + bias` (per row), and the exact GELU of the result, `u · Φ(u)`, as a new tensor.
-pub fn bias_gelu(u: &mut [f32], bias: &[f32]) -> Vec<f32> {
-    let mut out = vec![0.0f32; u.len()];
-    for (row, orow) in u.chunks_exact_mut(bias.len()).zip(out.chunks_exact_mut(bias.len())) {
-        for ((v, b), o) in row.iter_mut().zip(bias).zip(orow) {
-            *v += b;
-            *o = *v * normal_cdf(*v);
-        }
-    }
-    out
-}
-}
-
-multiversion! {
-/// `gelu(u)` and `g ⊙ gelu'(u)` (`gelu'(u) = Φ(u) + u·φ(u)`) in one pass; the second
-/// overwrites `g`.
-pub fn gelu_and_backward(u: &[f32], g: &mut [f32]) -> Vec<f32> {
-    let mut out = vec![0.0f32; u.len()];
-    for ((o, gi), &v) in out.iter_mut().zip(g.iter_mut()).zip(u) {
-        let cdf = normal_cdf(v);
-        *o = v * cdf;
-        *gi *= cdf + v * normal_pdf(v);
-    }
-    out
-}
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn erf_ref(x: f64) -> f64 {
-        // Abramowitz–Stegun 7.1.28 is too coarse; integrate exp(−t²) by Simpson's rule.
-        let n = 20_000;
-        let h = x / n as f64;
-        let f = |t: f64| (-t * t).exp();
-        let mut s = f(0.0) + f(x);
-        for i in 1..n {
-            s += f(i as f64 * h) * if i % 2 == 1 { 4.0 } else { 2.0 };
-        }
-        s * h / 3.0 * 2.0 / std::f64::consts::PI.sqrt()
-    }
 
     #[test]
     fn exp_matches_std() {
@@ -381,30 +392,7 @@ mod tests {
     }
 
     #[test]
-    fn gelu_and_its_derivative_match_the_definition() {
-        for i in -800..800 {
-            let u = i as f64 * 0.01;
-            let cdf = 0.5 * (1.0 + erf_ref(u / 2f64.sqrt()));
-            let want = u * cdf;
-            let got = bias_gelu(&mut [u as f32], &[0.0])[0] as f64;
-            let mut in_place = [u as f32];
-            bias_gelu_in_place(&mut in_place, &[0.0]);
-            assert_eq!(in_place[0] as f64, got);
-            assert!((got - want).abs() < 2e-6, "gelu({u}) = {got}, want {want}");
-            let pdf = (-0.5 * u * u).exp() / (2.0 * std::f64::consts::PI).sqrt();
-            let mut g = [1.0f32];
-            gelu_and_backward(&[u as f32], &mut g);
-            let dwant = cdf + u * pdf;
-            assert!(
-                (g[0] as f64 - dwant).abs() < 2e-6,
-                "gelu'({u}) = {}, want {dwant}",
-                g[0]
-            );
-        }
-    }
-
-    #[test]
-    fn matmul_transposes_and_accumulates() {
+    fn matmul_transposes_accumulates_and_reads_column_blocks() {
         // a [2,3], b [3,2]
         let a = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
         let b = [7.0, 8.0, 9.0, 10.0, 11.0, 12.0];
@@ -417,6 +405,33 @@ mod tests {
         let mut c = [0.0; 4];
         matmul(2, 2, 3, &at, true, &bt, true, &mut c, false);
         assert_eq!(c, [58.0, 64.0, 139.0, 154.0]);
+        // Column blocks: b's columns 1..3 of a [3, 4] store (rows 4 apart), read straight and
+        // transposed, into columns 1..3 of a [2, 4] c (rows 4 apart); column 0 and 3 untouched.
+        let wide = [
+            0.0, 7.0, 8.0, 0.0, 0.0, 9.0, 10.0, 0.0, 0.0, 11.0, 12.0, 0.0,
+        ];
+        let b = Mat {
+            data: &wide[1..],
+            ld: 4,
+            t: false,
+        };
+        let mut c = [-1.0; 8];
+        matmul_ld(2, 2, 3, Mat::dense(&a, 3, false), b, &mut c[1..], 4, false);
+        assert_eq!(c, [-1.0, 58.0, 64.0, -1.0, -1.0, 139.0, 154.0, -1.0]);
+        // bᵀ's rows as columns of a wider store: [2, 3] read with rows 4 apart.
+        let wide_t = [7.0, 9.0, 11.0, 0.0, 8.0, 10.0, 12.0, 0.0];
+        let bt = Mat {
+            data: &wide_t,
+            ld: 4,
+            t: true,
+        };
+        assert_eq!(
+            product_ld(2, 2, 3, Mat::dense(&a, 3, false), bt),
+            [58.0, 64.0, 139.0, 154.0]
+        );
+        let mut appended = vec![5.0];
+        append_product(&mut appended, 2, 2, 3, Mat::dense(&a, 3, false), bt);
+        assert_eq!(appended, [5.0, 58.0, 64.0, 139.0, 154.0]);
     }
 
     #[test]

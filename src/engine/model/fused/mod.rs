@@ -23,6 +23,8 @@ pub mod kernels;
 #[cfg(feature = "flex")]
 pub mod block;
 #[cfg(feature = "flex")]
+mod gelu;
+#[cfg(feature = "flex")]
 mod host;
 #[cfg(feature = "flex")]
 pub use host::{is_host, run};
@@ -53,12 +55,12 @@ pub fn enabled<B: Backend>() -> bool {
 
 /// The inputs of one block: `x` (queries), `context` (keys and values; `None` for
 /// self-attention), and the folded parameters in the order of `block::Weights`
-/// (`[wq, wk, wv, wo, w1, w2]`, `[bq, bk, bv, bo, b1, b2]`).
+/// (`[wqkv, wo, w1, w2]`, `[bqkv, bo, b1, b2]`; `wqkv` = `[Wq | Wk | Wv]`, `[d, 3d]`).
 pub struct BlockInputs<B: Backend> {
     pub x: Tensor<B, 3>,
     pub context: Option<Tensor<B, 3>>,
-    pub weights: [Tensor<B, 2>; 6],
-    pub biases: [Tensor<B, 1>; 6],
+    pub weights: [Tensor<B, 2>; 4],
+    pub biases: [Tensor<B, 1>; 4],
     /// Dropout on the attention weights and on the FFN output, applied when training.
     pub attn_dropout: f64,
     pub ffn_dropout: f64,
