@@ -19,8 +19,8 @@ use std::borrow::Cow;
 
 use super::gelu::{bias_gelu, bias_gelu_in_place, gelu_and_backward};
 use super::kernels::{
-    add_rows, append_product, col_sum, dot, linear, matmul, matmul_ld, multiversion, product,
-    product_ld, softmax_rows, standardize, standardize_backward, with_bias, Mat,
+    add_rows, append_product, col_sum, dot, linear, matmul, matmul_ld, product, product_ld,
+    softmax_rows, standardize, standardize_backward, with_bias, Mat,
 };
 
 /// The block's parameters, already folded: weights `[d_in, d_out]`, biases `[d_out]`.
@@ -225,54 +225,47 @@ fn project_backward(g: &[f32], s: &Saved, w: &Weights, dims: Dims) -> ProjectGra
     }
 }
 
-/// `o += w · x`.
-#[inline(always)]
-fn axpy(o: &mut [f32], w: f32, x: &[f32]) {
-    o.iter_mut().zip(x).for_each(|(o, x)| *o += w * x);
+/// Rows `first..` of `view` in `qkv` as a matrix operand (transposed when `t`).
+fn rows(qkv: &[f32], view: View, first: usize, t: bool) -> Mat<'_> {
+    Mat {
+        data: &qkv[view.at(first)..],
+        ld: view.stride,
+        t,
+    }
 }
 
-multiversion! {
 /// `P·V` per sample (`p` `[n, tq, tk]`, V in `qkv` at `l.v`) → `[n·tq, d]`.
 fn weighted_sum(p: &[f32], qkv: &[f32], l: Layout, dims: Dims) -> Vec<f32> {
     let Dims { n, tq, tk, d, .. } = dims;
-    let mut out = vec![0.0f32; n * tq * d];
-    let rows = p.chunks_exact(tk).zip(out.chunks_exact_mut(d));
-    for (r, (prow, orow)) in rows.enumerate() {
-        let i = r / tq;
-        for (j, &w) in prow.iter().enumerate() {
-            axpy(orow, w, &qkv[l.v.at(i * tk + j)..][..d]);
-        }
+    let mut out = Vec::with_capacity(n * tq * d);
+    for (i, ps) in p.chunks_exact(tq * tk).enumerate() {
+        let v = rows(qkv, l.v, i * tk, false);
+        append_product(&mut out, tq, d, tk, Mat::dense(ps, tk, false), v);
     }
     out
 }
-}
 
-multiversion! {
 /// Scores `Q·Kᵀ` per sample (Q, K in `qkv` at `l.q`, `l.k`), softmax over the keys:
 /// `[n, tq, tk]`.
 fn attention_weights(qkv: &[f32], l: Layout, dims: Dims) -> Vec<f32> {
     let Dims { n, tq, tk, d, .. } = dims;
     let mut p = vec![0.0f32; n * tq * tk];
-    for (r, prow) in p.chunks_exact_mut(tk).enumerate() {
-        let (i, q) = (r / tq, &qkv[l.q.at(r)..][..d]);
-        for (j, s) in prow.iter_mut().enumerate() {
-            *s = dot(q, &qkv[l.k.at(i * tk + j)..][..d]);
-        }
+    for (i, ps) in p.chunks_exact_mut(tq * tk).enumerate() {
+        let (q, k) = (rows(qkv, l.q, i * tq, false), rows(qkv, l.k, i * tk, true));
+        matmul_ld(tq, tk, d, q, k, ps, tk, false);
     }
     softmax_rows(&mut p, tk);
     p
 }
-}
 
 /// `x ⊙ mask`, or `x` itself without a mask (no copy).
-fn apply_mask<'a>(x: &'a [f32], mask: Option<&Vec<f32>>) -> Cow<'a, [f32]> {
+fn apply_mask<'a>(x: &'a [f32], mask: Option<&[f32]>) -> Cow<'a, [f32]> {
     match mask {
         Some(m) => Cow::Owned(x.iter().zip(m).map(|(a, b)| a * b).collect()),
         None => Cow::Borrowed(x),
     }
 }
 
-multiversion! {
 /// Gradients of `Q`, `K`, `V` (placed as `l` places them) from the gradient of
 /// `A = (P ⊙ Ma)·V` (`da` `[n·tq, d]`).
 fn attention_backward(da: &[f32], s: &Saved, l: Layout, dims: Dims) -> Vec<f32> {
@@ -282,34 +275,68 @@ fn attention_backward(da: &[f32], s: &Saved, l: Layout, dims: Dims) -> Vec<f32> 
     for i in 0..n {
         let po = i * tq * tk;
         let p = &s.p[po..po + tq * tk];
-        let (qi, ki) = (i * tq, i * tk);
-        // dPm = dA·Vᵀ; dV = Pmᵀ·dA; dP = dPm ⊙ Ma.
-        for (r, dprow) in dp.chunks_exact_mut(tk).enumerate() {
-            let darow = &da[(qi + r) * d..][..d];
-            for (j, dpj) in dprow.iter_mut().enumerate() {
-                let m = s.mask_attn.as_ref().map_or(1.0, |m| m[po + r * tk + j]);
-                let v = l.v.at(ki + j);
-                *dpj = dot(darow, &s.qkv[v..][..d]) * m;
-                axpy(&mut g[v..][..d], p[r * tk + j] * m, darow);
-            }
+        let mask = s.mask_attn.as_ref().map(|m| &m[po..po + tq * tk]);
+        let pm = apply_mask(p, mask);
+        let da = Mat::dense(&da[i * tq * d..], d, false);
+        // dPm = dA·Vᵀ; dV = Pmᵀ·dA.
+        matmul_ld(
+            tq,
+            tk,
+            d,
+            da,
+            rows(&s.qkv, l.v, i * tk, true),
+            &mut dp,
+            tk,
+            false,
+        );
+        let pm_t = Mat::dense(&pm, tk, true);
+        matmul_ld(
+            tk,
+            d,
+            tq,
+            pm_t,
+            da,
+            &mut g[l.v.at(i * tk)..],
+            l.v.stride,
+            false,
+        );
+        // dP = dPm ⊙ Ma; softmax backward: dS = P ⊙ (dP − rowsum(dP ⊙ P)).
+        if let Some(m) = mask {
+            dp.iter_mut().zip(m).for_each(|(g, m)| *g *= m);
         }
-        // Softmax backward: dS = P ⊙ (dP − rowsum(dP ⊙ P)); then dQ = dS·K, dK = dSᵀ·Q.
-        for (r, (dprow, prow)) in dp.chunks_exact_mut(tk).zip(p.chunks_exact(tk)).enumerate() {
+        for (dprow, prow) in dp.chunks_exact_mut(tk).zip(p.chunks_exact(tk)) {
             let inner = dot(dprow, prow);
             dprow
                 .iter_mut()
                 .zip(prow)
                 .for_each(|(g, pv)| *g = pv * (*g - inner));
-            let q = l.q.at(qi + r);
-            for (j, &ds) in dprow.iter().enumerate() {
-                let k = l.k.at(ki + j);
-                axpy(&mut g[q..][..d], ds, &s.qkv[k..][..d]);
-                axpy(&mut g[k..][..d], ds, &s.qkv[q..][..d]);
-            }
         }
+        // dQ = dS·K; dK = dSᵀ·Q.
+        let (ds, ds_t) = (Mat::dense(&dp, tk, false), Mat::dense(&dp, tk, true));
+        let k = rows(&s.qkv, l.k, i * tk, false);
+        matmul_ld(
+            tq,
+            d,
+            tk,
+            ds,
+            k,
+            &mut g[l.q.at(i * tq)..],
+            l.q.stride,
+            false,
+        );
+        let q = rows(&s.qkv, l.q, i * tq, false);
+        matmul_ld(
+            tk,
+            d,
+            tq,
+            ds_t,
+            q,
+            &mut g[l.k.at(i * tk)..],
+            l.k.stride,
+            false,
+        );
     }
     g
-}
 }
 
 /// The block's output `[n·tq, d]`, and what its backward pass needs when `save`.
@@ -334,7 +361,7 @@ pub fn forward(
 
     let p = attention_weights(&qkv, layout, dims);
     let (mask_attn, mask_ffn) = masks;
-    let a = weighted_sum(&apply_mask(&p, mask_attn.as_ref()), &qkv, layout, dims);
+    let a = weighted_sum(&apply_mask(&p, mask_attn.as_deref()), &qkv, layout, dims);
 
     // h = x + A·Wo + bo: `x + bo` written once, the product added onto it.
     let mut h = with_bias(x, w.bo);
@@ -388,7 +415,7 @@ pub fn backward(dout: &[f32], s: &Saved, w: &Weights, dims: Dims) -> Grads {
     let layout = Layout::new(dims, s.c_hat.is_empty());
 
     // FFN half: out = h + (gelu(U)·W2 + b2) ⊙ Mf.
-    let d_ffn = apply_mask(dout, s.mask_ffn.as_ref());
+    let d_ffn = apply_mask(dout, s.mask_ffn.as_deref());
     let mut dg = product(rows, f, d, &d_ffn, false, w.w2, true);
     let g = gelu_and_backward(&s.u, &mut dg); // dg is now dU
     let du = dg;

@@ -340,16 +340,16 @@ pub fn standardize_backward(dy: &[f32], y: &[f32], rstd: &[f32], d: usize, dx: &
 }
 
 multiversion! {
-/// Softmax of every row of `s` `[rows, cols]`, in place.
+/// Softmax of every row of `s` `[rows, cols]`, in place. The exponentials run over the whole
+/// buffer in one loop: attention rows are short (8 keys), too short to vectorise one by one.
 pub fn softmax_rows(s: &mut [f32], cols: usize) {
     for row in s.chunks_exact_mut(cols) {
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0;
-        for v in row.iter_mut() {
-            *v = exp(*v - max);
-            sum += *v;
-        }
-        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|v| *v -= max);
+    }
+    s.iter_mut().for_each(|v| *v = exp(*v));
+    for row in s.chunks_exact_mut(cols) {
+        let inv = 1.0 / row.iter().sum::<f32>();
         row.iter_mut().for_each(|v| *v *= inv);
     }
 }
