@@ -19,7 +19,10 @@ use std::cell::Cell;
 use burn::tensor::{backend::Backend, Tensor};
 
 pub mod kernels;
+pub mod matrix;
 
+#[cfg(feature = "flex")]
+mod attention;
 #[cfg(feature = "flex")]
 pub mod block;
 #[cfg(feature = "flex")]
