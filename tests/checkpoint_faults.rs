@@ -187,6 +187,7 @@ fn metrics_with_non_finite_values_round_trip_as_nan() {
         seconds: 1.0,
         images_per_sec: 10.0,
         data_wait_fraction: 0.0,
+        epochs_total: 0,
     };
     let json = serde_json::to_string(&m).unwrap();
     assert!(json.contains("\"train_loss\":null"), "{json}");

@@ -475,6 +475,7 @@ async fn the_store_writes_again_as_soon_as_a_full_disk_has_space() {
         seconds: 1.0,
         images_per_sec: 1.0,
         data_wait_fraction: 0.0,
+        epochs_total: 0,
     };
     // Every kind of write fails while the disk is full (a big row makes sure of it)...
     let mut big = queued();

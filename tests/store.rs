@@ -30,6 +30,7 @@ fn metrics(epoch: usize, loss: f64) -> EpochMetrics {
         seconds: 1.0,
         images_per_sec: 10.0,
         data_wait_fraction: 0.0,
+        epochs_total: 0,
     }
 }
 
@@ -168,6 +169,19 @@ async fn conformance(store: Store, files: &Path) {
     let m = store.get_job(jobs[2].id).await.unwrap().unwrap();
     assert_eq!(m.epochs_completed, 1);
     assert!(m.latest_metrics.unwrap().train_loss.is_nan());
+    // A run's planned epoch count (a time budget's plan) replaces the configured one; a
+    // metrics line without one (0, older files) leaves it.
+    let configured = m.epochs_total;
+    let planned = EpochMetrics {
+        epochs_total: configured as usize + 7,
+        ..metrics(1, 0.5)
+    };
+    store.record_epoch(fence, &planned).await.unwrap();
+    let m = store.get_job(jobs[2].id).await.unwrap().unwrap();
+    assert_eq!(m.epochs_total, configured + 7);
+    store.record_epoch(fence, &metrics(1, 0.5)).await.unwrap();
+    let m = store.get_job(jobs[2].id).await.unwrap().unwrap();
+    assert_eq!(m.epochs_total, configured + 7);
     let c1 = checkpoint(jobs[2].id, 1, true, files);
     let mut c2 = checkpoint(jobs[2].id, 2, true, files);
     c2.copy_path = Some(files.join("best.a2.ckpt"));

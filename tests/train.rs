@@ -271,6 +271,15 @@ mod resume {
         let planned = planned.expect("a budgeted run plans its epochs");
         assert!((1..10_000).contains(&planned), "{planned}");
         assert!(summary.epochs_completed <= planned, "{summary:?}");
+        // Every epoch's metrics line says how many epochs the run trains: the plan.
+        let lines = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        let totals: Vec<u64> = lines
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter_map(|v| v.get("epochs_total").and_then(|t| t.as_u64()))
+            .collect();
+        assert_eq!(totals.len(), summary.epochs_completed, "{lines}");
+        assert!(totals.iter().all(|&t| t == planned as u64), "{totals:?}");
         // The schedule of the plan reaches its floor at the planned end.
         let spe = splits.train.len().div_ceil(cfg.batch_size);
         let last = cfg.lr_at(planned * spe - 1, spe, planned);

@@ -238,18 +238,21 @@ impl Store {
             .collect())
     }
 
-    /// Records an epoch's metrics (fenced).
+    /// Records an epoch's metrics (fenced), and the epochs the run trains when it says (a
+    /// time budget's plan replaces the configured count).
     pub async fn record_epoch(&self, fence: Fence, metrics: &EpochMetrics) -> Result<()> {
         let json = serde_json::to_string(metrics)?;
         self.write(async |c| {
             let done = sqlx::query(
-                "UPDATE jobs SET epochs_completed = $3, latest_metrics_json = $4 \
+                "UPDATE jobs SET epochs_completed = $3, latest_metrics_json = $4, \
+                 epochs_total = CASE WHEN $5 > 0 THEN $5 ELSE epochs_total END \
                  WHERE id = $1 AND attempt = $2",
             )
             .bind(fence.job.to_string())
             .bind(fence.attempt as i64)
             .bind(metrics.epoch as i64)
             .bind(json)
+            .bind(metrics.epochs_total as i64)
             .execute(c)
             .await?;
             fence.check(done.rows_affected())

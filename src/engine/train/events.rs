@@ -44,6 +44,10 @@ pub struct EpochMetrics {
     /// Share of the epoch the step waited for the data loader.
     #[serde(with = "non_finite_as_null")]
     pub data_wait_fraction: f64,
+    /// The epochs this run trains: the configured count, or what a time budget planned from
+    /// the first epoch. 0 in files written before it was recorded.
+    #[serde(default)]
+    pub epochs_total: usize,
 }
 
 /// Figures at the end of a run (the last line of the metrics JSONL file).

@@ -287,6 +287,14 @@ pub fn train_run<B: AutodiffBackend>(
             device,
             &mut || observer.between_batches(),
         );
+        if let (Some(budget), None, 0) = (budget, meta.planned_epochs, meta.epoch) {
+            // The first epoch's time says how many fit the budget; the cosine schedule is
+            // stretched or shrunk to end there (resumes keep the plan: it is in the meta).
+            // (Reached only when this run started in epoch 0, so the clock timed that epoch.)
+            epochs = config.epochs_within(budget, started.elapsed().as_secs_f64());
+            meta.planned_epochs = Some(epochs);
+            total_steps = steps_per_epoch * epochs;
+        }
         let metrics = EpochMetrics {
             epoch: epoch + 1,
             train_loss: loss_sum / seen.max(1) as f64,
@@ -297,6 +305,7 @@ pub fn train_run<B: AutodiffBackend>(
             seconds: epoch_start.elapsed().as_secs_f64(),
             images_per_sec: seen as f64 / epoch_start.elapsed().as_secs_f64().max(1e-9),
             data_wait_fraction: wait / epoch_start.elapsed().as_secs_f64().max(1e-9),
+            epochs_total: epochs,
         };
         if !observer.may_write() {
             return Ok(abandoned(&meta, started));
@@ -305,14 +314,6 @@ pub fn train_run<B: AutodiffBackend>(
         observer.event(&TrainEvent::Epoch(metrics));
         meta.epoch += 1;
         meta.step_in_epoch = 0;
-        if let (Some(budget), None, 1) = (budget, meta.planned_epochs, meta.epoch) {
-            // The first epoch's time says how many fit the budget; the cosine schedule is
-            // stretched or shrunk to end there (resumes keep the plan: it is in the meta).
-            // (Reached only when this run started in epoch 0, so the clock timed that epoch.)
-            epochs = config.epochs_within(budget, started.elapsed().as_secs_f64());
-            meta.planned_epochs = Some(epochs);
-            total_steps = steps_per_epoch * epochs;
-        }
         meta.val_accuracy = Some(val_accuracy);
         let is_best = meta.best_val_accuracy.is_none_or(|b| val_accuracy > b);
         if is_best {
