@@ -60,10 +60,16 @@ impl Layout {
     }
 }
 
-/// `[Q | K | V]` as [`Layout`] places them (bias included).
-pub fn project(x_hat: &[f32], c_hat: Option<&[f32]>, w: &Weights, dims: Dims) -> Vec<f32> {
+/// `[Q | K | V]` as `layout` places them (bias included); `layout` is
+/// `Layout::new(dims, c_hat.is_none())`.
+pub fn project(
+    x_hat: &[f32],
+    c_hat: Option<&[f32]>,
+    w: &Weights,
+    dims: Dims,
+    layout: Layout,
+) -> Vec<f32> {
     let Dims { n, tq, tk, d, .. } = dims;
-    let layout = Layout::new(dims, c_hat.is_none());
     let mut out = Vec::with_capacity(layout.len);
     let x = Mat::dense(x_hat, d, false);
     match c_hat {

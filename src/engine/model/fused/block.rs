@@ -106,7 +106,7 @@ pub fn forward(
         None => (Vec::new(), Vec::new()),
     };
     let layout = Layout::new(dims, c.is_none());
-    let qkv = project(&x_hat, c.is_some().then_some(&c_hat[..]), w, dims);
+    let qkv = project(&x_hat, c.is_some().then_some(&c_hat[..]), w, dims, layout);
 
     let p = attention_weights(&qkv, layout, dims);
     let (mask_attn, mask_ffn) = masks;

@@ -56,11 +56,24 @@ pub fn matmul(
     c: &mut [f32],
     acc: bool,
 ) {
-    let (a, b) = (
+    let (a, b) = dense_operands(m, n, k, a, ta, b, tb);
+    matmul_ld(m, n, k, a, b, c, n, acc);
+}
+
+/// `a` and `b` as dense operands of an `[m, k]·[k, n]` product (`ta`/`tb`: stored transposed).
+fn dense_operands<'a>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &'a [f32],
+    ta: bool,
+    b: &'a [f32],
+    tb: bool,
+) -> (Mat<'a>, Mat<'a>) {
+    (
         Mat::dense(a, if ta { m } else { k }, ta),
         Mat::dense(b, if tb { k } else { n }, tb),
-    );
-    matmul_ld(m, n, k, a, b, c, n, acc);
+    )
 }
 
 /// [`matmul`] on strided operands, into `c` with rows `ldc` values apart.
@@ -86,10 +99,7 @@ pub fn matmul_ld(
 
 /// `op(a) · op(b)` as a new `[m, n]` (see [`matmul`]), written straight into fresh memory.
 pub fn product(m: usize, n: usize, k: usize, a: &[f32], ta: bool, b: &[f32], tb: bool) -> Vec<f32> {
-    let (a, b) = (
-        Mat::dense(a, if ta { m } else { k }, ta),
-        Mat::dense(b, if tb { k } else { n }, tb),
-    );
+    let (a, b) = dense_operands(m, n, k, a, ta, b, tb);
     product_ld(m, n, k, a, b)
 }
 
