@@ -8,7 +8,7 @@
 //! (no checksum, written before it existed) are still read.
 
 use std::io::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use burn::module::Module;
@@ -179,6 +179,12 @@ fn split_sections(mut body: &[u8]) -> Result<[&[u8]; 3]> {
 /// write that fails (a full disk, say) removes its temp file; one cut short by a crash leaves
 /// it for [`remove_stale_temp_files`].
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_pending(path, bytes)?.commit()
+}
+
+/// A file written and synced under a temp name beside `path`, not in place yet:
+/// [`Pending::commit`] renames it onto `path`; dropped uncommitted, it is deleted.
+pub fn write_pending(path: &Path, bytes: &[u8]) -> Result<Pending> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
     let prefix = format!(
@@ -193,13 +199,32 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     tmp.write_all(bytes)
         .and_then(|()| tmp.as_file().sync_all())
         .with_context(|| format!("writing {}", tmp.path().display()))?;
-    tmp.persist(path)
-        .map_err(|e| e.error)
-        .with_context(|| format!("renaming onto {}", path.display()))?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
+    Ok(Pending {
+        tmp,
+        path: path.to_path_buf(),
+    })
+}
+
+/// See [`write_pending`].
+#[derive(Debug)]
+pub struct Pending {
+    tmp: tempfile::NamedTempFile,
+    path: PathBuf,
+}
+
+impl Pending {
+    /// Renames the file onto its path (replacing what was there atomically) and syncs the
+    /// directory.
+    pub fn commit(self) -> Result<()> {
+        let Self { tmp, path } = self;
+        tmp.persist(&path)
+            .map_err(|e| e.error)
+            .with_context(|| format!("renaming onto {}", path.display()))?;
+        if let Ok(d) = std::fs::File::open(path.parent().unwrap_or(Path::new("."))) {
+            let _ = d.sync_all();
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// Deletes the temp files that writes cut short by a crash left under `root` (recursively);

@@ -10,7 +10,9 @@ use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Tensor};
 
-use super::checkpoint::{load_record, record_bytes, write_json, Checkpoint, CheckpointMeta};
+use super::checkpoint::{
+    load_record, record_bytes, write_atomic, write_json, write_pending, Checkpoint, CheckpointMeta,
+};
 use super::ckpt_dir::{Resume, Start};
 use super::config::TrainConfig;
 use super::eval::{batch_tensors, evaluate};
@@ -324,16 +326,25 @@ pub fn train_run<B: AutodiffBackend>(
         let written = Instant::now();
         let ckpt = snapshot(&model, &optim, &meta)?;
         let path = ckpts.epoch_path(meta.epoch);
-        ckpt.write(&path)?;
+        let bytes = ckpt.encode()?;
+        write_atomic(&path, &bytes)?;
         let seconds = written.elapsed().as_secs_f64();
+        // The best copy (the same bytes) is written beside its place and renamed there only
+        // once the files are known to count: a worker that lost the job meanwhile leaves the
+        // old copy as it was (and its written files go), and from the check on it writes
+        // nothing new.
         let copy = is_best.then(|| ckpts.best_path());
-        if let Some(copy) = &copy {
-            ckpt.write(copy)?;
-        }
+        let pending = copy
+            .as_deref()
+            .map(|c| write_pending(c, &bytes))
+            .transpose()?;
         if !observer.may_write() {
             // Lost while writing: the file would never count; it goes.
             let _ = std::fs::remove_file(&path);
             return Ok(abandoned(&meta, started));
+        }
+        if let Some(pending) = pending {
+            pending.commit()?;
         }
         let _ = std::fs::remove_file(ckpts.interrupted_path());
         ckpts.prune(config.keep_last);
