@@ -1,39 +1,94 @@
 #!/usr/bin/env bash
-# GPU check for a session with a lent device: the `cuda` build's benchmarks, then the server on
-# cuda:0 training `reference` for 2 epochs on cifar10-mini and answering Classify.
-#   benches/gpu.sh BIN DATASETS_ROOT   (BIN: a stripped `cargo build --release --features cuda`)
-# Writes its figures under $OUT (default /tmp/gpu-out).
+# The GPU check, for a session with a lent device (one call of about 8 minutes on an H200).
+# Phases in order of importance, each under its own time limit; a phase that would start after
+# $BUDGET seconds (default 430) is skipped, and results are saved after each one:
+#   1. `tlb bench` `reference` batch 1024 in f32 and bf16; `tlb parity` (CPU vs cuda:0: logits,
+#      every gradient, 3 AdamW steps) in f32 and bf16;
+#   2. `tlb serve --device cuda:0`: 2 `reference` epochs on cifar10-mini through StartTraining,
+#      then Classify latency through gRPC at batch 1 and 64 (`tlb bench-serve`);
+#   3. `cpu-small` batch 256 and `reference` batch 1 (the engine's latency), f32 and bf16;
+#   4. curves: `cpu-small` for 20 epochs on cifar10-mini in f32 and in bf16 (train-local);
+#   5. the experimental `cuda-fusion` build: parity, then `reference` batch 1024 twice (its
+#      autotune fills the cache under ./target on the first run: seen taking over 90 s).
+#
+#   benches/gpu.sh DIR   DIR holds tlb.xz (`cargo build --release --features cuda`, stripped),
+#                        tlb-fusion.xz (`--features cuda-fusion`), datasets/cifar10-mini/ and
+#                        cat32.png. Everything lands in $OUT/results.tgz and $OUT/summary.txt.
 set -uo pipefail
-BIN=${1:-runs/gpu/tlb}
-DATA=${2:-runs/gpu/datasets}
-IMG=${3:-runs/gpu/cat32.png}
+DIR=${1:-runs/gpu}
 OUT=${OUT:-/tmp/gpu-out}
-mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-for run in "cpu-small 256 30" "reference 256 20" "reference 1024 10"; do
-    set -- $run
-    echo "== bench $*"
-    timeout 100 "$BIN" bench --preset "$1" --batch "$2" --steps "$3" --device cuda:0 \
-        2>>"$OUT/bench.err" | tee -a "$OUT/bench.jsonl"
-    echo
-done
+W=/tmp/gpu-work
+mkdir -p "$OUT" "$W"
+xz -dc "$DIR/tlb.xz" >"$W/tlb" && chmod +x "$W/tlb"
+[ -f "$DIR/tlb-fusion.xz" ] && xz -dc "$DIR/tlb-fusion.xz" >"$W/tlb-fusion" && chmod +x "$W/tlb-fusion"
+BIN=$W/tlb
+DATA=$(realpath "$DIR/datasets")
+IMG=$(realpath "$DIR/cat32.png")
+# Saved after each phase (a temp file renamed, so a run stopped at its limit leaves a whole one).
+save() {
+    tar czf "$OUT/.results.tgz" -C "$W" --exclude ./tlb --exclude ./tlb-fusion --exclude ./data \
+        --exclude checkpoints . && mv "$OUT/.results.tgz" "$OUT/results.tgz"
+    cp "$W/summary.txt" "$OUT/summary.txt"
+}
+log() { echo "$(date +%T) $*" | tee -a "$W/summary.txt"; }
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$W/gpu.txt"
+nproc >>"$W/gpu.txt"
 
-echo "== server on cuda:0"
-"$BIN" serve --addr 127.0.0.1:0 --device cuda:0 --data-dir "$OUT/data" --datasets-root "$DATA" \
-    >"$OUT/serve.out" 2>"$OUT/serve.log" &
-PID=$!
-for _ in $(seq 100); do grep -q "listening on" "$OUT/serve.out" && break; sleep 0.2; done
-S="--server http://$(sed -n 's/^tlb listening on //p' "$OUT/serve.out")"
-timeout 150 "$BIN" train $S --preset reference --format cifar10 --dataset cifar10-mini --epochs 2 --watch \
-    >"$OUT/train.txt" 2>&1
-cat "$OUT/train.txt"
-JOB=$(head -1 "$OUT/train.txt")
-"$BIN" jobs $S "$JOB" | tee "$OUT/job.txt" | grep -E "state|epochs_completed|test_accuracy"
-"$BIN" classify $S "$IMG" --model "$JOB" | tee "$OUT/classify.txt"
-for b in 1 64; do
-    timeout 60 "$BIN" bench-serve $S --model "$JOB" --image "$IMG" --batch $b --requests 100 | tee -a "$OUT/serve-bench.jsonl"
+export CUBECL_AUTOTUNE_LEVEL=${CUBECL_AUTOTUNE_LEVEL:-minimal}
+BUDGET=${BUDGET:-430}
+time_left() { [ "$SECONDS" -lt "$BUDGET" ] || { log "skipped (budget): $*"; false; }; }
+bench() { # BIN PRESET BATCH STEPS PRECISION LIMIT
+    timeout "$6" "$1" bench --preset "$2" --batch "$3" --steps "$4" --device cuda:0 --precision "$5" \
+        2>>"$W/bench.err" | sed "s|^{|{\"bin\":\"$(basename "$1")\",|" >"$W/last.json"
+    log "bench $(basename "$1") $2 $3 $5 rc=$? $(cat "$W/last.json")"
+    cat "$W/last.json" >>"$W/bench.jsonl"
+}
+parity() { # BIN PRECISION LIMIT
+    local name=parity-$(basename "$1")-$2
+    timeout "$3" "$1" parity --device cuda:0 --precision "$2" --verbose >"$W/$name.jsonl" 2>"$W/$name.err"
+    log "$name rc=$? $(tail -1 "$W/$name.jsonl")"
+}
+
+time_left "reference f32" && bench "$BIN" reference 1024 5 f32 80; save
+time_left "reference bf16" && bench "$BIN" reference 1024 5 bf16 80; save
+time_left "parity f32" && parity "$BIN" f32 60; save
+time_left "parity bf16" && parity "$BIN" bf16 60; save
+if time_left "serving"; then
+    log "== server on cuda:0: 2 reference epochs on cifar10-mini, then Classify"
+    "$BIN" serve --addr 127.0.0.1:0 --device cuda:0 --data-dir "$W/data" --datasets-root "$DATA" \
+        >"$W/serve.out" 2>"$W/serve.log" &
+    PID=$!
+    for _ in $(seq 100); do grep -q "listening on" "$W/serve.out" && break; sleep 0.2; done
+    S="--server http://$(sed -n 's/^tlb listening on //p' "$W/serve.out")"
+    timeout 90 "$BIN" train $S --preset reference --format cifar10 --dataset cifar10-mini --epochs 2 --watch \
+        >"$W/train.txt" 2>&1
+    JOB=$(head -1 "$W/train.txt")
+    "$BIN" jobs $S "$JOB" >"$W/job.txt"
+    log "$(grep -E "state|epochs_completed|test_accuracy" "$W/job.txt" | tr '\n' ' ')"
+    "$BIN" classify $S "$IMG" --model "$JOB" >"$W/classify.txt" 2>&1
+    for b in 1 64; do
+        timeout 40 "$BIN" bench-serve $S --model "$JOB" --image "$IMG" --batch $b --requests 100 \
+            | tee -a "$W/serve-bench.jsonl"
+        log "classify batch $b: $(tail -1 "$W/serve-bench.jsonl")"
+    done
+    kill -TERM $PID
+    wait $PID
+    log "server exit: $?"
+fi
+save
+time_left "cpu-small f32" && bench "$BIN" cpu-small 256 20 f32 50; save
+time_left "cpu-small bf16" && bench "$BIN" cpu-small 256 20 bf16 50; save
+time_left "reference batch 1" && bench "$BIN" reference 1 20 f32 40; save
+for p in f32 bf16; do
+    time_left "curves $p" || continue
+    timeout 60 "$BIN" train-local --preset cpu-small --data "$DATA/cifar10-mini" --epochs 20 \
+        --device cuda:0 --precision $p --out "$W/curves-$p" --quiet >"$W/curves-$p.txt" 2>&1
+    log "curves $p rc=$? $(tail -2 "$W/curves-$p.txt" | tr '\n' ' ')"
+    save
 done
-kill -TERM $PID
-wait $PID
-echo "server exit: $?"
-tail -5 "$OUT/serve.log"
+if [ -x "$W/tlb-fusion" ]; then
+    time_left "fusion parity" && parity "$W/tlb-fusion" f32 150; save
+    time_left "fusion reference (tuning)" && bench "$W/tlb-fusion" reference 1024 3 f32 150; save
+    time_left "fusion reference (tuned)" && bench "$W/tlb-fusion" reference 1024 5 f32 60; save
+fi
+log "== done"; save

@@ -191,6 +191,78 @@ fn bench_prints_one_json_line_with_the_figures() {
     }
 }
 
+#[test]
+fn bench_runs_in_bf16_too() {
+    let (ok, out, err) = tlb(&[
+        "bench",
+        "--preset",
+        "tiny",
+        "--batch",
+        "8",
+        "--steps",
+        "1",
+        "--precision",
+        "bf16",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["precision"], "bf16", "{v}");
+    assert!(v["train_images_per_sec"].as_f64().unwrap() > 0.0, "{v}");
+    let (ok, _, err) = tlb(&["bench", "--precision", "fp8"]);
+    assert!(!ok && err.contains("unknown precision 'fp8'"), "{err}");
+}
+
+/// `tlb parity` on the CPU: f32 against itself is exact, bf16 close but not exact, and a
+/// tolerance under the error found fails the command.
+#[test]
+fn parity_compares_every_gradient_and_fails_over_its_tolerance() {
+    let run = |precision: &str, extra: &[&str]| {
+        let mut args = vec![
+            "parity",
+            "--preset",
+            "tiny",
+            "--batch",
+            "4",
+            "--steps",
+            "2",
+            "--precision",
+            precision,
+        ];
+        args.extend_from_slice(extra);
+        tlb(&args)
+    };
+    let summary = |out: &str| -> serde_json::Value {
+        serde_json::from_str(out.lines().last().expect("a summary line")).unwrap()
+    };
+    let (ok, out, err) = run("f32", &[]);
+    assert!(ok, "{err}");
+    let s = summary(&out);
+    assert_eq!(s["worst_rel_err"].as_f64(), Some(0.0), "{s}");
+    // Logits, logits after the steps, and the gradient of each of the tiny model's parameters.
+    assert!(s["compared"].as_u64().unwrap() > 20, "{s}");
+
+    let (ok, out, err) = run("bf16", &["--verbose"]);
+    assert!(ok, "{err}");
+    let s = summary(&out);
+    let worst = s["worst_rel_err"].as_f64().unwrap();
+    assert!(
+        worst > 1e-5 && worst <= s["tolerance"].as_f64().unwrap(),
+        "{s}"
+    );
+    let rows = out.lines().count() as u64 - 1;
+    assert_eq!(
+        rows,
+        s["compared"].as_u64().unwrap(),
+        "--verbose prints every comparison"
+    );
+    assert!(out.contains("grad bottleneck.ffn_in.weight"), "{out}");
+
+    let (ok, out, err) = run("bf16", &["--tolerance", "1e-6"]);
+    assert!(!ok, "{out}");
+    assert!(err.contains("comparisons over 1e-6"), "{err}");
+    assert!(out.contains("\"ok\":false"), "{out}");
+}
+
 /// Trains `tiny` for an epoch on the real cifar10-mini ($TLB_SHARED_DATA, default ../shared/data).
 #[test]
 fn tiny_epoch_on_real_cifar10_mini() {

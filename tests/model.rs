@@ -1,10 +1,11 @@
 mod common;
 
 use burn::module::AutodiffModule;
-use burn::tensor::{Distribution, Tensor};
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::tensor::{DType, Distribution, Int, Tensor};
 use tlb::engine::backend::{cpu_device, Cpu, CpuAutodiff};
-use tlb::engine::model::{Readout, TlbConfig};
-use tlb::engine::train::Preset;
+use tlb::engine::model::{Precision, Readout, Tlb, TlbConfig};
+use tlb::engine::train::{gradient_model, loss_and_correct, named_tensors, Preset};
 
 use common::small_model;
 
@@ -153,4 +154,68 @@ fn presets_are_valid_and_match_the_reference() {
         "CPU micro-batches keep memory bounded"
     );
     assert!(Preset::from_name("huge").is_err());
+}
+
+/// `‖a − b‖ / ‖b‖`.
+fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let diff: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let norm: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (diff / norm).sqrt()
+}
+
+#[test]
+fn bf16_passes_keep_f32_parameters_and_track_the_f32_model() {
+    let device = cpu_device();
+    let mut cfg = small_model(Readout::Slow, 1);
+    (cfg.attn_dropout, cfg.ffn_dropout) = (0.0, 0.0);
+    let model = cfg.init::<CpuAutodiff>(&device).unwrap();
+    let images =
+        Tensor::<CpuAutodiff, 4>::random([4, 3, 16, 16], Distribution::Uniform(0.0, 1.0), &device);
+    let labels = Tensor::<CpuAutodiff, 1, Int>::from_data([1i64, 2, 3, 4].as_slice(), &device);
+    let pass = |m: &Tlb<CpuAutodiff>| {
+        let logits = m.forward(images.clone());
+        assert_eq!(logits.dtype(), DType::F32, "logits come back in f32");
+        let (loss, _) = loss_and_correct(logits.clone(), labels.clone(), 0.0);
+        let grads = GradientsParams::from_grads(loss.backward(), m);
+        let values = logits.into_data().to_vec::<f32>().unwrap();
+        (values, grads)
+    };
+    let (want, want_grads) = pass(&model);
+    let half = model.clone().with_precision(Precision::Bf16);
+    let (got, got_grads) = pass(&half);
+    // Computed in bf16 (8 bits of mantissa): close to f32, but not the f32 result.
+    let err = rel_err(&got, &want);
+    assert!(err > 1e-5 && err < 3e-2, "logits rel err {err}");
+    let (want_g, got_g) = (
+        named_tensors(&gradient_model(&model, &want_grads)),
+        named_tensors(&gradient_model(&half, &got_grads)),
+    );
+    assert_eq!(want_g.len(), got_g.len());
+    let norm = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    // Key biases have zero gradient in exact arithmetic (softmax ignores a shift shared by all
+    // keys): errors are measured against at least 1/1000 of the largest gradient.
+    let floor = 1e-3 * want_g.iter().map(|w| norm(&w.values)).fold(0.0, f64::max);
+    for (w, g) in want_g.iter().zip(&got_g) {
+        assert_eq!(w.name, g.name);
+        assert!(norm(&g.values).is_finite(), "{}", g.name);
+        let diff: Vec<f32> = g.values.iter().zip(&w.values).map(|(a, b)| a - b).collect();
+        let err = norm(&diff) / norm(&w.values).max(floor);
+        assert!(err < 0.15, "{}: gradient rel err {err}", g.name);
+    }
+    // Gradients arrive in f32 at f32 parameters, and the optimiser keeps them f32.
+    let grad = got_grads
+        .get::<Cpu, 3>(half.pos_embed.id)
+        .expect("a gradient for the position embedding");
+    assert_eq!(grad.dtype(), DType::F32);
+    let mut optim = AdamWConfig::new().init::<CpuAutodiff, Tlb<CpuAutodiff>>();
+    let stepped = optim.step(1e-3, half, got_grads);
+    assert_eq!(stepped.pos_embed.val().dtype(), DType::F32);
+    assert_eq!(stepped.precision(), Precision::Bf16);
+    assert_eq!(stepped.valid().precision(), Precision::Bf16);
+    let moved = rel_err(
+        &stepped.pos_embed.val().into_data().to_vec::<f32>().unwrap(),
+        &model.pos_embed.val().into_data().to_vec::<f32>().unwrap(),
+    );
+    assert!(moved > 0.0, "the step changed the parameters");
 }

@@ -402,12 +402,29 @@ async fn cli_client_subcommands() {
             "synth",
             "--epochs",
             "2",
+            "--precision",
+            "bf16",
             "--watch",
         ],
     );
     assert!(ok, "{err}");
     let job = out.lines().next().unwrap().trim().to_string();
     uuid::Uuid::parse_str(&job).unwrap();
+    // The job trained in mixed precision: its resolved config says so.
+    let row = server
+        .training()
+        .await
+        .get_job(pb::GetJobRequest {
+            job_id: job.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        row.config_json.contains(r#""precision":"bf16""#),
+        "{}",
+        row.config_json
+    );
     assert!(out.contains("test accuracy"), "{out}");
     assert!(err.contains("epoch   2:"), "watch printed: {err}");
 

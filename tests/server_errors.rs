@@ -136,6 +136,15 @@ async fn bad_requests_get_precise_statuses() {
         Code::InvalidArgument,
         "config.lr",
     );
+    let precision = pb::TrainingConfig {
+        precision: 7,
+        ..Default::default()
+    };
+    expect(
+        t.start_training(with_config(precision)).await,
+        Code::InvalidArgument,
+        "config.precision",
+    );
 
     // Ids and tokens.
     let get = |id: &str| pb::GetJobRequest { job_id: id.into() };

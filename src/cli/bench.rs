@@ -30,7 +30,7 @@ fn run<B: AutodiffBackend>(
     device: &B::Device,
 ) -> Result<serde_json::Value> {
     let s = cfg.model.image_size;
-    let mut model = cfg.model.init::<B>(device)?;
+    let mut model = cfg.model.init::<B>(device)?.with_precision(a.precision);
     let mut optim = AdamWConfig::new().init::<B, _>();
     let images =
         Tensor::<B, 4>::random([a.batch, 3, s, s], Distribution::Uniform(0.0, 1.0), device);
@@ -86,6 +86,7 @@ fn run<B: AutodiffBackend>(
     Ok(serde_json::json!({
         "preset": a.preset,
         "backend": B::name(device),
+        "precision": a.precision.name(),
         "batch": a.batch,
         "threads": replicas,
         "steps": a.steps,

@@ -33,6 +33,9 @@ pub struct TrainArgs {
     pub seed: Option<u64>,
     #[arg(long)]
     pub max_minutes: Option<f64>,
+    /// f32, or bf16 mixed precision (f32 parameters and optimiser state; for CUDA).
+    #[arg(long)]
+    pub precision: Option<crate::engine::model::Precision>,
     /// Follow the job with a progress bar until it ends.
     #[arg(long)]
     pub watch: bool,
@@ -141,6 +144,11 @@ pub fn train(a: TrainArgs) -> Result<()> {
             lr: a.lr,
             seed: a.seed,
             max_minutes: a.max_minutes,
+            precision: match a.precision {
+                None => pb::Precision::Unspecified,
+                Some(crate::engine::model::Precision::F32) => pb::Precision::F32,
+                Some(crate::engine::model::Precision::Bf16) => pb::Precision::Bf16,
+            } as i32,
             ..Default::default()
         };
         let job_id = client

@@ -71,6 +71,9 @@ pub fn resolve_config(a: &TrainLocalArgs, num_classes: usize) -> Result<TrainCon
     if let Some(v) = a.max_minutes {
         c.max_minutes = v;
     }
+    if let Some(v) = a.precision {
+        c.precision = v;
+    }
     if c.replicas == 0 {
         c.replicas = a.device.replicas();
     }

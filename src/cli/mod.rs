@@ -4,6 +4,7 @@ mod bench;
 mod client;
 mod connect;
 mod local;
+mod parity;
 mod serve_bench;
 
 use std::path::PathBuf;
@@ -12,7 +13,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::engine::backend::DeviceSpec;
 use crate::engine::data::DatasetFormat;
-use crate::engine::model::Readout;
+use crate::engine::model::{Precision, Readout};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -57,6 +58,8 @@ pub enum Command {
     Export(ExportArgs),
     /// Measure training and inference throughput; prints one JSON line.
     Bench(BenchArgs),
+    /// Compare a device's logits, gradients and optimiser steps with the CPU's.
+    Parity(ParityArgs),
 }
 
 #[derive(Args, Debug)]
@@ -102,6 +105,9 @@ pub struct TrainLocalArgs {
     /// Stop after this many minutes, then validate, checkpoint and test.
     #[arg(long)]
     pub max_minutes: Option<f64>,
+    /// f32, or bf16 mixed precision (f32 parameters and optimiser state; for CUDA).
+    #[arg(long)]
+    pub precision: Option<Precision>,
     /// Continue from the newest checkpoint in --out.
     #[arg(long)]
     pub resume: bool,
@@ -169,6 +175,35 @@ pub struct BenchArgs {
     pub steps: usize,
     #[arg(long, default_value = "cpu", env = "TLB_DEVICE")]
     pub device: DeviceSpec,
+    /// f32, or bf16 mixed precision.
+    #[arg(long, default_value = "f32")]
+    pub precision: Precision,
+}
+
+#[derive(Args, Debug)]
+pub struct ParityArgs {
+    #[arg(long, default_value = "reference")]
+    pub preset: String,
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// AdamW steps taken on both sides before the second comparison of logits.
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// The device checked against the CPU.
+    #[arg(long, default_value = "cpu", env = "TLB_DEVICE")]
+    pub device: DeviceSpec,
+    /// What the device computes in (the CPU reference is f32).
+    #[arg(long, default_value = "f32")]
+    pub precision: Precision,
+    /// Largest relative error `‖device − cpu‖ / ‖cpu‖` allowed (default: 5e-3 for f32,
+    /// 5e-2 for bf16).
+    #[arg(long)]
+    pub tolerance: Option<f64>,
+    /// Print every comparison, not only those over the tolerance.
+    #[arg(long)]
+    pub verbose: bool,
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -188,5 +223,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::AttentionLocal(a) => local::attention(a),
         Command::Export(a) => local::export(a),
         Command::Bench(a) => bench::bench(a),
+        Command::Parity(a) => parity::parity(a),
     }
 }

@@ -13,7 +13,13 @@ compile_error!("enable a CPU backend feature: `flex` (default) or `ndarray`");
 pub type CpuAutodiff = Autodiff<Cpu>;
 
 /// The backends this build has (`tlb_build_info{backend}`): the CPU one, and `cuda` when built in.
-pub const BACKEND: &str = if cfg!(feature = "cuda") {
+pub const BACKEND: &str = if cfg!(feature = "cuda-fusion") {
+    if cfg!(feature = "flex") {
+        "flex+cuda-fusion"
+    } else {
+        "ndarray+cuda-fusion"
+    }
+} else if cfg!(feature = "cuda") {
     if cfg!(feature = "flex") {
         "flex+cuda"
     } else {

@@ -2,7 +2,7 @@
 
 use prost_types::Timestamp;
 
-use crate::engine::model::Readout;
+use crate::engine::model::{Precision, Readout};
 use crate::engine::train::{EpochMetrics, Progress, Schedule, TrainConfig};
 use crate::error::ApiError;
 use crate::proto::v1 as pb;
@@ -193,6 +193,12 @@ pub fn apply_overrides(c: &mut TrainConfig, o: &pb::TrainingConfig) -> Result<()
         Ok(pb::Schedule::Constant) => c.schedule = Schedule::Constant,
         Ok(pb::Schedule::Cosine) => c.schedule = Schedule::Cosine,
         Err(_) => return Err(ApiError::field("config.schedule", "unknown schedule")),
+    }
+    match pb::Precision::try_from(o.precision) {
+        Ok(pb::Precision::Unspecified) => {}
+        Ok(pb::Precision::F32) => c.precision = Precision::F32,
+        Ok(pb::Precision::Bf16) => c.precision = Precision::Bf16,
+        Err(_) => return Err(ApiError::field("config.precision", "unknown precision")),
     }
     if let Some(v) = o.seed {
         c.seed = v;

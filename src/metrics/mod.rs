@@ -18,6 +18,7 @@ pub struct Metrics {
     pub rpc_requests: IntCounterVec,
     pub rpc_duration: HistogramVec,
     pub inference_queue_seconds: Histogram,
+    pub inference_dropped: IntCounterVec,
     pub inference_batch_images: Histogram,
     pub inference_queued_images: IntGauge,
     pub jobs: IntGaugeVec,
@@ -51,6 +52,14 @@ fn build() -> prometheus::Result<Metrics> {
                 "Time an inference request waited for the device",
             )
             .buckets(latency),
+        )?,
+        inference_dropped: IntCounterVec::new(
+            Opts::new(
+                "tlb_inference_dropped_total",
+                "Inference requests dropped unprocessed when the device reached them: the \
+                 caller was gone (cancelled) or its deadline had passed (deadline)",
+            ),
+            &["reason"],
         )?,
         inference_batch_images: Histogram::with_opts(
             HistogramOpts::new(
@@ -101,6 +110,7 @@ fn build() -> prometheus::Result<Metrics> {
     r.register(Box::new(m.rpc_requests.clone()))?;
     r.register(Box::new(m.rpc_duration.clone()))?;
     r.register(Box::new(m.inference_queue_seconds.clone()))?;
+    r.register(Box::new(m.inference_dropped.clone()))?;
     r.register(Box::new(m.inference_batch_images.clone()))?;
     r.register(Box::new(m.inference_queued_images.clone()))?;
     r.register(Box::new(m.jobs.clone()))?;

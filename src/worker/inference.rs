@@ -117,11 +117,19 @@ fn admit<T>(
     ticket: &Ticket,
     reply: tokio::sync::oneshot::Sender<Result<T, ApiError>>,
 ) -> Option<tokio::sync::oneshot::Sender<Result<T, ApiError>>> {
+    let dropped = |reason| {
+        metrics()
+            .inference_dropped
+            .with_label_values(&[reason])
+            .inc()
+    };
     if reply.is_closed() {
+        dropped("cancelled");
         return None;
     }
     let waited = ticket.enqueued.elapsed();
     if ticket.expired() {
+        dropped("deadline");
         let _ = reply.send(Err(ApiError::DeadlineExceeded(format!(
             "the deadline passed after {} ms waiting for the device; the request was dropped \
              unprocessed",

@@ -159,8 +159,12 @@ impl<B: Backend> Block<B> {
         let query = self.query.folded(&self.norm_query, scale);
         let key = self.key.folded(&self.norm_key, 1.0);
         let value = self.value.folded(&self.norm_value, 1.0);
-        let fused = self.num_heads == 1 && super::fused::enabled::<B>();
+        // The fused block computes in f32 (under bf16 the composition runs).
+        let fused = self.num_heads == 1
+            && super::fused::enabled::<B>()
+            && query.0.dtype() == burn::tensor::DType::F32;
         FoldedBlock {
+            fused,
             qkv: fused.then(|| Affine::concat([&query, &key, &value])),
             query,
             key,
@@ -176,6 +180,8 @@ pub struct FoldedBlock<'a, B: Backend> {
     query: Affine<B>,
     key: Affine<B>,
     value: Affine<B>,
+    /// Whether the block runs as one fused operation (see [`super::fused`]).
+    fused: bool,
     /// `[Wq | Wk | Wv]` for the fused block, when it runs.
     qkv: Option<Affine<B>>,
     ffn_in: Affine<B>,
@@ -203,7 +209,7 @@ impl<B: Backend> FoldedBlock<'_, B> {
     }
 
     fn fusable(&self) -> bool {
-        self.block.num_heads == 1 && super::fused::enabled::<B>()
+        self.fused
     }
 
     /// Self-attention block: query, key and value all come from `x` (normalised once).

@@ -83,13 +83,20 @@ pub fn dropout<B: Backend, const D: usize>(x: Tensor<B, D>, p: f64) -> Tensor<B,
     if super::fused::is_host::<B>() {
         let shape = x.shape();
         let mask = host_mask(shape.num_elements(), p);
-        return x * Tensor::from_data(TensorData::new(mask, shape), &device);
+        let dtype = x.dtype();
+        return x * Tensor::from_data(TensorData::new(mask, shape), (&device, dtype));
     }
     let seed = next_seed();
     let mask = {
         let _guard = DRAW_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         B::seed(&device, seed);
         x.random_like(Distribution::Bernoulli(1.0 - p))
+    };
+    // Same dtype as `x` (bf16 under mixed precision): the backend does not check operands.
+    let mask = if mask.dtype() == x.dtype() {
+        mask
+    } else {
+        mask.cast(x.dtype())
     };
     x * mask * (1.0 / (1.0 - p))
 }

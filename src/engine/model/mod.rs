@@ -4,9 +4,11 @@ mod block;
 mod config;
 mod dropout;
 pub mod fused;
+mod precision;
 mod tlb;
 
 pub use block::{standardize, Affine, Block, FoldedBlock, Projection, LN_EPS};
 pub use config::{ConfigError, Readout, TlbConfig};
 pub use dropout::{dropout, set_dropout_stream, with_rng_lock};
+pub use precision::{cast_params, Precision};
 pub use tlb::{Tlb, TlbAttention, TlbOutput};

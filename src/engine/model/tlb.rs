@@ -7,6 +7,7 @@ use burn::tensor::{backend::Backend, Tensor};
 
 use super::block::{Block, Projection, LN_EPS};
 use super::config::{ConfigError, Readout, TlbConfig};
+use super::precision::{cast_params, Precision};
 
 /// Per-chunk attention of the temporal latent bottleneck:
 /// `[batch, chunks, heads, latents, chunk_size]`, each row a softmax over the chunk's tokens.
@@ -28,6 +29,9 @@ pub struct Tlb<B: Backend> {
     pub head: Projection<B>,
     #[module(skip)]
     config: TlbConfig,
+    /// What the passes compute in (not part of the model: checkpoints do not store it).
+    #[module(skip)]
+    precision: Precision,
 }
 
 impl TlbConfig {
@@ -68,6 +72,7 @@ impl TlbConfig {
             readout_norm: LayerNormConfig::new(d).with_epsilon(LN_EPS).init(device),
             head: Projection::new(d, self.num_classes, device),
             config: self.clone(),
+            precision: Precision::F32,
         })
     }
 }
@@ -83,6 +88,16 @@ pub struct TlbOutput<B: Backend> {
 impl<B: Backend> Tlb<B> {
     pub fn config(&self) -> &TlbConfig {
         &self.config
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// The same model computing its passes in `precision` (its parameters stay f32).
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
+        self
     }
 
     /// Images `[batch, 3, S, S]` in [0, 1] → tokens `[batch, S/p * S/p, D]` (row-major patches).
@@ -135,12 +150,28 @@ impl<B: Backend> Tlb<B> {
     /// The recurrence over chunks. With `want_attention`, also returns the bottleneck's
     /// attention weights for every chunk (serve them from a model in eval mode: in training
     /// mode the weights are still pre-dropout, but the state they produced saw dropout).
+    /// Logits and attention come back in f32 whatever the precision.
     pub fn forward_with(&self, images: Tensor<B, 4>, want_attention: bool) -> TlbOutput<B> {
+        if self.precision == Precision::F32 {
+            return self.recurrence(images, want_attention);
+        }
+        let dtype = self.precision.dtype();
+        let out = cast_params(self.clone(), dtype).recurrence(images.cast(dtype), want_attention);
+        let f32 = burn::tensor::DType::F32;
+        TlbOutput {
+            logits: out.logits.cast(f32),
+            attention: out.attention.map(|a| a.cast(f32)),
+        }
+    }
+
+    /// [`Self::forward_with`] in the dtype of the parameters and `images`.
+    fn recurrence(&self, images: Tensor<B, 4>, want_attention: bool) -> TlbOutput<B> {
         let cfg = &self.config;
         let chunks = self.embed_chunks(images);
         let [batch, _, dim] = chunks[0].dims();
         let device = chunks[0].device();
-        let mut slow = Tensor::<B, 3>::zeros([batch, cfg.num_latents(), dim], &device);
+        let dtype = chunks[0].dtype();
+        let mut slow = Tensor::<B, 3>::zeros([batch, cfg.num_latents(), dim], (&device, dtype));
         let mut fast = chunks[0].clone();
         let mut maps = Vec::with_capacity(if want_attention { cfg.num_chunks() } else { 0 });
         let perceptual: Vec<_> = self.perceptual.iter().map(Block::fold).collect();

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::model::{ConfigError, Readout, TlbConfig};
+use crate::engine::model::{ConfigError, Precision, Readout, TlbConfig};
 
 /// Learning-rate schedule over the whole run.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize, Default)]
@@ -42,6 +42,8 @@ pub struct TrainConfig {
     /// Model replicas computing one step's gradients in parallel (CPU: one per core);
     /// 0 means "choose for the device".
     pub replicas: usize,
+    /// What the training passes compute in (parameters and optimiser state stay f32).
+    pub precision: Precision,
 }
 
 impl Default for TrainConfig {
@@ -105,6 +107,7 @@ impl Preset {
                 warmup_epochs: 0.0,
                 min_lr_ratio: 1.0,
                 label_smoothing: 0.0,
+                precision: Precision::F32,
                 seed: 42,
                 max_minutes: 0.0,
                 keep_last: 3,
@@ -134,6 +137,7 @@ impl Preset {
                 warmup_epochs: 0.5,
                 min_lr_ratio: 0.02,
                 label_smoothing: 0.1,
+                precision: Precision::F32,
                 seed: 42,
                 max_minutes: 24.5,
                 keep_last: 3,
@@ -161,6 +165,7 @@ impl Preset {
                 warmup_epochs: 0.0,
                 min_lr_ratio: 1.0,
                 label_smoothing: 0.0,
+                precision: Precision::F32,
                 seed: 7,
                 max_minutes: 0.0,
                 keep_last: 2,

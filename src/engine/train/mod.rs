@@ -12,8 +12,8 @@ mod step;
 mod trainer;
 
 pub use checkpoint::{
-    record_bytes, remove_stale_temp_files, write_atomic, write_json, Checkpoint, CheckpointMeta,
-    CORRUPT_SUFFIX,
+    load_record, record_bytes, remove_stale_temp_files, write_atomic, write_json, Checkpoint,
+    CheckpointMeta, CORRUPT_SUFFIX,
 };
 pub use ckpt_dir::{CheckpointDir, Resume, Skipped, Start};
 pub use config::{Preset, Schedule, TrainConfig};
@@ -25,5 +25,5 @@ pub use events::{
 pub use export::{export_safetensors, named_tensors};
 pub use memory::{human_bytes, param_count, Footprint};
 pub use run_dir::RunDir;
-pub use step::{replica, step_grads, step_grads_with, StepGrads};
+pub use step::{gradient_model, replica, step_grads, step_grads_with, StepGrads};
 pub use trainer::{train, train_run, Run};

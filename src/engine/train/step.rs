@@ -5,9 +5,9 @@
 //! their forward and backward passes run in parallel. Their gradients are summed by
 //! `ParamId`, which makes the step the same as one over the whole batch.
 
-use burn::module::{Module, ModuleMapper, Param};
+use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams};
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor};
 
 use super::eval::loss_and_correct;
@@ -20,6 +20,29 @@ impl<B: AutodiffBackend> ModuleMapper<B> for Detach {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         param.map(|t| t.detach().require_grad())
     }
+}
+
+/// Replaces every parameter by its gradient (zeros where it has none).
+struct ToGrads<'a>(&'a GradientsParams);
+
+impl<B: Backend> ModuleMapper<B> for ToGrads<'_> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, tensor, mapper) = param.consume();
+        let grad = self
+            .0
+            .get::<B, D>(id)
+            .unwrap_or_else(|| tensor.zeros_like());
+        Param::from_mapped_value(id, grad, mapper)
+    }
+}
+
+/// The gradients of a step laid out as a model (each parameter replaced by its gradient), so
+/// they can be read by name (`named_tensors`).
+pub fn gradient_model<B: AutodiffBackend>(
+    model: &Tlb<B>,
+    grads: &GradientsParams,
+) -> Tlb<B::InnerBackend> {
+    model.valid().map(&mut ToGrads(grads))
 }
 
 /// A copy of `model` with fresh autodiff leaves: its graph is its own.

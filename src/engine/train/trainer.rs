@@ -83,7 +83,7 @@ pub fn train_run<B: AutodiffBackend>(
 
     // Initial weights come from the run's seed too.
     B::seed(device, mix64(config.seed));
-    let mut model: Tlb<B> = config.model.init(device)?;
+    let mut model: Tlb<B> = config.model.init(device)?.with_precision(config.precision);
     let mut optim = AdamWConfig::new()
         .with_weight_decay(config.weight_decay as f32)
         .with_epsilon(1e-7)

@@ -1,0 +1,68 @@
+//! Mixed precision: f32 parameters (the optimiser's master weights and state stay f32), the
+//! forward pass computed in bf16. The cast of each parameter is an autodiff operation, so the
+//! backward pass runs in bf16 too and casts each gradient back to f32 at its parameter.
+
+use burn::module::{Module, ModuleMapper, Param};
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+
+/// The floating-point type the forward and backward passes compute in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Precision {
+    /// Everything in f32.
+    #[default]
+    F32,
+    /// Activations, weights and gradients in bf16 inside the pass; parameters, optimiser
+    /// state, loss and logits in f32.
+    Bf16,
+}
+
+impl Precision {
+    pub fn dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::Bf16 => DType::BF16,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "bf16" => Ok(Self::Bf16),
+            _ => Err(format!("unknown precision '{s}' (expected f32 or bf16)")),
+        }
+    }
+}
+
+/// Casts every float parameter, keeping its id (the cast is tracked by autodiff).
+struct CastParams(DType);
+
+impl<B: Backend> ModuleMapper<B> for CastParams {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let dtype = self.0;
+        param.map(|t| if t.dtype() == dtype { t } else { t.cast(dtype) })
+    }
+}
+
+/// A copy of `module` whose float parameters are in `dtype`.
+pub fn cast_params<B: Backend, M: Module<B>>(module: M, dtype: DType) -> M {
+    module.map(&mut CastParams(dtype))
+}
