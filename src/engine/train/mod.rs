@@ -22,7 +22,7 @@ pub use events::{
     ChannelObserver, EpochMetrics, FinalMetrics, FnObserver, Outcome, Progress, TrainEvent,
     TrainObserver,
 };
-pub use export::{export_safetensors, named_tensors};
+pub use export::{export_safetensors, named_tensors, NamedTensor};
 pub use memory::{human_bytes, param_count, Footprint};
 pub use run_dir::RunDir;
 pub use step::{gradient_model, replica, step_grads, step_grads_with, StepGrads};
