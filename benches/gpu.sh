@@ -8,25 +8,28 @@
 #      then Classify latency through gRPC at batch 1 and 64 (`tlb bench-serve`);
 #   3. `cpu-small` batch 256 and `reference` batch 1 (the engine's latency), f32 and bf16;
 #   4. curves: `cpu-small` for 20 epochs on cifar10-mini in f32 and in bf16 (train-local);
-#   5. the experimental `cuda-fusion` build: parity, then `reference` batch 1024 twice (its
-#      autotune fills the cache under ./target on the first run: seen taking over 90 s).
+#   5. the experimental builds: `cuda-fusion` (parity, `reference` batch 1024), then
+#      `cuda-autotune` (parity, then `reference` batch 1024 twice: its autotune fills the cache
+#      under ./target on the first run, seen taking over 90 s).
 #
 #   benches/gpu.sh DIR   DIR holds tlb.xz (`cargo build --release --features cuda`, stripped),
-#                        tlb-fusion.xz (`--features cuda-fusion`), datasets/cifar10-mini/ and
-#                        cat32.png. Everything lands in $OUT/results.tgz and $OUT/summary.txt.
+#                        tlb-fusion.xz and tlb-autotune.xz (`--features cuda-fusion`,
+#                        `cuda-autotune`; optional), datasets/cifar10-mini/ and cat32.png. Everything lands in $OUT/results.tgz and $OUT/summary.txt.
 set -uo pipefail
 DIR=${1:-runs/gpu}
 OUT=${OUT:-/tmp/gpu-out}
 W=/tmp/gpu-work
 mkdir -p "$OUT" "$W"
 xz -dc "$DIR/tlb.xz" >"$W/tlb" && chmod +x "$W/tlb"
-[ -f "$DIR/tlb-fusion.xz" ] && xz -dc "$DIR/tlb-fusion.xz" >"$W/tlb-fusion" && chmod +x "$W/tlb-fusion"
+for b in tlb-fusion tlb-autotune; do
+    [ -f "$DIR/$b.xz" ] && xz -dc "$DIR/$b.xz" >"$W/$b" && chmod +x "$W/$b"
+done
 BIN=$W/tlb
 DATA=$(realpath "$DIR/datasets")
 IMG=$(realpath "$DIR/cat32.png")
 # Saved after each phase (a temp file renamed, so a run stopped at its limit leaves a whole one).
 save() {
-    tar czf "$OUT/.results.tgz" -C "$W" --exclude ./tlb --exclude ./tlb-fusion --exclude ./data \
+    tar czf "$OUT/.results.tgz" -C "$W" --exclude ./tlb --exclude ./tlb-fusion --exclude ./tlb-autotune --exclude ./data \
         --exclude checkpoints . && mv "$OUT/.results.tgz" "$OUT/results.tgz"
     cp "$W/summary.txt" "$OUT/summary.txt"
 }
@@ -87,8 +90,12 @@ for p in f32 bf16; do
     save
 done
 if [ -x "$W/tlb-fusion" ]; then
-    time_left "fusion parity" && parity "$W/tlb-fusion" f32 150; save
-    time_left "fusion reference (tuning)" && bench "$W/tlb-fusion" reference 1024 3 f32 150; save
-    time_left "fusion reference (tuned)" && bench "$W/tlb-fusion" reference 1024 5 f32 60; save
+    time_left "fusion parity" && parity "$W/tlb-fusion" f32 60; save
+    time_left "fusion reference" && bench "$W/tlb-fusion" reference 1024 5 f32 60; save
+fi
+if [ -x "$W/tlb-autotune" ]; then
+    time_left "autotune parity" && parity "$W/tlb-autotune" f32 150; save
+    time_left "autotune reference (tuning)" && bench "$W/tlb-autotune" reference 1024 3 f32 150; save
+    time_left "autotune reference (tuned)" && bench "$W/tlb-autotune" reference 1024 5 f32 60; save
 fi
 log "== done"; save

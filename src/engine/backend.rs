@@ -13,7 +13,13 @@ compile_error!("enable a CPU backend feature: `flex` (default) or `ndarray`");
 pub type CpuAutodiff = Autodiff<Cpu>;
 
 /// The backends this build has (`tlb_build_info{backend}`): the CPU one, and `cuda` when built in.
-pub const BACKEND: &str = if cfg!(feature = "cuda-fusion") {
+pub const BACKEND: &str = if cfg!(feature = "cuda-autotune") {
+    if cfg!(feature = "flex") {
+        "flex+cuda-fusion-autotune"
+    } else {
+        "ndarray+cuda-fusion-autotune"
+    }
+} else if cfg!(feature = "cuda-fusion") {
     if cfg!(feature = "flex") {
         "flex+cuda-fusion"
     } else {
