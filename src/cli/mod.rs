@@ -198,7 +198,7 @@ pub struct ParityArgs {
     #[arg(long, default_value = "f32")]
     pub precision: Precision,
     /// Largest relative error `‖device − cpu‖ / ‖cpu‖` allowed (default: 5e-3 for f32,
-    /// 5e-2 for bf16).
+    /// 0.25 for bf16).
     #[arg(long)]
     pub tolerance: Option<f64>,
     /// Print every comparison, not only those over the tolerance.

@@ -164,7 +164,6 @@ impl<B: Backend> Block<B> {
             && super::fused::enabled::<B>()
             && query.0.dtype() == burn::tensor::DType::F32;
         FoldedBlock {
-            fused,
             qkv: fused.then(|| Affine::concat([&query, &key, &value])),
             query,
             key,
@@ -180,9 +179,7 @@ pub struct FoldedBlock<'a, B: Backend> {
     query: Affine<B>,
     key: Affine<B>,
     value: Affine<B>,
-    /// Whether the block runs as one fused operation (see [`super::fused`]).
-    fused: bool,
-    /// `[Wq | Wk | Wv]` for the fused block, when it runs.
+    /// `[Wq | Wk | Wv]` when the block runs as one fused operation (see [`super::fused`]).
     qkv: Option<Affine<B>>,
     ffn_in: Affine<B>,
     block: &'a Block<B>,
@@ -191,13 +188,15 @@ pub struct FoldedBlock<'a, B: Backend> {
 impl<B: Backend> FoldedBlock<'_, B> {
     /// The block as one fused operation where the backend has it (single head, no weights
     /// wanted): see [`super::fused`].
-    fn fused(&self, x: Tensor<B, 3>, context: Option<Tensor<B, 3>>) -> Tensor<B, 3> {
+    fn fused(
+        &self,
+        qkv: &Affine<B>,
+        x: Tensor<B, 3>,
+        context: Option<Tensor<B, 3>>,
+    ) -> Tensor<B, 3> {
         let b = self.block;
         let (o, f2) = (&b.output, &b.ffn_out);
-        let Affine(wqkv, bqkv) = match &self.qkv {
-            Some(qkv) => qkv.clone(),
-            None => Affine::concat([&self.query, &self.key, &self.value]),
-        };
+        let Affine(wqkv, bqkv) = qkv.clone();
         super::fused::run(super::fused::BlockInputs {
             x,
             context,
@@ -208,14 +207,10 @@ impl<B: Backend> FoldedBlock<'_, B> {
         })
     }
 
-    fn fusable(&self) -> bool {
-        self.fused
-    }
-
     /// Self-attention block: query, key and value all come from `x` (normalised once).
     pub fn forward_self(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        if self.fusable() {
-            return self.fused(x, None);
+        if let Some(qkv) = &self.qkv {
+            return self.fused(qkv, x, None);
         }
         let x_hat = standardize(x.clone());
         let q = self.query.apply(x_hat.clone());
@@ -233,8 +228,8 @@ impl<B: Backend> FoldedBlock<'_, B> {
         context: Tensor<B, 3>,
         want_weights: bool,
     ) -> (Tensor<B, 3>, Option<Tensor<B, 4>>) {
-        if !want_weights && self.fusable() {
-            return (self.fused(x, Some(context)), None);
+        if let (Some(qkv), false) = (&self.qkv, want_weights) {
+            return (self.fused(qkv, x, Some(context)), None);
         }
         let q = self.query.apply(standardize(x.clone()));
         // One normalisation pass serves both key and value.
