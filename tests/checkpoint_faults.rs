@@ -9,8 +9,8 @@ use common::faults::{corrupt, poison};
 use tlb::engine::backend::{cpu_device, Cpu, CpuAutodiff};
 use tlb::engine::data::Splits;
 use tlb::engine::train::{
-    remove_stale_temp_files, train, write_atomic, Checkpoint, CheckpointDir, FnObserver, Preset,
-    TrainConfig, TrainEvent,
+    read_epochs_text, remove_stale_temp_files, train, write_atomic, Checkpoint, CheckpointDir,
+    FnObserver, Preset, RunDir, TrainConfig, TrainEvent,
 };
 
 /// Training draws from burn's process-wide RNG: one run at a time.
@@ -194,4 +194,86 @@ fn metrics_with_non_finite_values_round_trip_as_nan() {
     let back: tlb::engine::train::EpochMetrics = serde_json::from_str(&json).unwrap();
     assert!(back.train_loss.is_nan() && back.val_loss.is_nan());
     assert_eq!(back.epoch, 3);
+}
+
+fn epoch_line(epoch: usize, train_loss: f64) -> tlb::engine::train::EpochMetrics {
+    tlb::engine::train::EpochMetrics {
+        epoch,
+        train_loss,
+        train_accuracy: 0.5,
+        val_loss: 1.0,
+        val_accuracy: 0.5,
+        lr: 1e-3,
+        seconds: 1.0,
+        images_per_sec: 10.0,
+        data_wait_fraction: 0.0,
+        epochs_total: 4,
+    }
+}
+
+/// (epoch, train_loss) of what a reader of the file sees.
+fn seen(run: &RunDir) -> Vec<(usize, f64)> {
+    let text = std::fs::read_to_string(run.metrics_path()).unwrap();
+    read_epochs_text(&text)
+        .iter()
+        .map(|m| (m.epoch, m.train_loss))
+        .collect()
+}
+
+#[test]
+fn an_old_attempts_late_metrics_lines_never_stand_for_the_job() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = RunDir(tmp.path().to_path_buf());
+    // Attempt 1 trains epochs 1-3 (loss 1.x), checkpointing only epoch 1 durably.
+    run.start_metrics(Some(1), 0).unwrap();
+    for e in 1..=3 {
+        run.append_epoch(Some(1), &epoch_line(e, 1.0 + e as f64 / 10.0))
+            .unwrap();
+    }
+    // Attempt 2 takes the job over from epoch 1: its start drops epochs 2 and 3.
+    run.start_metrics(Some(2), 1).unwrap();
+    assert_eq!(seen(&run), vec![(1, 1.1)]);
+    // Attempt 1 has not noticed yet: it appends epochs 4 and (again) 2 after the takeover.
+    run.append_epoch(Some(1), &epoch_line(4, 1.4)).unwrap();
+    run.append_epoch(Some(1), &epoch_line(2, 1.25)).unwrap();
+    assert_eq!(seen(&run), vec![(1, 1.1)]);
+    // Attempt 2's own epoch 2 stands, whatever the order of the lines; a NaN survives.
+    run.append_epoch(Some(2), &epoch_line(2, 2.2)).unwrap();
+    run.append_epoch(Some(1), &epoch_line(2, 1.26)).unwrap();
+    run.append_epoch(Some(2), &epoch_line(3, f64::NAN)).unwrap();
+    let now = seen(&run);
+    assert_eq!(now[..2], [(1, 1.1), (2, 2.2)]);
+    assert_eq!(now[2].0, 3);
+    assert!(now[2].1.is_nan());
+    assert_eq!(now.len(), 3);
+    // Attempt 3 resumes after epoch 2: the file keeps epochs 1 (attempt 1) and 2 (attempt 2),
+    // and no late line of attempt 1 is left in it.
+    run.start_metrics(Some(3), 2).unwrap();
+    assert_eq!(seen(&run), vec![(1, 1.1), (2, 2.2)]);
+    let text = std::fs::read_to_string(run.metrics_path()).unwrap();
+    assert!(!text.contains("1.4") && !text.contains("1.25"), "{text}");
+    // The curves read the same epochs.
+    let plotted: Vec<usize> = tlb::engine::viz::read_epochs(&run.metrics_path())
+        .unwrap()
+        .iter()
+        .map(|m| m.epoch)
+        .collect();
+    assert_eq!(plotted, vec![1, 2]);
+}
+
+#[test]
+fn a_local_runs_metrics_keep_the_last_line_of_each_epoch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = RunDir(tmp.path().to_path_buf());
+    run.start_metrics(None, 0).unwrap();
+    assert!(!run.metrics_path().exists(), "nothing to write yet");
+    run.append_epoch(None, &epoch_line(1, 1.0)).unwrap();
+    run.append_epoch(None, &epoch_line(2, 2.0)).unwrap();
+    run.append_epoch(None, &epoch_line(2, 2.5)).unwrap();
+    assert_eq!(seen(&run), vec![(1, 1.0), (2, 2.5)]);
+    run.start_metrics(None, 1).unwrap();
+    assert_eq!(seen(&run), vec![(1, 1.0)]);
+    let text = std::fs::read_to_string(run.metrics_path()).unwrap();
+    assert_eq!(text.lines().count(), 1, "{text}");
+    assert!(!text.contains("attempt"), "{text}");
 }

@@ -24,6 +24,6 @@ pub use events::{
 };
 pub use export::{export_safetensors, named_tensors, NamedTensor};
 pub use memory::{human_bytes, param_count, Footprint};
-pub use run_dir::RunDir;
+pub use run_dir::{read_epochs_text, RunDir};
 pub use step::{gradient_model, replica, step_grads, step_grads_with, StepGrads};
 pub use trainer::{train, train_run, Run};

@@ -151,9 +151,7 @@ pub fn train_run<B: AutodiffBackend>(
     if !observer.may_write() {
         return Ok(abandoned(&meta, Instant::now()));
     }
-    if resume {
-        run_files.keep_metrics_through(meta.epoch)?;
-    }
+    run_files.start_metrics(run.attempt, meta.epoch)?;
     write_json(&out.join("config.json"), config)?;
 
     let micro = config.micro_batch_size();
@@ -312,7 +310,7 @@ pub fn train_run<B: AutodiffBackend>(
         if !observer.may_write() {
             return Ok(abandoned(&meta, started));
         }
-        run_files.append_metrics(&metrics)?;
+        run_files.append_epoch(run.attempt, &metrics)?;
         observer.event(&TrainEvent::Epoch(metrics));
         meta.epoch += 1;
         meta.step_in_epoch = 0;

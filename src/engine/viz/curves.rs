@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use plotters::prelude::*;
 use plotters::style::{register_font, FontStyle};
 
-use crate::engine::train::EpochMetrics;
+use crate::engine::train::{read_epochs_text, EpochMetrics};
 
 fn ensure_font() {
     static ONCE: std::sync::Once = std::sync::Once::new();
@@ -16,14 +16,12 @@ fn ensure_font() {
     });
 }
 
-/// Reads the per-epoch lines of a metrics JSONL file (other lines are skipped).
+/// Reads the per-epoch lines of a metrics JSONL file, one per epoch (other lines, and an
+/// epoch's lines superseded by a later attempt's, are skipped).
 pub fn read_epochs(path: &Path) -> Result<Vec<EpochMetrics>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<EpochMetrics>(l).ok())
-        .collect())
+    Ok(read_epochs_text(&text))
 }
 
 /// Draws loss (left) and accuracy (right) per epoch, train and validation.
