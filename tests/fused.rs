@@ -169,17 +169,19 @@ fn chunked_embedding_equals_the_convolution() {
         let model = cfg.init::<tlb::engine::backend::Cpu>(&device).unwrap();
         let images = Tensor::random([3, 3, side, side], Distribution::Uniform(0.0, 1.0), &device);
         let tokens = model.embed(images.clone());
-        let chunks = model.embed_chunks(images);
+        let chunks = model.embed_chunks(images.clone());
+        // embed_merged: all chunks in one tensor, chunk-major.
+        let merged = model.embed_merged(images);
+        assert_eq!(merged.dims(), [cfg.num_chunks() * 3, cfg.chunk_size, 16]);
+        let merged = merged.chunk(cfg.num_chunks(), 0);
         assert_eq!(chunks.len(), cfg.num_chunks());
-        for (c, chunk) in chunks.into_iter().enumerate() {
+        for (c, (chunk, merged)) in chunks.into_iter().zip(merged).enumerate() {
             let want = tokens.clone().narrow(1, c * cfg.chunk_size, cfg.chunk_size);
+            let want = want.into_data().to_vec::<f32>().unwrap();
             let got = chunk.into_data().to_vec::<f32>().unwrap();
-            assert_close(
-                &format!("chunk {c}"),
-                &got,
-                &want.into_data().to_vec::<f32>().unwrap(),
-                1e-5,
-            );
+            assert_close(&format!("chunk {c}"), &got, &want, 1e-5);
+            let got = merged.into_data().to_vec::<f32>().unwrap();
+            assert_close(&format!("merged chunk {c}"), &got, &want, 1e-5);
         }
     }
 }

@@ -46,6 +46,77 @@ fn perceptual_cross_blocks_follow_every_rth_layer() {
     }
 }
 
+/// `(logits, attention)` of one pass, flattened.
+fn pass<B: burn::tensor::backend::Backend>(
+    model: &Tlb<B>,
+    images: Tensor<B, 4>,
+) -> (Vec<f32>, Vec<f32>) {
+    let out = model.forward_with(images, true);
+    let flat = |d: burn::tensor::TensorData| d.convert::<f32>().to_vec::<f32>().unwrap();
+    (
+        flat(out.logits.into_data()),
+        flat(out.attention.unwrap().into_data()),
+    )
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn inference_runs_layer_0_on_all_chunks_at_once_with_the_same_result() {
+    // Without autodiff (and at most MERGE_MAX_ROWS rows a chunk) the first perceptual layer
+    // runs on all chunks in one call; with it, once per chunk. Same weights, dropout off: the
+    // same logits and attention, on the fused CPU block and on burn's composition (what the
+    // GPU runs), for several shapes.
+    let device = cpu_device();
+    let configs = [
+        small_model(Readout::Slow, 1),
+        small_model(Readout::LastFast, 2)
+            .with_num_layers(4)
+            .with_r(1),
+        Preset::Reference.config().model,
+    ];
+    for cfg in configs {
+        let cfg = cfg.with_attn_dropout(0.0).with_ffn_dropout(0.0);
+        let side = cfg.image_size;
+        let model = cfg.init::<CpuAutodiff>(&device).unwrap();
+        let batch = tlb::engine::model::MERGE_MAX_ROWS / cfg.chunk_size;
+        assert!(batch >= 2);
+        let images = Tensor::<CpuAutodiff, 4>::random(
+            [batch, 3, side, side],
+            Distribution::Uniform(0.0, 1.0),
+            &device,
+        );
+        for unfused in [false, true] {
+            let run = |f: &dyn Fn() -> (Vec<f32>, Vec<f32>)| {
+                if unfused {
+                    tlb::engine::model::fused::with_unfused(f)
+                } else {
+                    f()
+                }
+            };
+            let (logits, attention) = run(&|| pass(&model, images.clone()));
+            let (merged_logits, merged_attention) =
+                run(&|| pass(&model.valid(), images.clone().inner()));
+            let what = format!("{side} px, unfused {unfused}");
+            assert!(logits.iter().any(|v| *v != 0.0), "{what}");
+            assert!(
+                max_abs_diff(&logits, &merged_logits) < 1e-4,
+                "{what}: logits"
+            );
+            assert!(
+                max_abs_diff(&attention, &merged_attention) < 1e-5,
+                "{what}: attention"
+            );
+        }
+    }
+}
+
 #[test]
 fn readouts_differ_and_eval_mode_is_deterministic() {
     let device = cpu_device();

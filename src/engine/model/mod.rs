@@ -11,4 +11,4 @@ pub use block::{standardize, Affine, Block, FoldedBlock, Projection, LN_EPS};
 pub use config::{ConfigError, Readout, TlbConfig};
 pub use dropout::{dropout, set_dropout_stream, with_rng_lock};
 pub use precision::{cast_params, Precision};
-pub use tlb::{Tlb, TlbAttention, TlbOutput};
+pub use tlb::{Tlb, TlbAttention, TlbOutput, MERGE_MAX_ROWS};

@@ -77,6 +77,10 @@ impl TlbConfig {
     }
 }
 
+/// The most rows (batch × chunk size) a chunk may have for perceptual layer 0 to run on all
+/// chunks in one call (inference only; see [`Tlb::forward_with`]).
+pub const MERGE_MAX_ROWS: usize = 64;
+
 /// What one forward pass produces.
 pub struct TlbOutput<B: Backend> {
     /// Class logits, `[batch, classes]`.
@@ -113,6 +117,49 @@ impl<B: Backend> Tlb<B> {
     /// recurrence takes its chunks from these, so no gradient flows through a slice of one
     /// large token tensor (whose backward writes a zero-filled full-size tensor per chunk).
     pub fn embed_chunks(&self, images: Tensor<B, 4>) -> Vec<Tensor<B, 3>> {
+        let [batch, ..] = images.dims();
+        let (cs, chunks) = (self.config.chunk_size, self.config.num_chunks());
+        let (patches, weight, bias) = self.patch_rows(images);
+        let dim = weight.dims()[1];
+        let pos = self.pos_embed.val();
+        (0..chunks)
+            .map(|c| {
+                let rows = patches.clone().narrow(0, c * batch * cs, batch * cs);
+                let x = burn::tensor::module::linear(rows, weight.clone(), bias.clone())
+                    .reshape([batch, cs, dim]);
+                // The chunk's positions repeated over the batch: a same-shape add (a broadcast
+                // one walks the CPU backend's strided path).
+                let pos = pos.clone().narrow(1, c * cs, cs).repeat_dim(0, batch);
+                self.embed_norm.forward(x + pos)
+            })
+            .collect()
+    }
+
+    /// The same tokens as [`Self::embed_chunks`] in one tensor `[chunks · batch,
+    /// chunk_size, D]`, chunk-major: one matrix product and one norm for all chunks.
+    pub fn embed_merged(&self, images: Tensor<B, 4>) -> Tensor<B, 3> {
+        let [batch, ..] = images.dims();
+        let (cs, chunks) = (self.config.chunk_size, self.config.num_chunks());
+        let (patches, weight, bias) = self.patch_rows(images);
+        let dim = weight.dims()[1];
+        let x =
+            burn::tensor::module::linear(patches, weight, bias).reshape([chunks, batch, cs, dim]);
+        let pos = self
+            .pos_embed
+            .val()
+            .reshape([chunks, 1, cs, dim])
+            .repeat_dim(1, batch);
+        self.embed_norm
+            .forward((x + pos).reshape([chunks * batch, cs, dim]))
+    }
+
+    /// Images `[batch, 3, S, S]` → the patches as chunk-major rows `[chunks · batch ·
+    /// chunk_size, 3·p·p]`, and the patch convolution as a projection `(W [3·p·p, D], b)`.
+    #[allow(clippy::type_complexity)]
+    fn patch_rows(
+        &self,
+        images: Tensor<B, 4>,
+    ) -> (Tensor<B, 2>, Tensor<B, 2>, Option<Tensor<B, 1>>) {
         let cfg = &self.config;
         let [batch, channels, side, _] = images.dims();
         let (p, g, cs) = (cfg.patch_size, side / cfg.patch_size, cfg.chunk_size);
@@ -128,19 +175,7 @@ impl<B: Backend> Tlb<B> {
         let conv = &self.patch_embed;
         let dim = conv.weight.dims()[0];
         let weight = conv.weight.val().reshape([dim, k]).transpose();
-        let bias = conv.bias.as_ref().map(|b| b.val());
-        let pos = self.pos_embed.val();
-        (0..chunks)
-            .map(|c| {
-                let rows = patches.clone().narrow(0, c * batch * cs, batch * cs);
-                let x = burn::tensor::module::linear(rows, weight.clone(), bias.clone())
-                    .reshape([batch, cs, dim]);
-                // The chunk's positions repeated over the batch: a same-shape add (a broadcast
-                // one walks the CPU backend's strided path).
-                let pos = pos.clone().narrow(1, c * cs, cs).repeat_dim(0, batch);
-                self.embed_norm.forward(x + pos)
-            })
-            .collect()
+        (patches, weight, conv.bias.as_ref().map(|b| b.val()))
     }
 
     pub fn forward(&self, images: Tensor<B, 4>) -> Tensor<B, 2> {
@@ -167,20 +202,36 @@ impl<B: Backend> Tlb<B> {
     /// [`Self::forward_with`] in the dtype of the parameters and `images`.
     fn recurrence(&self, images: Tensor<B, 4>, want_attention: bool) -> TlbOutput<B> {
         let cfg = &self.config;
-        let chunks = self.embed_chunks(images);
-        let [batch, _, dim] = chunks[0].dims();
-        let device = chunks[0].device();
+        let device = images.device();
+        let perceptual: Vec<_> = self.perceptual.iter().map(Block::fold).collect();
+        let perceptual_cross: Vec<_> = self.perceptual_cross.iter().map(Block::fold).collect();
+        let bottleneck = self.bottleneck.fold();
+        // Perceptual layer 0 comes before the first cross-attention, so it sees no slow
+        // state: it can run on all chunks in one call, the chunks then views of its output.
+        // That pays where a chunk's call is mostly overhead (a launch-bound GPU serving small
+        // batches) and there only: with a gradient to track, each view's backward would write
+        // a zero-filled full-size gradient (see `embed_chunks`); and on the CPU the merged
+        // call measured faster up to 64 rows a chunk (batch 8 of 8-token chunks) and slower
+        // above (`tlb bench --batch B`, inference, both presets).
+        let [batch, ..] = images.dims();
+        let merged = !B::ad_enabled(&device) && batch * cfg.chunk_size <= MERGE_MAX_ROWS;
+        let chunks = if merged {
+            let all = perceptual[0].forward_self(self.embed_merged(images));
+            all.chunk(cfg.num_chunks(), 0)
+        } else {
+            self.embed_chunks(images)
+        };
+        let [_, _, dim] = chunks[0].dims();
         let dtype = chunks[0].dtype();
         let mut slow = Tensor::<B, 3>::zeros([batch, cfg.num_latents(), dim], (&device, dtype));
         let mut fast = chunks[0].clone();
         let mut maps = Vec::with_capacity(if want_attention { cfg.num_chunks() } else { 0 });
-        let perceptual: Vec<_> = self.perceptual.iter().map(Block::fold).collect();
-        let perceptual_cross: Vec<_> = self.perceptual_cross.iter().map(Block::fold).collect();
-        let bottleneck = self.bottleneck.fold();
         for chunk in chunks {
             fast = chunk;
             for (l, block) in perceptual.iter().enumerate() {
-                fast = block.forward_self(fast);
+                if l > 0 || !merged {
+                    fast = block.forward_self(fast);
+                }
                 if l % cfg.r == 0 {
                     fast = perceptual_cross[l / cfg.r]
                         .forward_cross(fast, slow.clone(), false)
