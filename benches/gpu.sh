@@ -2,14 +2,19 @@
 # The GPU check, for a session with a lent device (one call of about 8 minutes on an H200).
 # Phases in order of importance, each under its own time limit; a phase that would start after
 # $BUDGET seconds (default 430) is skipped, and results are saved after each one:
-#   1. `tlb bench` `reference` batch 1024 in f32 and bf16; `tlb parity` (CPU vs cuda:0: logits,
-#      every gradient, 3 AdamW steps) in f32 and bf16;
-#   2. `tlb serve --device cuda:0`: 2 `reference` epochs on cifar10-mini through StartTraining,
+#   1. `tlb bench` `reference` batch 1024 in f32; `tlb parity` (CPU vs cuda:0: logits, every
+#      gradient, 3 AdamW steps) in f32;
+#   2. the `cuda-fusion` build (burn's fusion, kernels by its heuristics, no tuning): parity,
+#      then `reference` batch 1024, f32;
+#   3. bf16 on the plain build: `reference` batch 1024 and parity;
+#   4. `tlb serve --device cuda:0`: 2 `reference` epochs on cifar10-mini through StartTraining,
 #      then Classify latency through gRPC at batch 1 and 64 (`tlb bench-serve`);
-#   3. `cpu-small` batch 256 and `reference` batch 1 (the engine's latency), f32 and bf16;
-#   4. curves: `cpu-small` for 20 epochs on cifar10-mini in f32 and in bf16 (train-local);
-#   5. the experimental builds: `cuda-fusion` (parity, `reference` batch 1024), then
-#      `cuda-autotune` (parity, then `reference` batch 1024 twice: its autotune fills the cache
+#   5. a kernel profile (cubecl's own: `cubecl.toml`, profiling level "basic"; every kernel
+#      timed, a summary per kernel name at each device sync) of `reference` batch 1024 and
+#      batch 1: where a step's time goes on the device;
+#   6. `cpu-small` batch 256 and `reference` batch 1 (the engine's latency), f32 and bf16;
+#   7. curves: `cpu-small` for 20 epochs on cifar10-mini in f32 and in bf16 (train-local);
+#   8. `cuda-autotune` (parity, then `reference` batch 1024 twice: its autotune fills the cache
 #      under ./target on the first run, seen taking over 90 s).
 #
 #   benches/gpu.sh DIR   DIR holds tlb.xz (`cargo build --release --features cuda`, stripped),
@@ -53,8 +58,12 @@ parity() { # BIN PRECISION LIMIT
 }
 
 time_left "reference f32" && bench "$BIN" reference 1024 5 f32 80; save
-time_left "reference bf16" && bench "$BIN" reference 1024 5 bf16 80; save
 time_left "parity f32" && parity "$BIN" f32 60; save
+if [ -x "$W/tlb-fusion" ]; then
+    time_left "fusion parity" && parity "$W/tlb-fusion" f32 60; save
+    time_left "fusion reference" && bench "$W/tlb-fusion" reference 1024 5 f32 60; save
+fi
+time_left "reference bf16" && bench "$BIN" reference 1024 5 bf16 80; save
 time_left "parity bf16" && parity "$BIN" bf16 60; save
 if time_left "serving"; then
     log "== server on cuda:0: 2 reference epochs on cifar10-mini, then Classify"
@@ -79,6 +88,24 @@ if time_left "serving"; then
     log "server exit: $?"
 fi
 save
+if time_left "kernel profile"; then
+    mkdir -p "$W/profile"
+    printf '[profiling.logger]\nlevel = "basic"\nfile = "%s"\n' "$W/profile/cubecl.log" \
+        >"$W/profile/cubecl.toml"
+    for b in 1024 1; do
+        (cd "$W/profile" && timeout 45 "$BIN" bench --preset reference --batch $b --steps 2 \
+            --device cuda:0 >"bench-$b.json" 2>"bench-$b.err")
+        rc=$?
+        if [ -f "$W/profile/cubecl.log" ]; then
+            log "profile reference batch $b rc=$rc ($(wc -l <"$W/profile/cubecl.log") log lines)"
+            mv "$W/profile/cubecl.log" "$W/profile/cubecl-$b.log"
+            xz -T4 "$W/profile/cubecl-$b.log"
+        else
+            log "profile reference batch $b rc=$rc: no cubecl.log written"
+        fi
+    done
+fi
+save
 time_left "cpu-small f32" && bench "$BIN" cpu-small 256 20 f32 50; save
 time_left "cpu-small bf16" && bench "$BIN" cpu-small 256 20 bf16 50; save
 time_left "reference batch 1" && bench "$BIN" reference 1 20 f32 40; save
@@ -89,10 +116,6 @@ for p in f32 bf16; do
     log "curves $p rc=$? $(tail -2 "$W/curves-$p.txt" | tr '\n' ' ')"
     save
 done
-if [ -x "$W/tlb-fusion" ]; then
-    time_left "fusion parity" && parity "$W/tlb-fusion" f32 60; save
-    time_left "fusion reference" && bench "$W/tlb-fusion" reference 1024 5 f32 60; save
-fi
 if [ -x "$W/tlb-autotune" ]; then
     time_left "autotune parity" && parity "$W/tlb-autotune" f32 150; save
     time_left "autotune reference (tuning)" && bench "$W/tlb-autotune" reference 1024 3 f32 150; save
