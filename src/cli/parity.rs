@@ -18,7 +18,7 @@ use rand::{Rng, SeedableRng};
 
 use super::ParityArgs;
 use crate::engine::backend::{cpu_device, CpuAutodiff};
-use crate::engine::model::{Precision, Tlb};
+use crate::engine::model::{host_f32, Precision, Tlb};
 use crate::engine::train::{
     gradient_model, load_record, loss_and_correct, named_tensors, record_bytes, Preset, TrainConfig,
 };
@@ -31,13 +31,6 @@ struct Side {
     logits: Vec<f32>,
     grads: Vec<(String, Vec<f32>)>,
     logits_after: Vec<f32>,
-}
-
-fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-    t.into_data()
-        .convert::<f32>()
-        .into_vec::<f32>()
-        .expect("f32 data")
 }
 
 fn side<B: AutodiffBackend>(
@@ -74,10 +67,10 @@ fn side<B: AutodiffBackend>(
         trained = optim.step(cfg.lr, trained, grads);
     }
     Ok(Side {
-        loss: host(loss)[0] as f64,
-        logits: host(logits),
+        loss: host_f32(loss)[0] as f64,
+        logits: host_f32(logits),
         grads,
-        logits_after: host(trained.valid().forward(images.inner())),
+        logits_after: host_f32(trained.valid().forward(images.inner())),
     })
 }
 

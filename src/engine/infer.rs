@@ -5,7 +5,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 
 use crate::engine::data::{Augmenter, Batch, CropFlip};
-use crate::engine::model::Tlb;
+use crate::engine::model::{host_f32, Tlb};
 use crate::engine::train::forward_sharded;
 
 /// Side at which decoded images are stored before the model's own resize (CIFAR's size, so
@@ -50,11 +50,7 @@ pub fn probabilities<B: Backend>(
     let n = batch.len();
     let logits = forward_sharded(model, images_tensor(batch, device), threads);
     let probs = softmax(logits, 1);
-    let flat = probs
-        .into_data()
-        .convert::<f32>()
-        .to_vec::<f32>()
-        .expect("f32");
+    let flat = host_f32(probs);
     let c = flat.len() / n.max(1);
     flat.chunks(c.max(1)).map(<[f32]>::to_vec).collect()
 }
@@ -87,16 +83,8 @@ pub fn attention_maps<B: Backend>(
     let [_, chunks, heads, latents, chunk] = att.dims();
     let probs = softmax(out.logits, 1);
     AttentionMaps {
-        weights: att
-            .into_data()
-            .convert::<f32>()
-            .to_vec::<f32>()
-            .expect("f32"),
+        weights: host_f32(att),
         dims: [chunks, heads, latents, chunk],
-        probabilities: probs
-            .into_data()
-            .convert::<f32>()
-            .to_vec::<f32>()
-            .expect("f32"),
+        probabilities: host_f32(probs),
     }
 }

@@ -66,3 +66,11 @@ impl<B: Backend> ModuleMapper<B> for CastParams {
 pub fn cast_params<B: Backend, M: Module<B>>(module: M, dtype: DType) -> M {
     module.map(&mut CastParams(dtype))
 }
+
+/// A tensor's values read back to the host as f32, whatever its dtype.
+pub fn host_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .expect("a float tensor converts to f32")
+}

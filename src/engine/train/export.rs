@@ -18,7 +18,7 @@ use burn::tensor::Tensor;
 use safetensors::tensor::TensorView;
 
 use super::checkpoint::write_atomic;
-use crate::engine::model::{Block, Projection, Tlb};
+use crate::engine::model::{host_f32, Block, Projection, Tlb};
 
 /// A named f32 tensor in host memory.
 pub struct NamedTensor {
@@ -29,11 +29,7 @@ pub struct NamedTensor {
 
 fn host<B: Backend, const D: usize>(name: String, t: Tensor<B, D>) -> NamedTensor {
     let shape = t.dims().to_vec();
-    let values = t
-        .into_data()
-        .convert::<f32>()
-        .to_vec::<f32>()
-        .expect("f32 tensor");
+    let values = host_f32(t);
     NamedTensor {
         name,
         shape,
