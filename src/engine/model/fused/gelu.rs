@@ -123,7 +123,7 @@ mod avx512 {
     use super::{ERF_P, ERF_Q, INV_SQRT_2PI};
 
     pub fn available() -> bool {
-        std::arch::is_x86_feature_detected!("avx512f")
+        cfg!(feature = "avx512") && std::arch::is_x86_feature_detected!("avx512f")
     }
 
     /// The lanes of a 16-value step at `j` of a `len`-value row that exist.

@@ -8,7 +8,7 @@ use super::super::block::LN_EPS;
 use super::matrix::product;
 
 /// Defines `fn` so that its body is compiled three times (baseline x86-64, AVX2+FMA,
-/// AVX-512) and the widest one the CPU has is chosen at run time. The bodies are plain
+/// AVX-512 with the `avx512` feature) and the widest one the CPU has is chosen at run time. The bodies are plain
 /// loops the compiler vectorises for each width.
 macro_rules! multiversion {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
@@ -18,10 +18,12 @@ macro_rules! multiversion {
             fn body($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
+                #[cfg(feature = "avx512")]
                 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
                 unsafe fn v4($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn v3($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
+                #[cfg(feature = "avx512")]
                 if std::arch::is_x86_feature_detected!("avx512f")
                     && std::arch::is_x86_feature_detected!("avx512vl")
                 {
