@@ -19,11 +19,13 @@
 #
 #   benches/gpu.sh DIR   DIR holds tlb.xz (`cargo build --release --features cuda`, stripped),
 #                        tlb-fusion.xz and tlb-autotune.xz (`--features cuda-fusion`,
-#                        `cuda-autotune`; optional), datasets/cifar10-mini/ and cat32.png. Everything lands in $OUT/results.tgz and $OUT/summary.txt.
+#                        `cuda-autotune`; optional), datasets/cifar10-mini/ and cat32.png.
+#   DEV=cpu BUDGET=100000 W=/tmp/w OUT=/tmp/o benches/gpu.sh DIR: a dry run of the script on the
+#                        CPU (every phase under its limit, about 12 minutes on 2 cores). Everything lands in $OUT/results.tgz and $OUT/summary.txt.
 set -uo pipefail
 DIR=${1:-runs/gpu}
 OUT=${OUT:-/tmp/gpu-out}
-W=/tmp/gpu-work
+W=${W:-/tmp/gpu-work}
 mkdir -p "$OUT" "$W"
 xz -dc "$DIR/tlb.xz" >"$W/tlb" && chmod +x "$W/tlb"
 for b in tlb-fusion tlb-autotune; do
@@ -44,16 +46,19 @@ nproc >>"$W/gpu.txt"
 
 export CUBECL_AUTOTUNE_LEVEL=${CUBECL_AUTOTUNE_LEVEL:-minimal}
 BUDGET=${BUDGET:-430}
+# The device under test (DEV=cpu: a dry run of the script itself on a machine without a GPU).
+DEV=${DEV:-cuda:0}
 time_left() { [ "$SECONDS" -lt "$BUDGET" ] || { log "skipped (budget): $*"; false; }; }
 bench() { # BIN PRESET BATCH STEPS PRECISION LIMIT
-    timeout "$6" "$1" bench --preset "$2" --batch "$3" --steps "$4" --device cuda:0 --precision "$5" \
+    timeout "$6" "$1" bench --preset "$2" --batch "$3" --steps "$4" --device "$DEV" --precision "$5" \
         2>>"$W/bench.err" | sed "s|^{|{\"bin\":\"$(basename "$1")\",|" >"$W/last.json"
-    log "bench $(basename "$1") $2 $3 $5 rc=$? $(cat "$W/last.json")"
+    local rc=${PIPESTATUS[0]} # the bench's status (124: it ran out of its time), not sed's
+    log "bench $(basename "$1") $2 $3 $5 rc=$rc $(cat "$W/last.json")"
     cat "$W/last.json" >>"$W/bench.jsonl"
 }
 parity() { # BIN PRECISION LIMIT
     local name=parity-$(basename "$1")-$2
-    timeout "$3" "$1" parity --device cuda:0 --precision "$2" --verbose >"$W/$name.jsonl" 2>"$W/$name.err"
+    timeout "$3" "$1" parity --device "$DEV" --precision "$2" --verbose >"$W/$name.jsonl" 2>"$W/$name.err"
     log "$name rc=$? $(tail -1 "$W/$name.jsonl")"
 }
 
@@ -66,8 +71,8 @@ fi
 time_left "reference bf16" && bench "$BIN" reference 1024 5 bf16 80; save
 time_left "parity bf16" && parity "$BIN" bf16 60; save
 if time_left "serving"; then
-    log "== server on cuda:0: 2 reference epochs on cifar10-mini, then Classify"
-    "$BIN" serve --addr 127.0.0.1:0 --device cuda:0 --data-dir "$W/data" --datasets-root "$DATA" \
+    log "== server on $DEV: 2 reference epochs on cifar10-mini, then Classify"
+    "$BIN" serve --addr 127.0.0.1:0 --device "$DEV" --data-dir "$W/data" --datasets-root "$DATA" \
         >"$W/serve.out" 2>"$W/serve.log" &
     PID=$!
     for _ in $(seq 100); do grep -q "listening on" "$W/serve.out" && break; sleep 0.2; done
@@ -94,7 +99,7 @@ if time_left "kernel profile"; then
         >"$W/profile/cubecl.toml"
     for b in 1024 1; do
         (cd "$W/profile" && timeout 45 "$BIN" bench --preset reference --batch $b --steps 2 \
-            --device cuda:0 >"bench-$b.json" 2>"bench-$b.err")
+            --device "$DEV" >"bench-$b.json" 2>"bench-$b.err")
         rc=$?
         if [ -f "$W/profile/cubecl.log" ]; then
             log "profile reference batch $b rc=$rc ($(wc -l <"$W/profile/cubecl.log") log lines)"
@@ -112,7 +117,7 @@ time_left "reference batch 1" && bench "$BIN" reference 1 20 f32 40; save
 for p in f32 bf16; do
     time_left "curves $p" || continue
     timeout 60 "$BIN" train-local --preset cpu-small --data "$DATA/cifar10-mini" --epochs 20 \
-        --device cuda:0 --precision $p --out "$W/curves-$p" --quiet >"$W/curves-$p.txt" 2>&1
+        --device "$DEV" --precision $p --out "$W/curves-$p" --quiet >"$W/curves-$p.txt" 2>&1
     log "curves $p rc=$? $(tail -2 "$W/curves-$p.txt" | tr '\n' ' ')"
     save
 done
