@@ -21,7 +21,8 @@
 #                        tlb-fusion.xz and tlb-autotune.xz (`--features cuda-fusion`,
 #                        `cuda-autotune`; optional), datasets/cifar10-mini/ and cat32.png.
 #   DEV=cpu BUDGET=100000 W=/tmp/w OUT=/tmp/o benches/gpu.sh DIR: a dry run of the script on the
-#                        CPU (every phase under its limit, about 12 minutes on 2 cores). Everything lands in $OUT/results.tgz and $OUT/summary.txt.
+#                        CPU (every phase under its limit, about 12 minutes on 2 cores).
+# Everything lands in $OUT/results.tgz and $OUT/summary.txt.
 set -uo pipefail
 DIR=${1:-runs/gpu}
 OUT=${OUT:-/tmp/gpu-out}
