@@ -8,8 +8,8 @@ use super::super::block::LN_EPS;
 use super::matrix::product;
 
 /// Defines `fn` so that its body is compiled three times (baseline x86-64, AVX2+FMA,
-/// AVX-512 with the `avx512` feature) and the widest one the CPU has is chosen at run time. The bodies are plain
-/// loops the compiler vectorises for each width.
+/// AVX-512 with the `avx512` feature) and the widest one the CPU has is chosen at run time.
+/// The bodies are plain loops the compiler vectorises for each width.
 macro_rules! multiversion {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$m])*
@@ -187,22 +187,31 @@ pub fn softmax_rows(s: &mut [f32], cols: usize) {
 }
 }
 
+/// [`exp`]'s Cody–Waite split of ln 2 (`x − k·ln 2` in two steps) and its polynomial for
+/// `e^r`, highest degree first; the GELU's SIMD paths compute the same function from these.
+pub(crate) const EXP_LN2_HI: f32 = 0.693_145_75;
+pub(crate) const EXP_LN2_LO: f32 = 1.428_606_8e-6;
+pub(crate) const EXP_POLY: [f32; 7] = [
+    1.0 / 720.0,
+    1.0 / 120.0,
+    1.0 / 24.0,
+    1.0 / 6.0,
+    0.5,
+    1.0,
+    1.0,
+];
+
 /// `e^x` to about 2 ulp for `x` in the f32 range (Cody–Waite reduction, degree-6 polynomial),
 /// in plain arithmetic so that loops over it vectorise.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
     const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23: adding it rounds to an integer
     let x = x.clamp(-87.0, 88.0);
     let kr = x * LOG2E + ROUND;
     let k = kr - ROUND;
-    let r = x - k * LN2_HI - k * LN2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let r = x - k * EXP_LN2_HI - k * EXP_LN2_LO;
+    let p = EXP_POLY[1..].iter().fold(EXP_POLY[0], |acc, c| r * acc + c);
     // The low mantissa bits of `kr` hold k + 2^22; shift k into the exponent.
     let bits = (kr.to_bits() as i32 - 0x4B40_0000 + 127) << 23;
     p * f32::from_bits(bits as u32)

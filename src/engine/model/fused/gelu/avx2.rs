@@ -4,6 +4,7 @@
 
 use std::arch::x86_64::*;
 
+use super::super::kernels::{EXP_LN2_HI, EXP_LN2_LO, EXP_POLY};
 use super::{ERF_P, ERF_Q, INV_SQRT_2PI};
 
 pub fn available() -> bool {
@@ -69,29 +70,18 @@ fn normal_cdf(u: __m256) -> __m256 {
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 fn exp(x: __m256) -> __m256 {
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    const POLY: [f32; 7] = [
-        1.0 / 720.0,
-        1.0 / 120.0,
-        1.0 / 24.0,
-        1.0 / 6.0,
-        0.5,
-        1.0,
-        1.0,
-    ];
     let x = _mm256_min_ps(_mm256_max_ps(x, splat(-87.0)), splat(88.0));
     let k = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
         x,
         splat(std::f32::consts::LOG2_E),
     ));
-    let r = _mm256_fnmadd_ps(k, splat(LN2_HI), x);
-    let r = _mm256_fnmadd_ps(k, splat(LN2_LO), r);
+    let r = _mm256_fnmadd_ps(k, splat(EXP_LN2_HI), x);
+    let r = _mm256_fnmadd_ps(k, splat(EXP_LN2_LO), r);
     let two_k = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
         _mm256_cvtps_epi32(k),
         _mm256_set1_epi32(127),
     )));
-    _mm256_mul_ps(horner(r, &POLY), two_k)
+    _mm256_mul_ps(horner(r, &EXP_POLY), two_k)
 }
 
 /// `u + bias` for the lanes `m` of the step at `j`, written back to `u`'s row when `keep`.

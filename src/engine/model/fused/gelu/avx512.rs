@@ -3,6 +3,7 @@
 
 use std::arch::x86_64::*;
 
+use super::super::kernels::{EXP_LN2_HI, EXP_LN2_LO, EXP_POLY};
 use super::{ERF_P, ERF_Q, INV_SQRT_2PI};
 
 pub fn available() -> bool {
@@ -60,24 +61,13 @@ fn normal_cdf(u: __m512) -> __m512 {
 #[inline]
 #[target_feature(enable = "avx512f")]
 fn exp(x: __m512) -> __m512 {
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    const POLY: [f32; 7] = [
-        1.0 / 720.0,
-        1.0 / 120.0,
-        1.0 / 24.0,
-        1.0 / 6.0,
-        0.5,
-        1.0,
-        1.0,
-    ];
     let x = _mm512_min_ps(_mm512_max_ps(x, splat(-87.0)), splat(88.0));
     let k = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
         _mm512_mul_ps(x, splat(std::f32::consts::LOG2_E)),
     );
-    let r = _mm512_fnmadd_ps(k, splat(LN2_HI), x);
-    let r = _mm512_fnmadd_ps(k, splat(LN2_LO), r);
-    _mm512_scalef_ps(horner(r, &POLY), k)
+    let r = _mm512_fnmadd_ps(k, splat(EXP_LN2_HI), x);
+    let r = _mm512_fnmadd_ps(k, splat(EXP_LN2_LO), r);
+    _mm512_scalef_ps(horner(r, &EXP_POLY), k)
 }
 
 /// `u + bias` for the lanes `m` of the step at `j`, written back to `u`'s row when `keep`.
