@@ -7,7 +7,8 @@ use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Distribution, Int, Tensor};
 use tlb::engine::backend::{cpu_device, CpuAutodiff};
-use tlb::engine::model::{fused, set_dropout_stream, Readout, Tlb, TlbConfig};
+use tlb::engine::model::fused::{self, Isa};
+use tlb::engine::model::{set_dropout_stream, Readout, Tlb, TlbConfig};
 use tlb::engine::train::{loss_and_correct, Preset};
 
 use common::small_model;
@@ -55,6 +56,15 @@ fn step(
     (logits.into_data().to_vec().unwrap(), c.out)
 }
 
+/// Each instruction set the host kernels can run at on this CPU, widest first: the tests run
+/// the AVX-512, AVX2 and baseline paths of the fused block on one host.
+fn isas() -> Vec<Isa> {
+    [Isa::Avx512, Isa::Avx2, Isa::Baseline]
+        .into_iter()
+        .filter(|isa| *isa <= fused::isa::detected())
+        .collect()
+}
+
 fn assert_close(what: &str, a: &[f32], b: &[f32], tol: f32) {
     assert_eq!(a.len(), b.len(), "{what}: lengths");
     let scale = b.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
@@ -68,16 +78,23 @@ fn assert_close(what: &str, a: &[f32], b: &[f32], tol: f32) {
 
 #[test]
 fn fused_block_matches_the_composition_in_values_and_gradients() {
-    let device = cpu_device();
     assert!(
         fused::enabled::<B>(),
         "the CPU autodiff backend runs fused blocks"
     );
+    for isa in isas() {
+        fused::with_isa_at_most(isa, || fused_matches_composition(isa));
+    }
+}
+
+fn fused_matches_composition(isa: Isa) {
+    let device = cpu_device();
     for (readout, dropout) in [
         (Readout::Slow, 0.2),
         (Readout::LastFast, 0.0),
         (Readout::Slow, 0.5),
     ] {
+        let what = format!("{isa:?} {readout:?} dropout {dropout}");
         let model = config(readout, dropout).init::<B>(&device).unwrap();
         let images =
             Tensor::<B, 4>::random([5, 3, 16, 16], Distribution::Uniform(0.0, 1.0), &device);
@@ -92,10 +109,10 @@ fn fused_block_matches_the_composition_in_values_and_gradients() {
             fused::with_unfused(|| step(&model, images.clone(), labels.clone()));
         assert_eq!(fused::calls(), calls, "with_unfused runs the composition");
 
-        assert_close("logits", &logits, &logits_ref, 1e-5);
+        assert_close(&format!("{what}: logits"), &logits, &logits_ref, 1e-5);
         assert_eq!(grads.len(), grads_ref.len());
         for ((name, g), (_, r)) in grads.iter().zip(&grads_ref) {
-            assert_close(name, g, r, 2e-4);
+            assert_close(&format!("{what}: {name}"), g, r, 2e-4);
         }
         // With dropout the latents differ and every parameter gets a gradient (without it the
         // zero-initialised latents stay identical and some cross-attention gradients vanish).
@@ -107,7 +124,7 @@ fn fused_block_matches_the_composition_in_values_and_gradients() {
             assert_eq!(
                 zero,
                 0,
-                "{readout:?}: {zero} of {} gradients are zero",
+                "{what}: {zero} of {} gradients are zero",
                 grads.len()
             );
         }
@@ -121,7 +138,7 @@ fn fused_block_matches_the_composition_in_values_and_gradients() {
             .to_vec::<f32>()
             .unwrap();
         let b = fused::with_unfused(|| valid.forward(x).into_data().to_vec::<f32>().unwrap());
-        assert_close("eval logits", &a, &b, 1e-5);
+        assert_close(&format!("{what}: eval logits"), &a, &b, 1e-5);
     }
 }
 
@@ -149,11 +166,15 @@ fn the_reference_preset_runs_fused_and_matches() {
     let model = cfg.init::<B>(&device).unwrap();
     let images = Tensor::<B, 4>::random([2, 3, 48, 48], Distribution::Uniform(0.0, 1.0), &device);
     let labels = Tensor::<B, 1, Int>::from_ints([1, 8], &device);
-    let (logits, grads) = step(&model, images.clone(), labels.clone());
-    let (logits_ref, grads_ref) = fused::with_unfused(|| step(&model, images, labels));
-    assert_close("logits", &logits, &logits_ref, 1e-4);
-    for ((name, g), (_, r)) in grads.iter().zip(&grads_ref) {
-        assert_close(name, g, r, 1e-3);
+    let (logits_ref, grads_ref) =
+        fused::with_unfused(|| step(&model, images.clone(), labels.clone()));
+    for isa in isas() {
+        let (logits, grads) =
+            fused::with_isa_at_most(isa, || step(&model, images.clone(), labels.clone()));
+        assert_close(&format!("{isa:?}: logits"), &logits, &logits_ref, 1e-4);
+        for ((name, g), (_, r)) in grads.iter().zip(&grads_ref) {
+            assert_close(&format!("{isa:?}: {name}"), g, r, 1e-3);
+        }
     }
 }
 

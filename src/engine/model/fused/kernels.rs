@@ -7,41 +7,7 @@
 use super::super::block::LN_EPS;
 use super::matrix::product;
 
-/// Defines `fn` so that its body is compiled three times (baseline x86-64, AVX2+FMA,
-/// AVX-512 with the `avx512` feature) and the widest one the CPU has is chosen at run time.
-/// The bodies are plain loops the compiler vectorises for each width.
-macro_rules! multiversion {
-    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
-        $(#[$m])*
-        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
-            #[inline(always)]
-            fn body($($arg: $ty),*) $(-> $ret)? $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[cfg(feature = "avx512")]
-                #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-                unsafe fn v4($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn v3($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
-                #[cfg(feature = "avx512")]
-                if std::arch::is_x86_feature_detected!("avx512f")
-                    && std::arch::is_x86_feature_detected!("avx512vl")
-                {
-                    // SAFETY: the CPU has the features v4 is compiled for.
-                    return unsafe { v4($($arg),*) };
-                }
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
-                    // SAFETY: the CPU has the features v3 is compiled for.
-                    return unsafe { v3($($arg),*) };
-                }
-            }
-            body($($arg),*)
-        }
-    };
-}
-pub(crate) use multiversion;
+pub(crate) use super::isa::multiversion;
 
 /// Lanes of the reductions below: sums kept in 16 independent accumulators so that the
 /// compiler can vectorise them (a single running f32 sum must stay sequential).

@@ -18,6 +18,7 @@ use std::cell::Cell;
 
 use burn::tensor::{backend::Backend, Tensor};
 
+pub mod isa;
 pub mod kernels;
 pub mod matrix;
 
@@ -31,6 +32,7 @@ mod gelu;
 mod host;
 #[cfg(feature = "flex")]
 pub use host::{is_host, run};
+pub use isa::{with_isa_at_most, Isa};
 
 thread_local! {
     static DISABLED: Cell<bool> = const { Cell::new(false) };

@@ -4,11 +4,13 @@
 
 use std::arch::x86_64::*;
 
+use super::super::isa::{isa, Isa};
 use super::super::kernels::{EXP_LN2_HI, EXP_LN2_LO, EXP_POLY};
 use super::{ERF_P, ERF_Q, INV_SQRT_2PI};
 
+/// Whether this thread's kernels run on AVX2+FMA or wider ([`isa`]).
 pub fn available() -> bool {
-    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    isa() >= Isa::Avx2
 }
 
 /// The lanes of an 8-value step at `j` of a `len`-value row that exist, as a load/store mask

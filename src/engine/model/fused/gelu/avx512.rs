@@ -3,11 +3,13 @@
 
 use std::arch::x86_64::*;
 
+use super::super::isa::{isa, Isa};
 use super::super::kernels::{EXP_LN2_HI, EXP_LN2_LO, EXP_POLY};
 use super::{ERF_P, ERF_Q, INV_SQRT_2PI};
 
+/// Whether this thread's kernels run on AVX-512 ([`isa`]).
 pub fn available() -> bool {
-    cfg!(feature = "avx512") && std::arch::is_x86_feature_detected!("avx512f")
+    isa() == Isa::Avx512
 }
 
 /// The lanes of a 16-value step at `j` of a `len`-value row that exist.

@@ -192,27 +192,21 @@ mod tests {
 
     #[test]
     fn gelu_and_its_derivative_match_the_definition() {
-        check(
-            "dispatched",
-            bias_gelu,
-            bias_gelu_in_place,
-            gelu_and_backward,
-        );
-        #[cfg(target_arch = "x86_64")]
-        if avx2::available() {
-            check(
-                "avx2",
-                // SAFETY (all three): the CPU has AVX2 and FMA.
-                |u, b| unsafe { avx2::bias_gelu(u, b) },
-                |u, b| unsafe { avx2::bias_gelu_in_place(u, b) },
-                |u, g| unsafe { avx2::gelu_and_backward(u, g) },
-            );
+        // Each path the CPU has: AVX-512, AVX2 and portable, by holding the dispatch down.
+        use super::super::isa::{detected, isa, with_isa_at_most, Isa};
+        for cap in [Isa::Avx512, Isa::Avx2, Isa::Baseline] {
+            if cap > detected() {
+                continue;
+            }
+            with_isa_at_most(cap, || {
+                assert_eq!(isa(), cap);
+                check(
+                    &format!("{cap:?}"),
+                    bias_gelu,
+                    bias_gelu_in_place,
+                    gelu_and_backward,
+                )
+            });
         }
-        check(
-            "portable",
-            portable::bias_gelu,
-            portable::bias_gelu_in_place,
-            portable::gelu_and_backward,
-        );
     }
 }
