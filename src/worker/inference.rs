@@ -46,7 +46,7 @@ struct Loaded<B: Backend> {
     grid: usize,
 }
 
-type ClassifyReply = tokio::sync::oneshot::Sender<Result<ClassifyResult, ApiError>>;
+type ClassifyReply = Pending<ClassifyResult>;
 /// Classify requests for one model: each request's images and where its answer goes.
 type ClassifyGroup = (ModelRef, Vec<(Vec<Vec<u8>>, ClassifyReply)>);
 
@@ -110,27 +110,39 @@ pub struct Inference<B: Backend> {
     cached_ids: Arc<Mutex<Vec<Uuid>>>,
 }
 
-/// The reply of a request the device should work on: `None` for one whose caller is gone
+/// A request's answer channel with its place in the inference queue. Answering releases the
+/// place before the answer is sent, so a client that has its answer never finds its own images
+/// still counted against `--max-queued-images`.
+struct Pending<T> {
+    ticket: Ticket,
+    reply: tokio::sync::oneshot::Sender<Result<T, ApiError>>,
+}
+
+impl<T> Pending<T> {
+    fn answer(self, result: Result<T, ApiError>) {
+        drop(self.ticket);
+        let _ = self.reply.send(result);
+    }
+}
+
+/// The request if the device should work on it: `None` for one whose caller is gone
 /// (cancelled, or timed out in tonic) and for one past its deadline (answered
 /// DEADLINE_EXCEEDED), before any work is spent on them.
-fn admit<T>(
-    ticket: &Ticket,
-    reply: tokio::sync::oneshot::Sender<Result<T, ApiError>>,
-) -> Option<tokio::sync::oneshot::Sender<Result<T, ApiError>>> {
+fn admit<T>(pending: Pending<T>) -> Option<Pending<T>> {
     let dropped = |reason| {
         metrics()
             .inference_dropped
             .with_label_values(&[reason])
             .inc()
     };
-    if reply.is_closed() {
+    if pending.reply.is_closed() {
         dropped("cancelled");
         return None;
     }
-    let waited = ticket.enqueued.elapsed();
-    if ticket.expired() {
+    let waited = pending.ticket.enqueued.elapsed();
+    if pending.ticket.expired() {
         dropped("deadline");
-        let _ = reply.send(Err(ApiError::DeadlineExceeded(format!(
+        pending.answer(Err(ApiError::DeadlineExceeded(format!(
             "the deadline passed after {} ms waiting for the device; the request was dropped \
              unprocessed",
             waited.as_millis()
@@ -140,7 +152,7 @@ fn admit<T>(
     metrics()
         .inference_queue_seconds
         .observe(waited.as_secs_f64());
-    Some(reply)
+    Some(pending)
 }
 
 /// Runs `f`, turning a panic inside the engine into an internal error.
@@ -169,10 +181,9 @@ impl<B: Backend> Inference<B> {
 
     fn serve_all(&mut self, requests: Vec<Request>) {
         let started = Instant::now();
-        // Classify requests grouped by model, in arrival order. The tickets stay alive (their
-        // images counted as queued) until the answers are sent.
+        // Classify requests grouped by model, in arrival order; each keeps its place in the
+        // queue (its images counted) until it is answered.
         let mut groups: Vec<ClassifyGroup> = Vec::new();
-        let mut tickets = Vec::new();
         for request in requests {
             match request {
                 Request::Classify {
@@ -181,7 +192,7 @@ impl<B: Backend> Inference<B> {
                     ticket,
                     reply,
                 } => {
-                    if let Some(reply) = admit(&ticket, reply) {
+                    if let Some(reply) = admit(Pending { ticket, reply }) {
                         match groups
                             .iter_mut()
                             .find(|(m, _)| m.checkpoint_id == model.checkpoint_id)
@@ -190,7 +201,6 @@ impl<B: Backend> Inference<B> {
                             None => groups.push((model, vec![(images, reply)])),
                         }
                     }
-                    tickets.push(ticket);
                 }
                 Request::Attention {
                     model,
@@ -198,9 +208,10 @@ impl<B: Backend> Inference<B> {
                     ticket,
                     reply,
                 } => {
-                    if let Some(reply) = admit(&ticket, reply) {
+                    if let Some(reply) = admit(Pending { ticket, reply }) {
                         metrics().inference_batch_images.observe(1.0);
-                        let _ = reply.send(self.attention(&model, image));
+                        let maps = self.attention(&model, image);
+                        reply.answer(maps);
                     }
                 }
                 Request::Wake => {}
@@ -209,7 +220,6 @@ impl<B: Backend> Inference<B> {
         for (model, group) in groups {
             self.classify_group(&model, group);
         }
-        drop(tickets);
         metrics()
             .device_busy_seconds
             .with_label_values(&[&self.label, "infer"])
@@ -221,7 +231,7 @@ impl<B: Backend> Inference<B> {
             Ok(l) => l,
             Err(e) => {
                 for (_, reply) in group {
-                    let _ = reply.send(Err(e.duplicate()));
+                    reply.answer(Err(e.duplicate()));
                 }
                 return;
             }
@@ -261,13 +271,13 @@ impl<B: Backend> Inference<B> {
             Ok(p) => p.into_iter(),
             Err(e) => {
                 for (_, reply) in group {
-                    let _ = reply.send(Err(e.duplicate()));
+                    reply.answer(Err(e.duplicate()));
                 }
                 return;
             }
         };
         for ((_, reply), n) in group.into_iter().zip(sizes) {
-            let _ = reply.send(Ok(ClassifyResult {
+            reply.answer(Ok(ClassifyResult {
                 probabilities: probs.by_ref().take(n).collect(),
                 labels: loaded.labels.clone(),
                 checkpoint_id: model.checkpoint_id,
