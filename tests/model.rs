@@ -4,7 +4,7 @@ use burn::module::AutodiffModule;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::{DType, Distribution, Int, Tensor};
 use tlb::engine::backend::{cpu_device, Cpu, CpuAutodiff};
-use tlb::engine::model::{Precision, Readout, Tlb, TlbConfig};
+use tlb::engine::model::{host_f32, Precision, Readout, Tlb, TlbConfig};
 use tlb::engine::train::{gradient_model, loss_and_correct, named_tensors, Preset};
 
 use common::small_model;
@@ -52,11 +52,7 @@ fn pass<B: burn::tensor::backend::Backend>(
     images: Tensor<B, 4>,
 ) -> (Vec<f32>, Vec<f32>) {
     let out = model.forward_with(images, true);
-    let flat = |d: burn::tensor::TensorData| d.convert::<f32>().to_vec::<f32>().unwrap();
-    (
-        flat(out.logits.into_data()),
-        flat(out.attention.unwrap().into_data()),
-    )
+    (host_f32(out.logits), host_f32(out.attention.unwrap()))
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {

@@ -6,7 +6,25 @@
 //! by Newton steps (the division was half of the GELU's time); elsewhere portable loops that
 //! the compiler vectorises. All agree to a few ulp; tests hold each to the definition.
 
-use super::kernels::{exp, multiversion};
+use super::kernels::exp;
+
+/// Calls `f` from the widest implementation this thread's kernels may use
+/// ([`super::isa::isa`]): `avx512::f`, `avx2::f` or `portable::f`.
+macro_rules! dispatch {
+    ($f:ident($($arg:expr),*)) => {{
+        #[cfg(target_arch = "x86_64")]
+        if avx512::available() {
+            // SAFETY: `available` only where the CPU has AVX-512F (`isa::detected`).
+            return unsafe { avx512::$f($($arg),*) };
+        }
+        #[cfg(target_arch = "x86_64")]
+        if avx2::available() {
+            // SAFETY: `available` only where the CPU has AVX2 and FMA (`isa::detected`).
+            return unsafe { avx2::$f($($arg),*) };
+        }
+        portable::$f($($arg),*)
+    }};
+}
 
 /// erf's rational fit on [−4, 4] (±1 beyond; Eigen's and XLA's): `x·P(x²) / Q(x²)`, the
 /// coefficients highest degree first.
@@ -31,51 +49,23 @@ const INV_SQRT_2PI: f32 = 0.398_942_3;
 
 /// `u ← u + bias` (per row), then exact GELU in place.
 pub fn bias_gelu_in_place(u: &mut [f32], bias: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if avx512::available() {
-        // SAFETY: the CPU has AVX-512F.
-        return unsafe { avx512::bias_gelu_in_place(u, bias) };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if avx2::available() {
-        // SAFETY: the CPU has AVX2 and FMA.
-        return unsafe { avx2::bias_gelu_in_place(u, bias) };
-    }
-    portable::bias_gelu_in_place(u, bias)
+    dispatch!(bias_gelu_in_place(u, bias))
 }
 
 /// `u ← u + bias` (per row), and the exact GELU of the result, `u · Φ(u)`, as a new tensor.
 pub fn bias_gelu(u: &mut [f32], bias: &[f32]) -> Vec<f32> {
-    #[cfg(target_arch = "x86_64")]
-    if avx512::available() {
-        // SAFETY: the CPU has AVX-512F.
-        return unsafe { avx512::bias_gelu(u, bias) };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if avx2::available() {
-        // SAFETY: the CPU has AVX2 and FMA.
-        return unsafe { avx2::bias_gelu(u, bias) };
-    }
-    portable::bias_gelu(u, bias)
+    dispatch!(bias_gelu(u, bias))
 }
 
 /// `gelu(u)` and `g ⊙ gelu'(u)` (`gelu'(u) = Φ(u) + u·φ(u)`) in one pass; the second
 /// overwrites `g`.
 pub fn gelu_and_backward(u: &[f32], g: &mut [f32]) -> Vec<f32> {
     assert_eq!(u.len(), g.len());
-    #[cfg(target_arch = "x86_64")]
-    if avx512::available() {
-        // SAFETY: the CPU has AVX-512F.
-        return unsafe { avx512::gelu_and_backward(u, g) };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if avx2::available() {
-        // SAFETY: the CPU has AVX2 and FMA.
-        return unsafe { avx2::gelu_and_backward(u, g) };
-    }
-    portable::gelu_and_backward(u, g)
+    dispatch!(gelu_and_backward(u, g))
 }
 
+/// The baseline path: reached only where [`super::isa::isa`] is `Baseline`, so it is compiled
+/// once, for plain x86-64 (or another architecture).
 mod portable {
     use super::*;
 
@@ -94,7 +84,6 @@ mod portable {
         0.5 + 0.5 * erf(u * std::f32::consts::FRAC_1_SQRT_2)
     }
 
-    multiversion! {
     pub fn bias_gelu_in_place(u: &mut [f32], bias: &[f32]) {
         for row in u.chunks_exact_mut(bias.len()) {
             for (v, b) in row.iter_mut().zip(bias) {
@@ -103,12 +92,13 @@ mod portable {
             }
         }
     }
-    }
 
-    multiversion! {
     pub fn bias_gelu(u: &mut [f32], bias: &[f32]) -> Vec<f32> {
         let mut out = vec![0.0f32; u.len()];
-        for (row, orow) in u.chunks_exact_mut(bias.len()).zip(out.chunks_exact_mut(bias.len())) {
+        for (row, orow) in u
+            .chunks_exact_mut(bias.len())
+            .zip(out.chunks_exact_mut(bias.len()))
+        {
             for ((v, b), o) in row.iter_mut().zip(bias).zip(orow) {
                 *v += b;
                 *o = *v * normal_cdf(*v);
@@ -116,9 +106,7 @@ mod portable {
         }
         out
     }
-    }
 
-    multiversion! {
     pub fn gelu_and_backward(u: &[f32], g: &mut [f32]) -> Vec<f32> {
         let mut out = vec![0.0f32; u.len()];
         for ((o, gi), &v) in out.iter_mut().zip(g.iter_mut()).zip(u) {
@@ -127,7 +115,6 @@ mod portable {
             *gi *= cdf + v * INV_SQRT_2PI * exp(-0.5 * v * v);
         }
         out
-    }
     }
 }
 
