@@ -12,9 +12,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // The Open Inference Protocol (KServe v2), for Triton/KServe clients.
         "proto/inference/grpc_predict_v2.proto",
     ];
+    // Every message knows its protobuf name (prost::Name): the codec scans a request's wire
+    // format by it before decoding (src/grpc/wire).
+    let mut config = tonic_prost_build::Config::new();
+    config.enable_type_names();
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("tlb_descriptor.bin"))
-        .compile_protos(&protos, &["proto"])?;
+        .codec_path("crate::grpc::wire::GuardedCodec")
+        .compile_with_config(config, &protos, &["proto"])?;
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

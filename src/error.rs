@@ -19,7 +19,24 @@ pub enum ApiError {
     #[error("{0}")]
     DeadlineExceeded(String),
     #[error("internal error: {0:#}")]
-    Internal(#[from] anyhow::Error),
+    Internal(anyhow::Error),
+}
+
+/// A failure below the API: UNAVAILABLE when the job store could not be reached (clients and
+/// load balancers retry those elsewhere), INTERNAL otherwise.
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> Self {
+        if crate::store::is_unavailable(&e) {
+            let named = e.chain().any(|c| c.is::<crate::store::StoreUnavailable>());
+            Self::Unavailable(if named {
+                format!("{e:#}")
+            } else {
+                format!("{}", crate::store::StoreUnavailable(format!("{e:#}")))
+            })
+        } else {
+            Self::Internal(e)
+        }
+    }
 }
 
 impl ApiError {

@@ -251,7 +251,9 @@ async fn a_killed_replicas_job_is_taken_over_and_ends_with_the_same_weights() {
     )
     .await;
     assert_eq!((state(&r), r.attempt), (pb::JobState::Succeeded, 1));
-    let store = Store::connect(Some(&pg.url), dir.path()).await.unwrap();
+    let store = Store::connect(Some(&pg.url), &dir.path().join("data"))
+        .await
+        .unwrap();
     let (taken_over, uninterrupted) = (
         final_weights(&store, &job).await,
         final_weights(&store, &reference).await,
@@ -322,7 +324,9 @@ async fn a_paused_owner_writes_nothing_after_the_takeover() {
     );
 
     // Rows: attempt 1 only for epochs it committed before the takeover.
-    let store = Store::connect(Some(&pg.url), dir.path()).await.unwrap();
+    let store = Store::connect(Some(&pg.url), &dir.path().join("data"))
+        .await
+        .unwrap();
     for row in store.list_checkpoints(job.parse().unwrap()).await.unwrap() {
         let name = row.path.file_name().unwrap().to_string_lossy().into_owned();
         assert!(

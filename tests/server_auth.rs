@@ -254,6 +254,55 @@ fn a_public_address_needs_tokens_or_an_explicit_opt_out() {
     assert!(server.addr.contains("0.0.0.0:"), "{}", server.addr);
 }
 
+/// Boolean environment variables read as people write them (`0/1/yes/no/on/off`), and a
+/// server without a token file survives SIGHUP (its default action would end it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boolean_env_values_and_sighup_without_a_token_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let public = |value: &str| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tlb"));
+        cmd.args(["serve", "--addr", "0.0.0.0:0", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .env("TLB_INSECURE_NO_AUTH", value);
+        cmd
+    };
+    for off in ["0", "off", "no", "false"] {
+        let out = public(off).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{off}");
+        assert!(err.contains("refusing to serve"), "{off}: {err}");
+    }
+    let out = public("maybe").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("maybe"), "{err}");
+    for on in ["1", "on"] {
+        let server = Server::spawn(public(on), dir.path());
+        assert!(server.addr.contains("0.0.0.0:"), "{on}: {}", server.addr);
+    }
+    let mut server = Server::start(dir.path(), &[]);
+    let pid = server.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        server.child.try_wait().unwrap().is_none(),
+        "SIGHUP ended the server"
+    );
+    let serving = tonic_health::pb::health_check_response::ServingStatus::Serving;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while server.health().await != serving {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not SERVING after SIGHUP"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Runs the `tlb` client; returns (success, stdout + stderr).
 fn tlb(args: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_tlb"))

@@ -296,6 +296,9 @@ async fn bad_requests_get_precise_statuses() {
     let gone = start_job(&mut t, start_request("tiny", 1, "synth")).await;
     let events = watch_to_end(&mut t, &gone, Duration::from_secs(120)).await;
     assert_eq!(final_state(&events), pb::JobState::Succeeded);
+    // Served once (so the worker holds it in memory), then its files go: not served from
+    // memory either (ModelReady says the same).
+    inf.classify(classify(&gone, one.clone(), 1)).await.unwrap();
     std::fs::remove_dir_all(dir.path().join("data/jobs").join(&gone).join("checkpoints")).unwrap();
     expect(
         inf.classify(classify(&gone, one.clone(), 1)).await,
@@ -314,4 +317,145 @@ async fn bad_requests_get_precise_statuses() {
         .cancel_job(pb::CancelJobRequest { job_id: ok.clone() })
         .await;
     expect(done, Code::FailedPrecondition, "already ended");
+}
+
+/// Sends pre-encoded request bytes as they are (the test builds wire data no client struct
+/// would hold cheaply: 30 million empty images).
+#[derive(Clone, Copy)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = prost::bytes::Bytes;
+    type Decode = prost::bytes::Bytes;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = prost::bytes::Bytes;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: prost::bytes::Bytes,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        prost::bytes::BufMut::put(dst, item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = prost::bytes::Bytes;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<prost::bytes::Bytes>, tonic::Status> {
+        let n = prost::bytes::Buf::remaining(src);
+        Ok(Some(prost::bytes::Buf::copy_to_bytes(src, n)))
+    }
+}
+
+fn rss_peak_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap()
+}
+
+/// Requests that are a few bytes per image on the wire but would become one allocation per
+/// image (the sweep's: 1.4 GiB of server memory each) are refused before that: 16 at once,
+/// each on a connection of its own, all RESOURCE_EXHAUSTED within a second, the server's
+/// peak memory bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amplifying_requests_are_refused_before_they_take_memory() {
+    use prost::Message;
+    use tlb::proto::inference as oip;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    // 21 million 1×1 images in a 63 MB raw tensor.
+    let infer = oip::ModelInferRequest {
+        model_name: "any".into(),
+        inputs: vec![oip::model_infer_request::InferInputTensor {
+            name: "images".into(),
+            datatype: "UINT8".into(),
+            shape: vec![21_000_000, 1, 1, 3],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![vec![0; 63_000_000]],
+        ..Default::default()
+    };
+    let infer = prost::bytes::Bytes::from(infer.encode_to_vec());
+    // 30 million empty `images` entries (field 2): 60 MB.
+    let classify = prost::bytes::Bytes::from([0x12_u8, 0].repeat(30_000_000));
+    let before = rss_peak_kib(server.child.id());
+    let mut calls = Vec::new();
+    for i in 0..16 {
+        let (path, body) = if i % 2 == 0 {
+            ("/inference.GRPCInferenceService/ModelInfer", infer.clone())
+        } else {
+            ("/tlb.v1.InferenceService/Classify", classify.clone())
+        };
+        let channel = server.channel().await;
+        calls.push(tokio::spawn(async move {
+            let mut grpc = tonic::client::Grpc::new(channel)
+                .max_encoding_message_size(usize::MAX)
+                .max_decoding_message_size(usize::MAX);
+            grpc.ready().await.unwrap();
+            let started = std::time::Instant::now();
+            let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
+            let result = grpc.unary(tonic::Request::new(body), path, RawCodec).await;
+            (result, started.elapsed())
+        }));
+    }
+    let mut slowest = Duration::ZERO;
+    for call in calls {
+        let (result, took) = call.await.unwrap();
+        let status = result.expect_err("refused");
+        assert_eq!(
+            status.code(),
+            Code::ResourceExhausted,
+            "{}",
+            status.message()
+        );
+        slowest = slowest.max(took);
+    }
+    let peak = rss_peak_kib(server.child.id());
+    println!(
+        "16 amplifying requests (8 ModelInfer of 21M images in 63 MB, 8 Classify of 30M empty \
+         images in 60 MB): all RESOURCE_EXHAUSTED, slowest answer {:.3} s; server peak RSS \
+         {} MiB (before {} MiB)",
+        slowest.as_secs_f64(),
+        peak / 1024,
+        before / 1024
+    );
+    // (About 0.6 s on an idle 2-core machine, most of it the two admitted 63 MB uploads; the
+    // bound leaves room for the other tests running beside this one.)
+    assert!(slowest < Duration::from_secs(2), "slowest {slowest:?}");
+    assert!(
+        peak < before + 512 * 1024,
+        "peak RSS {} MiB (before {} MiB)",
+        peak / 1024,
+        before / 1024
+    );
+    // Still serving small requests.
+    let mut inf = server.inference().await;
+    expect(
+        inf.classify(pb::ClassifyRequest {
+            model: String::new(),
+            images: vec![encoded(png(8, 1))],
+            top_k: 1,
+        })
+        .await,
+        Code::FailedPrecondition,
+        "no trained model yet",
+    );
 }

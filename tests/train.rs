@@ -132,6 +132,60 @@ mod resume {
         }
     }
 
+    /// Loses the job at the check after its first checkpoint is written (the third time
+    /// the run asks), and notes which files had checkpoint names at that moment.
+    struct LostWhileWriting {
+        dir: std::path::PathBuf,
+        asked: usize,
+        named_at_the_check: Option<Vec<String>>,
+    }
+    impl TrainObserver<CpuAutodiff> for LostWhileWriting {
+        fn event(&mut self, _: &TrainEvent) {}
+        fn may_write(&mut self) -> bool {
+            self.asked += 1;
+            if self.asked < 3 {
+                return true;
+            }
+            self.named_at_the_check = Some(names(&self.dir));
+            false
+        }
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// A run that loses its job while writing a checkpoint never shows a complete file under
+    /// a checkpoint's name (a backup or `tlb export` could pick it up), and leaves no file.
+    #[test]
+    fn a_run_that_loses_the_job_while_writing_never_names_its_checkpoint() {
+        let _serial = super::serial();
+        let tmp = tempfile::tempdir().unwrap();
+        let splits = data(&tmp.path().join("data"));
+        let mut cfg = config();
+        cfg.epochs = 2;
+        let out = tmp.path().join("run");
+        let mut lost = LostWhileWriting {
+            dir: out.join("checkpoints"),
+            asked: 0,
+            named_at_the_check: None,
+        };
+        let (outcome, _) =
+            train::<CpuAutodiff>(&cfg, &splits, &out, &cpu_device(), false, &mut lost).unwrap();
+        assert_eq!(outcome, Outcome::Abandoned);
+        let at_check = lost.named_at_the_check.expect("asked after the write");
+        assert!(
+            !at_check.is_empty() && at_check.iter().all(|n| n.starts_with('.')),
+            "only temp files may exist before the check: {at_check:?}"
+        );
+        assert_eq!(names(&out.join("checkpoints")), Vec::<String>::new());
+    }
+
     #[test]
     fn a_run_stopped_mid_epoch_resumes_to_the_same_result() {
         let _serial = super::serial();

@@ -235,8 +235,10 @@ fn authorize<B>(tokens: &Tokens, req: &http::Request<B>) -> Result<Option<Caller
     let token = header
         .to_str()
         .ok()
-        .and_then(|h| h.strip_prefix("Bearer "))
-        .map(str::trim)
+        // The scheme is case-insensitive (RFC 7235): `bearer x` is `Bearer x`.
+        .and_then(|h| h.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim())
         .ok_or_else(|| Status::unauthenticated("the authorization header is not `Bearer TOKEN`"))?;
     let caller = tokens
         .current()
@@ -333,6 +335,34 @@ mod tests {
         );
         assert!(t.lookup("0123456789abcdef-roo").is_none());
         assert!(!format!("{t:?}").contains("0123456789abcdef"));
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens");
+        std::fs::write(&path, FILE).unwrap();
+        let tokens = Tokens::load(&path).unwrap();
+        let call = |header: &str| {
+            let req = http::Request::builder()
+                .uri("/tlb.v1.InferenceService/Classify")
+                .header(http::header::AUTHORIZATION, header)
+                .body(())
+                .unwrap();
+            authorize(&tokens, &req).map(|c| c.map(|c| c.name))
+        };
+        for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+            let who = call(&format!("{scheme} viewer-token-0123456789"));
+            assert_eq!(who.unwrap().as_deref(), Some("viewer"), "{scheme}");
+        }
+        for bad in [
+            "Basic viewer-token-0123456789",
+            "Bearerviewer-token-0123456789",
+            "viewer",
+        ] {
+            let status = call(bad).unwrap_err();
+            assert_eq!(status.code(), tonic::Code::Unauthenticated, "{bad}");
+        }
     }
 
     #[test]

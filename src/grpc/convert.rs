@@ -106,6 +106,7 @@ pub fn job(j: &JobRow) -> pb::Job {
         worker: j.worker.clone(),
         attempt: j.attempt,
         device: j.device.clone(),
+        warnings: j.warnings.clone(),
     }
 }
 

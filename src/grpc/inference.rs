@@ -41,8 +41,20 @@ impl InferenceApi {
         model_ref(&self.0.data_dir, row)
     }
 
-    /// A job id (its best checkpoint), a checkpoint id, or empty (the default model).
+    /// A job id (its best checkpoint), a checkpoint id, or empty (the default model); while
+    /// the store cannot be reached, the checkpoint the name last stood for.
     async fn resolve_model(&self, model: &str) -> Result<ModelRef, ApiError> {
+        let answer = self.lookup_model(model).await;
+        let row = self
+            .0
+            .models
+            .through(&format!("tlb.v1/{model}"), answer, |e| {
+                matches!(e, ApiError::Unavailable(_))
+            })?;
+        Ok(self.model_ref(&row))
+    }
+
+    async fn lookup_model(&self, model: &str) -> Result<CheckpointRow, ApiError> {
         let store = &self.0.store;
         if model.is_empty() {
             let default = store.default_checkpoint().await?.ok_or_else(|| {
@@ -52,7 +64,7 @@ impl InferenceApi {
                         .into(),
                 )
             })?;
-            return Ok(self.model_ref(&default));
+            return Ok(default);
         }
         let id = Uuid::parse_str(model).map_err(|_| {
             ApiError::field(
@@ -65,7 +77,7 @@ impl InferenceApi {
                 Some(c) => store.get_checkpoint(c).await?,
                 None => None,
             };
-            return best.map(|row| self.model_ref(&row)).ok_or_else(|| {
+            return best.ok_or_else(|| {
                 ApiError::FailedPrecondition(format!(
                     "job {id} has no checkpoint yet ({}, {} of {} epochs done)",
                     job.state.as_str(),
@@ -78,7 +90,7 @@ impl InferenceApi {
             .get_checkpoint(id)
             .await?
             .ok_or_else(|| ApiError::NotFound(format!("no job or checkpoint with id {id}")))?;
-        Ok(self.model_ref(&row))
+        Ok(row)
     }
 }
 

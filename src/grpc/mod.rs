@@ -6,6 +6,7 @@ mod images;
 mod inference;
 mod oip;
 mod training;
+pub mod wire;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,7 +19,7 @@ pub use training::TrainingApi;
 
 use crate::admission::Admission;
 use crate::datasets::Datasets;
-use crate::store::Store;
+use crate::store::{CheckpointRow, LastKnown, Store};
 use crate::worker::{JobEvent, RunningJobs, WorkerHandle};
 
 /// Most images in one Classify request.
@@ -87,4 +88,6 @@ pub struct AppState {
     pub admission: Admission,
     /// Queued jobs beyond which StartTraining is refused.
     pub max_queued_jobs: usize,
+    /// The checkpoint each model name last stood for, served while the store is down.
+    pub models: Arc<LastKnown<CheckpointRow>>,
 }

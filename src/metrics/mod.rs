@@ -25,6 +25,8 @@ pub struct Metrics {
     pub train_images_per_second: prometheus::GaugeVec,
     pub device_busy_seconds: prometheus::CounterVec,
     pub checkpoint_write_seconds: Histogram,
+    pub store_up: IntGauge,
+    pub restarts_from_scratch: prometheus::IntCounter,
 }
 
 fn build() -> prometheus::Result<Metrics> {
@@ -97,6 +99,15 @@ fn build() -> prometheus::Result<Metrics> {
             )
             .buckets(exponential_buckets(0.001, 2.0, 16)?),
         )?,
+        store_up: IntGauge::new(
+            "tlb_store_up",
+            "1 while the job store answers its probe (every second), 0 while it cannot be reached",
+        )?,
+        restarts_from_scratch: prometheus::IntCounter::new(
+            "tlb_job_restarts_from_scratch_total",
+            "Resumed jobs whose committed checkpoints were missing and that started again at \
+             epoch 0 (--on-missing-checkpoint restart)",
+        )?,
         registry,
     };
     let build_info = IntGaugeVec::new(
@@ -117,6 +128,8 @@ fn build() -> prometheus::Result<Metrics> {
     r.register(Box::new(m.train_images_per_second.clone()))?;
     r.register(Box::new(m.device_busy_seconds.clone()))?;
     r.register(Box::new(m.checkpoint_write_seconds.clone()))?;
+    r.register(Box::new(m.store_up.clone()))?;
+    r.register(Box::new(m.restarts_from_scratch.clone()))?;
     r.register(Box::new(build_info))?;
     r.register(Box::new(
         prometheus::process_collector::ProcessCollector::for_self(),
@@ -143,9 +156,10 @@ pub fn render() -> String {
 /// The `method` label of a request path: the service and method, or `unknown` for paths of
 /// no service this server has (a bounded label set whatever clients send).
 fn method_label(path: &str) -> String {
-    const SERVICES: [&str; 5] = [
+    const SERVICES: [&str; 6] = [
         "/tlb.v1.TrainingService/",
         "/tlb.v1.InferenceService/",
+        "/inference.GRPCInferenceService/",
         "/grpc.health.v1.Health/",
         "/grpc.reflection.v1.ServerReflection/",
         "/grpc.reflection.v1alpha.ServerReflection/",
@@ -231,6 +245,10 @@ mod tests {
         assert_eq!(
             method_label("/tlb.v1.InferenceService/Classify"),
             "tlb.v1.InferenceService/Classify"
+        );
+        assert_eq!(
+            method_label("/inference.GRPCInferenceService/ModelInfer"),
+            "inference.GRPCInferenceService/ModelInfer"
         );
         assert_eq!(method_label("/tlb.v1.InferenceService/"), "unknown");
         assert_eq!(method_label("/evil/x"), "unknown");

@@ -45,6 +45,14 @@ pub(super) async fn serve_metrics(
         .await
         .with_context(|| format!("binding the metrics address {addr}"))?;
     info!(addr = %listener.local_addr()?, "metrics at /metrics");
+    if !addr.ip().is_loopback() {
+        tracing::warn!(
+            %addr,
+            "the metrics endpoint is unauthenticated (Prometheus scrapes it without a token): \
+             anyone who reaches this address reads the job counts and call rates; bind it to \
+             loopback or a scrape-only network"
+        );
+    }
     tokio::spawn(async move {
         let stop = async move {
             let _ = shutdown.wait_for(|s| *s).await;
@@ -73,22 +81,33 @@ pub(super) fn tls_config(args: &ServeArgs) -> Result<Option<tonic::transport::Se
     Ok(Some(tls))
 }
 
-/// SIGHUP reloads the token file; a bad file keeps the tokens in force.
-pub(super) fn reload_on_sighup(tokens: Tokens) {
+/// SIGHUP reloads the token file; a bad file keeps the tokens in force. Without a token file
+/// the signal is logged and ignored (its default action would end the server).
+pub(super) fn reload_on_sighup(tokens: Option<Tokens>) -> Result<()> {
     #[cfg(unix)]
-    tokio::spawn(async move {
+    {
         use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            return;
-        };
-        while hup.recv().await.is_some() {
-            match tokens.reload() {
-                Ok(n) => info!(tokens = n, "SIGHUP: token file reloaded"),
-                Err(e) => tracing::error!(
-                    error = %format!("{e:#}"),
-                    "SIGHUP: token file not reloaded; the tokens in force stay"
-                ),
+        // Installed before the server says it listens: from then on SIGHUP is handled.
+        let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                let Some(tokens) = &tokens else {
+                    info!(
+                        "SIGHUP: no token file to reload (--auth-tokens is unset); nothing to do"
+                    );
+                    continue;
+                };
+                match tokens.reload() {
+                    Ok(n) => info!(tokens = n, "SIGHUP: token file reloaded"),
+                    Err(e) => tracing::error!(
+                        error = %format!("{e:#}"),
+                        "SIGHUP: token file not reloaded; the tokens in force stay"
+                    ),
+                }
             }
-        }
-    });
+        });
+    }
+    #[cfg(not(unix))]
+    let _ = tokens;
+    Ok(())
 }

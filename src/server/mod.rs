@@ -3,6 +3,7 @@
 //! stops accepting, checkpoints the running job (it resumes on the next start) and exits.
 
 mod endpoints;
+mod health;
 pub mod lock;
 
 use std::net::SocketAddr;
@@ -14,7 +15,6 @@ use anyhow::{Context, Result};
 use clap::Args;
 use tokio::sync::{broadcast, watch};
 use tonic::codegen::http;
-use tonic_health::ServingStatus;
 use tracing::info;
 
 use crate::admission::Admission;
@@ -25,14 +25,15 @@ use crate::datasets::{
 use crate::engine::backend::DeviceSpec;
 use crate::engine::train::remove_stale_temp_files;
 use crate::grpc::{
-    AppState, InferenceApi, OipApi, OnlyOpenInference, TrainingApi, MAX_MESSAGE_BYTES,
+    wire::RequestBytesLayer, AppState, InferenceApi, OipApi, OnlyOpenInference, TrainingApi,
+    MAX_MESSAGE_BYTES,
 };
 use crate::metrics::RpcMetricsLayer;
 use crate::proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::proto::v1::inference_service_server::InferenceServiceServer;
 use crate::proto::v1::training_service_server::TrainingServiceServer;
 use crate::store::Store;
-use crate::worker::{WorkerContext, WorkerHandle};
+use crate::worker::{MissingCheckpoint, WorkerContext, WorkerHandle};
 use endpoints::{reload_on_sighup, serve_metrics, tls_config};
 use lock::DataDirLock;
 
@@ -76,7 +77,7 @@ pub struct ServeArgs {
     #[arg(long, env = "TLB_INFERENCE_DEVICE")]
     pub inference_device: Option<DeviceSpec>,
     /// Download CIFAR-10/100 archives that are missing under the datasets root.
-    #[arg(long, env = "TLB_ALLOW_DOWNLOAD")]
+    #[arg(long, env = "TLB_ALLOW_DOWNLOAD", value_parser = clap::builder::BoolishValueParser::new())]
     pub allow_download: bool,
     /// Where the CIFAR-10 archive is downloaded from (a mirror may be named).
     #[arg(long, env = "TLB_CIFAR10_URL", default_value = CIFAR10_URL)]
@@ -98,7 +99,7 @@ pub struct ServeArgs {
     pub auth_tokens: Option<PathBuf>,
     /// Serve a non-loopback --addr without --auth-tokens (anyone who reaches the port may then
     /// start jobs and use the device).
-    #[arg(long, env = "TLB_INSECURE_NO_AUTH")]
+    #[arg(long, env = "TLB_INSECURE_NO_AUTH", value_parser = clap::builder::BoolishValueParser::new())]
     pub insecure_no_auth: bool,
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464). Unset: off.
     #[arg(long, env = "TLB_METRICS_ADDR")]
@@ -107,6 +108,21 @@ pub struct ServeArgs {
     /// once (RESOURCE_EXHAUSTED).
     #[arg(long, env = "TLB_MAX_QUEUED_IMAGES", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_queued_images: u64,
+    /// Bytes of large request bodies being received at once, all callers together (the
+    /// first MiB of each body is not counted); a request beyond it is refused at once
+    /// (RESOURCE_EXHAUSTED) as soon as its message header declares its length. At least the
+    /// largest message, 64 MiB; the default admits two such messages at once.
+    #[arg(long, env = "TLB_MAX_REQUEST_BYTES_IN_FLIGHT", default_value_t = 128 << 20, value_parser = clap::value_parser!(u64).range(MAX_MESSAGE_BYTES as u64..))]
+    pub max_request_bytes_in_flight: u64,
+    /// How long a server started before its job store keeps trying to reach it (with
+    /// backoff, 1 s doubling to 30 s) before it exits. 0: one try.
+    #[arg(long, env = "TLB_STORE_WAIT", default_value_t = 120)]
+    pub store_wait: u64,
+    /// A resumed job whose committed checkpoints are all missing (deleted, or not visible
+    /// to this replica): `fail` it, naming the files, or `restart` it from epoch 0 with a
+    /// warning.
+    #[arg(long, env = "TLB_ON_MISSING_CHECKPOINT", value_enum, default_value_t = MissingCheckpoint::Fail)]
+    pub on_missing_checkpoint: MissingCheckpoint,
     /// Queued training jobs; StartTraining is refused beyond it (RESOURCE_EXHAUSTED).
     #[arg(long, env = "TLB_MAX_QUEUED_JOBS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_queued_jobs: u64,
@@ -155,13 +171,6 @@ fn oversize_is_resource_exhausted<B>(mut res: http::Response<B>) -> http::Respon
     res
 }
 
-/// Sets the overall health status and each service's.
-async fn set_health(health: &tonic_health::server::HealthReporter, status: ServingStatus) {
-    for name in std::iter::once("").chain(SERVICES) {
-        health.set_service_status(name, status).await;
-    }
-}
-
 async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
@@ -193,9 +202,7 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
         );
     }
     let tokens = args.auth_tokens.as_deref().map(Tokens::load).transpose()?;
-    if let Some(tokens) = &tokens {
-        reload_on_sighup(tokens.clone());
-    }
+    reload_on_sighup(tokens.clone())?;
     for dir in [&args.datasets_root, &args.data_dir] {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -224,7 +231,12 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
             );
         }
     }
-    let store = Store::connect(args.database_url.as_deref(), &args.data_dir).await?;
+    let store = Store::connect_waiting(
+        args.database_url.as_deref(),
+        &args.data_dir,
+        std::time::Duration::from_secs(args.store_wait),
+    )
+    .await?;
     // Jobs this server (or its last process under this id) held: resumable at once.
     let taken_back = store.expire_leases(&replica_id, exclusive).await?;
     if taken_back > 0 {
@@ -245,8 +257,9 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
             md5: args.cifar100_md5.clone(),
         },
     };
-    let (health, health_service) = tonic_health::server::health_reporter();
-    set_health(&health, ServingStatus::NotServing).await;
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let health = health::Health::new(reporter).await;
+    health.follow_store(store.watch_availability());
     let (events, _) = broadcast::channel(4096);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let stop = Arc::new(AtomicBool::new(false));
@@ -264,6 +277,7 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
         crash_loop_limit: args.crash_loop_limit,
         replica_id: replica_id.clone(),
         lease: std::time::Duration::from_secs(args.lease_seconds),
+        on_missing_checkpoint: args.on_missing_checkpoint,
     };
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let worker = Arc::new(WorkerHandle::start(
@@ -280,9 +294,7 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
     let reporter = health.clone();
     tokio::spawn(async move {
         match ready_rx.await {
-            Ok(Ok(())) => {
-                set_health(&reporter, ServingStatus::Serving).await;
-            }
+            Ok(Ok(())) => reporter.device_ready().await,
             Ok(Err(why)) => {
                 let _ = fatal_tx.send(why);
             }
@@ -302,6 +314,7 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
         running,
         shutdown: shutdown_rx.clone(),
         max_queued_jobs: args.max_queued_jobs as usize,
+        models: Arc::new(crate::store::LastKnown::new(1024)),
         admission: Admission {
             data_dir: args.data_dir.clone(),
             min_free_bytes: args.min_free_bytes,
@@ -354,7 +367,7 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
                     *fatal.lock().expect("fatal slot") = Some(why);
                 }
             }
-            set_health(&health, ServingStatus::NotServing).await;
+            health.stopping().await;
             let _ = shutdown_tx.send(true);
             // The running job checkpoints now, while open calls finish.
             stop.store(true, Ordering::SeqCst);
@@ -372,6 +385,9 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
         ))
         .layer(RpcMetricsLayer)
         .layer(AuthLayer { tokens })
+        .layer(RequestBytesLayer::new(
+            usize::try_from(args.max_request_bytes_in_flight).unwrap_or(usize::MAX),
+        ))
         .add_service(training)
         .add_service(inference)
         .add_service(open_inference)

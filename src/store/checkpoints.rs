@@ -23,7 +23,7 @@ impl Store {
             )
             .bind(&job)
             .bind(fence.attempt as i64)
-            .bind(ckpt.path.to_string_lossy().into_owned())
+            .bind(self.paths.stored(&ckpt.path))
             .execute(&mut *c)
             .await?;
             fence.check(done.rows_affected())?;
@@ -52,13 +52,11 @@ impl Store {
             .bind(&job)
             .bind(ckpt.epoch as i64)
             .bind(ckpt.val_accuracy)
-            .bind(ckpt.path.to_string_lossy().into_owned())
+            .bind(self.paths.stored(&ckpt.path))
             .bind(ckpt.is_best)
             .bind(ckpt.created_at_ms)
             .bind(
-                ckpt.copy_path
-                    .as_ref()
-                    .map(|p| p.to_string_lossy().into_owned()),
+                ckpt.copy_path.as_deref().map(|p| self.paths.stored(p)),
             )
             .execute(&mut *c)
             .await?;
@@ -68,7 +66,7 @@ impl Store {
             .bind(&job)
             .fetch_all(&mut *c)
             .await?;
-            for row in readable(&rows, CheckpointRow::from_row) {
+            for row in readable(&rows, |r| CheckpointRow::from_row(r, &self.paths)) {
                 if !row.path.exists() {
                     sqlx::query("DELETE FROM checkpoints WHERE id = $1")
                         .bind(row.id.to_string())
@@ -87,9 +85,9 @@ impl Store {
             "SELECT {CHECKPOINT_SELECT} FROM checkpoints c WHERE c.job_id = $1 ORDER BY c.epoch"
         ))
         .bind(job_id.to_string())
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool()?)
         .await?;
-        Ok(readable(&rows, CheckpointRow::from_row))
+        Ok(readable(&rows, |r| CheckpointRow::from_row(r, &self.paths)))
     }
 
     pub async fn get_checkpoint(&self, id: Uuid) -> Result<Option<CheckpointRow>> {
@@ -97,17 +95,18 @@ impl Store {
             "SELECT {CHECKPOINT_SELECT} FROM checkpoints c WHERE c.id = $1"
         ))
         .bind(id.to_string())
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.pool()?)
         .await?;
-        row.map(|r| CheckpointRow::from_row(&r)).transpose()
+        row.map(|r| CheckpointRow::from_row(&r, &self.paths))
+            .transpose()
     }
 
     /// Best checkpoints of every job that has one, newest job first.
     pub async fn best_checkpoints(&self) -> Result<Vec<CheckpointRow>> {
         let rows = sqlx::query(&format!("{BEST_CHECKPOINTS} {NEWEST_JOB_FIRST}"))
-            .fetch_all(&self.pool)
+            .fetch_all(self.pool()?)
             .await?;
-        Ok(readable(&rows, CheckpointRow::from_row))
+        Ok(readable(&rows, |r| CheckpointRow::from_row(r, &self.paths)))
     }
 
     /// The default model: the best checkpoint of the newest job that succeeded.
@@ -115,8 +114,9 @@ impl Store {
         let row = sqlx::query(&format!(
             "{BEST_CHECKPOINTS} AND j.state = 'SUCCEEDED' {NEWEST_JOB_FIRST} LIMIT 1"
         ))
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.pool()?)
         .await?;
-        row.map(|r| CheckpointRow::from_row(&r)).transpose()
+        row.map(|r| CheckpointRow::from_row(&r, &self.paths))
+            .transpose()
     }
 }

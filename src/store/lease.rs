@@ -112,7 +112,7 @@ impl Store {
                 job: super::rows::uuid(row.try_get("id")?)?,
                 attempt: row.try_get::<i64, _>("attempt")? as u32,
             };
-            let job = JobRow::from_row(&row);
+            let job = JobRow::from_row(&row, &self.paths);
             Ok(Some(Claimed { fence, job }))
         })
         .await
@@ -157,7 +157,7 @@ impl Store {
         let row = sqlx::query("SELECT id FROM jobs WHERE id = $1 AND attempt = $2")
             .bind(fence.job.to_string())
             .bind(fence.attempt as i64)
-            .fetch_optional(&self.pool)
+            .fetch_optional(self.pool()?)
             .await?;
         Ok(row.is_some())
     }

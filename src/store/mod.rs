@@ -8,8 +8,11 @@
 //! snapshot: the store answers from one truth and writes again as soon as space is back. A
 //! row that cannot be read is logged and left out of lists; it fails only RPCs about itself.
 
+mod availability;
 mod checkpoints;
+mod last_known;
 mod lease;
+mod paths;
 mod rows;
 
 use std::path::{Path, PathBuf};
@@ -20,10 +23,15 @@ use sqlx::pool::PoolConnection;
 use sqlx::{Any, AnyConnection, AnyPool, Connection, Executor};
 use uuid::Uuid;
 
+pub use availability::{is_unavailable, StoreUnavailable, PROBE_EVERY};
+pub use last_known::LastKnown;
 pub use lease::{Claimed, Fence, Heartbeat, LeaseLost};
 pub use rows::{now_ms, CheckpointRow, JobRow, JobState};
 
 use crate::engine::train::EpochMetrics;
+
+/// Warnings a job keeps (the newest).
+pub const MAX_WARNINGS: usize = 20;
 
 /// Handle to the job database (cheap to clone).
 #[derive(Clone, Debug)]
@@ -34,6 +42,10 @@ pub struct Store {
     /// Row locking for claims: PostgreSQL's `FOR UPDATE SKIP LOCKED`; nothing on SQLite,
     /// whose writes are serialised.
     skip_locked: &'static str,
+    /// Whether the store answered its last probe (see `availability`).
+    up: availability::Up,
+    /// File paths in rows are relative to this replica's data dir (see `paths`).
+    paths: paths::StoredPaths,
 }
 
 /// Columns of `jobs`, as [`JobRow::from_row`] reads them. Booleans are read as integers
@@ -44,7 +56,7 @@ pub(super) const JOB_COLUMNS: &str =
     latest_metrics_json, best_checkpoint_id, test_accuracy, error, restarts, \
     CAST(cancel_requested AS INTEGER) AS cancel_requested, unclean_exits, \
     CAST(run_open AS INTEGER) AS run_open, created_by, attempt, worker, device, resume_path, \
-    progress_json";
+    progress_json, warnings_json";
 /// Columns of `checkpoints`, to insert.
 pub(super) const CHECKPOINT_COLUMNS: &str =
     "id, job_id, epoch, val_accuracy, path, is_best, created_at_ms, copy_path";
@@ -89,7 +101,7 @@ impl Store {
     /// rolled back and the connection closed.
     async fn write<T>(&self, body: impl AsyncFnOnce(&mut AnyConnection) -> Result<T>) -> Result<T> {
         let mut guard = WriteConn {
-            conn: self.pool.acquire().await?,
+            conn: self.pool()?.acquire().await?,
             committed: false,
         };
         let mut tx = guard.conn.begin().await?;
@@ -108,6 +120,16 @@ impl Store {
     /// `sqlite://…`); without one, the SQLite file `<data_dir>/tlb.db`. Applies the
     /// migrations (the same portable SQL on both).
     pub async fn connect(database_url: Option<&str>, data_dir: &Path) -> Result<Self> {
+        Self::connect_waiting(database_url, data_dir, std::time::Duration::ZERO).await
+    }
+
+    /// [`Self::connect`], retrying with backoff for up to `wait` while the store cannot be
+    /// reached (a server started before its database).
+    pub async fn connect_waiting(
+        database_url: Option<&str>,
+        data_dir: &Path,
+        wait: std::time::Duration,
+    ) -> Result<Self> {
         sqlx::any::install_default_drivers();
         let url = match database_url {
             Some(url) => url.to_string(),
@@ -118,8 +140,9 @@ impl Store {
             }
         };
         let shown = redact(&url);
-        let pool = AnyPoolOptions::new()
+        let options = AnyPoolOptions::new()
             .max_connections(if url.starts_with("sqlite:") { 4 } else { 8 })
+            .acquire_timeout(availability::ACQUIRE_TIMEOUT)
             .after_connect(|conn, _| {
                 Box::pin(async move {
                     if conn.backend_name() == "PostgreSQL" {
@@ -141,14 +164,21 @@ impl Store {
                     }
                     Ok(())
                 })
-            })
-            .connect(&url)
-            .await
-            .with_context(|| format!("opening the job store {shown}"))?;
+            });
+        let pool = availability::connect_with_retry(options, &url, &shown, wait).await?;
         sqlx::migrate!("./migrations")
             .run(&pool)
             .await
             .with_context(|| format!("applying migrations to {shown}"))?;
+        let converted = paths::make_relative(&pool)
+            .await
+            .with_context(|| format!("converting stored paths in {shown}"))?;
+        if converted > 0 {
+            tracing::info!(
+                paths = converted,
+                "stored paths made relative to the data dir"
+            );
+        }
         let postgres = !url.starts_with("sqlite:");
         Ok(Self {
             pool,
@@ -162,6 +192,8 @@ impl Store {
             } else {
                 ""
             },
+            up: availability::Up::default(),
+            paths: paths::StoredPaths::new(data_dir),
         })
     }
 
@@ -192,9 +224,9 @@ impl Store {
     pub async fn get_job(&self, id: Uuid) -> Result<Option<JobRow>> {
         let row = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"))
             .bind(id.to_string())
-            .fetch_optional(&self.pool)
+            .fetch_optional(self.pool()?)
             .await?;
-        row.map(|r| JobRow::from_row(&r)).transpose()
+        row.map(|r| JobRow::from_row(&r, &self.paths)).transpose()
     }
 
     /// Jobs newest first, optionally of one state, after the `(created_at_ms, id)` cursor.
@@ -215,16 +247,16 @@ impl Store {
         .bind(cursor_ms)
         .bind(cursor_id)
         .bind(limit as i64)
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool()?)
         .await?;
-        Ok(readable(&rows, JobRow::from_row))
+        Ok(readable(&rows, |r| JobRow::from_row(r, &self.paths)))
     }
 
     /// How many jobs are in each state (states without jobs included, as 0).
     pub async fn count_by_state(&self) -> Result<Vec<(JobState, i64)>> {
         let rows: Vec<(String, i64)> =
             sqlx::query_as("SELECT state, COUNT(*) FROM jobs GROUP BY state")
-                .fetch_all(&self.pool)
+                .fetch_all(self.pool()?)
                 .await?;
         Ok(JobState::ALL
             .into_iter()
@@ -267,7 +299,7 @@ impl Store {
                 sqlx::query("UPDATE jobs SET resume_path = $3 WHERE id = $1 AND attempt = $2")
                     .bind(fence.job.to_string())
                     .bind(fence.attempt as i64)
-                    .bind(path.to_string_lossy().into_owned())
+                    .bind(self.paths.stored(path))
                     .execute(c)
                     .await?;
             fence.check(done.rows_affected())
@@ -310,6 +342,33 @@ impl Store {
                 .await?;
             fence.check(u64::from(owned.is_some()))?;
             Ok(false)
+        })
+        .await
+    }
+
+    /// Adds a warning to the job's (fenced; the newest [`MAX_WARNINGS`] are kept).
+    pub async fn add_warning(&self, fence: Fence, message: &str) -> Result<()> {
+        self.write(async |c| {
+            let row = sqlx::query("SELECT warnings_json FROM jobs WHERE id = $1 AND attempt = $2")
+                .bind(fence.job.to_string())
+                .bind(fence.attempt as i64)
+                .fetch_optional(&mut *c)
+                .await?;
+            let Some(row) = row else {
+                return fence.check(0);
+            };
+            let mut warnings = rows::warnings(&row)?;
+            warnings.push(message.to_string());
+            let over = warnings.len().saturating_sub(MAX_WARNINGS);
+            warnings.drain(..over);
+            let done =
+                sqlx::query("UPDATE jobs SET warnings_json = $3 WHERE id = $1 AND attempt = $2")
+                    .bind(fence.job.to_string())
+                    .bind(fence.attempt as i64)
+                    .bind(serde_json::to_string(&warnings)?)
+                    .execute(&mut *c)
+                    .await?;
+            fence.check(done.rows_affected())
         })
         .await
     }

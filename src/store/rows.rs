@@ -8,6 +8,7 @@ use sqlx::any::AnyRow;
 use sqlx::Row;
 use uuid::Uuid;
 
+use super::paths::StoredPaths;
 use crate::engine::train::{EpochMetrics, Progress, TrainConfig};
 
 /// Milliseconds since the Unix epoch (UTC).
@@ -95,6 +96,8 @@ pub struct JobRow {
     pub resume_path: Option<PathBuf>,
     /// The running job's latest step (for watchers on replicas that do not run it).
     pub progress: Option<Progress>,
+    /// What the owner should know that did not stop the job, oldest first.
+    pub warnings: Vec<String>,
 }
 
 /// A BOOLEAN column, selected as `CAST(… AS INTEGER)`.
@@ -135,15 +138,16 @@ impl JobRow {
             device: String::new(),
             resume_path: None,
             progress: None,
+            warnings: Vec::new(),
         }
     }
 
-    pub(super) fn from_row(r: &AnyRow) -> Result<Self> {
+    pub(super) fn from_row(r: &AnyRow, paths: &StoredPaths) -> Result<Self> {
         let id = uuid(r.try_get("id")?)?;
-        Self::parse(id, r).with_context(|| format!("job {id} in the store is unreadable"))
+        Self::parse(id, r, paths).with_context(|| format!("job {id} in the store is unreadable"))
     }
 
-    fn parse(id: Uuid, r: &AnyRow) -> Result<Self> {
+    fn parse(id: Uuid, r: &AnyRow, paths: &StoredPaths) -> Result<Self> {
         let config: String = r.try_get("config_json")?;
         let metrics: Option<String> = r.try_get("latest_metrics_json")?;
         let best: Option<String> = r.try_get("best_checkpoint_id")?;
@@ -179,12 +183,20 @@ impl JobRow {
             device: r.try_get("device")?,
             resume_path: r
                 .try_get::<Option<String>, _>("resume_path")?
-                .map(PathBuf::from),
+                .map(|p| paths.local(&p)),
             progress: r
                 .try_get::<Option<String>, _>("progress_json")?
                 .and_then(|p| serde_json::from_str(&p).ok()),
+            warnings: warnings(r)?,
         })
     }
+}
+
+/// The `warnings_json` column (unreadable JSON reads as none: warnings are informative).
+pub(super) fn warnings(r: &AnyRow) -> Result<Vec<String>> {
+    Ok(r.try_get::<Option<String>, _>("warnings_json")?
+        .and_then(|w| serde_json::from_str(&w).ok())
+        .unwrap_or_default())
 }
 
 /// One saved epoch of a job.
@@ -202,18 +214,18 @@ pub struct CheckpointRow {
 }
 
 impl CheckpointRow {
-    pub(super) fn from_row(r: &AnyRow) -> Result<Self> {
+    pub(super) fn from_row(r: &AnyRow, paths: &StoredPaths) -> Result<Self> {
         Ok(Self {
             id: uuid(r.try_get("id")?)?,
             job_id: uuid(r.try_get("job_id")?)?,
             epoch: r.try_get::<i64, _>("epoch")? as u32,
             val_accuracy: r.try_get("val_accuracy")?,
-            path: PathBuf::from(r.try_get::<String, _>("path")?),
+            path: paths.local(&r.try_get::<String, _>("path")?),
             is_best: flag(r, "is_best")?,
             created_at_ms: r.try_get("created_at_ms")?,
             copy_path: r
                 .try_get::<Option<String>, _>("copy_path")?
-                .map(PathBuf::from),
+                .map(|p| paths.local(&p)),
         })
     }
 }

@@ -300,7 +300,18 @@ impl<B: Backend> Inference<B> {
         })
     }
 
+    /// The model, from the cache or its file. One rule for every path (and the same as
+    /// ModelReady's): a checkpoint whose file is gone is not served, cached or not, so that
+    /// replicas with and without it in memory answer alike.
     fn load(&mut self, model: &ModelRef) -> Result<Arc<Loaded<B>>, ApiError> {
+        let path = model.file().to_path_buf();
+        if !path.exists() {
+            return Err(ApiError::FailedPrecondition(format!(
+                "checkpoint {} has no file any more ({} was removed)",
+                model.checkpoint_id,
+                path.display()
+            )));
+        }
         if let Some(i) = self
             .cache
             .iter()
@@ -309,14 +320,6 @@ impl<B: Backend> Inference<B> {
             let hit = self.cache.remove(i);
             self.cache.push(hit.clone());
             return Ok(hit.1);
-        }
-        let path = model.file().to_path_buf();
-        if !path.exists() {
-            return Err(ApiError::FailedPrecondition(format!(
-                "checkpoint {} has no file any more ({} was removed)",
-                model.checkpoint_id,
-                path.display()
-            )));
         }
         let device = self.device.clone();
         let loaded = guarded("loading a checkpoint", move || {

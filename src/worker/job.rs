@@ -116,8 +116,74 @@ pub(super) fn run_job<B: AutodiffBackend>(
 }
 
 /// Where a claimed job starts: from the checkpoints the store committed for it, newest first
-/// (the attempt that wrote them does not matter; an uncommitted file is never read).
-fn start_of(ctx: &WorkerContext, job: &JobRow) -> anyhow::Result<Start> {
+/// (the attempt that wrote them does not matter; an uncommitted file is never read). When it
+/// committed some but not one of their files exists any more, starting again would silently
+/// throw its training away: that is the operator's choice (`--on-missing-checkpoint`).
+fn start_of(ctx: &WorkerContext, job: &JobRow, fence: Fence) -> anyhow::Result<Start> {
+    let start = committed_checkpoints(ctx, job)?;
+    let Start::From { newest_first, best } = &start else {
+        return Ok(start);
+    };
+    let committed: Vec<&PathBuf> = newest_first.iter().chain(best).collect();
+    if committed.is_empty() || committed.iter().any(|p| p.exists()) {
+        return Ok(start);
+    }
+    let mut named: Vec<String> = newest_first
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    if named.len() > 3 {
+        let more = named.len() - 3;
+        named.truncate(3);
+        named.push(format!("and {more} more"));
+    }
+    let lost = format!(
+        "none of the job's committed checkpoints exists any more ({}); {} epochs of training \
+         are gone",
+        named.join(", "),
+        job.epochs_completed
+    );
+    match ctx.on_missing_checkpoint {
+        MissingCheckpoint::Fail => anyhow::bail!(
+            "{lost}. Restore the files (or check that this replica's --data-dir is the share \
+             the job was trained in), then start the job again; or run the server with \
+             --on-missing-checkpoint restart to train such jobs again from epoch 0"
+        ),
+        MissingCheckpoint::Restart => {
+            metrics().restarts_from_scratch.inc();
+            job_warning(
+                ctx,
+                fence,
+                &format!("{lost}: training again from epoch 0 (--on-missing-checkpoint restart)"),
+            );
+            Ok(Start::Fresh)
+        }
+    }
+}
+
+/// What the operator wants when a resumed job's committed checkpoints are all missing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum MissingCheckpoint {
+    /// The job fails, naming the files and this flag.
+    #[default]
+    Fail,
+    /// The job trains again from epoch 0, with a warning (log, WatchJob, GetJob) and a count
+    /// in `tlb_job_restarts_from_scratch_total`.
+    Restart,
+}
+
+/// Tells the job's owner something that does not stop it: a WARN line, a JobWarning to
+/// watchers, and the job's warnings in the store (GetJob).
+fn job_warning(ctx: &WorkerContext, fence: Fence, message: &str) {
+    warn!(job = %fence.job, "{message}");
+    ctx.publish(fence.job, JobUpdate::Warning(message.to_string()));
+    if let Err(e) = ctx.runtime.block_on(ctx.store.add_warning(fence, message)) {
+        error!(error = %format!("{e:#}"), "recording a job warning");
+    }
+}
+
+/// The checkpoints the store committed for the job, newest first, and its best copies.
+fn committed_checkpoints(ctx: &WorkerContext, job: &JobRow) -> anyhow::Result<Start> {
     let rows = ctx.runtime.block_on(ctx.store.list_checkpoints(job.id))?;
     let mut newest_first: Vec<PathBuf> = job.resume_path.iter().cloned().collect();
     for row in rows.iter().rev() {
@@ -190,7 +256,7 @@ fn train_job<B: AutodiffBackend>(
     let run = Run {
         dir: out,
         attempt: Some(lease.fence.attempt),
-        start: start_of(ctx, job)?,
+        start: start_of(ctx, job, lease.fence)?,
     };
     let label = ctx.device_label.as_str();
     let mut observer = JobObserver::<B> {
@@ -201,6 +267,7 @@ fn train_job<B: AutodiffBackend>(
         inference,
         rx,
         last_progress: None,
+        unrecorded: None,
         train_since: Instant::now(),
         train_busy: metrics()
             .device_busy_seconds
@@ -215,7 +282,10 @@ fn train_job<B: AutodiffBackend>(
     }));
     observer.count_train_time();
     observer.train_speed.set(0.0);
+    let unrecorded = observer.unrecorded.is_some();
     match run {
+        // The job does not end before its epochs are recorded.
+        Ok(Ok((Outcome::Completed, _))) if unrecorded => Ok((Outcome::Interrupted, None)),
         Ok(r) => r.map(|(outcome, summary)| (outcome, summary.test_accuracy)),
         Err(_) => Err(anyhow::anyhow!("training panicked (see the server log)")),
     }
@@ -257,16 +327,32 @@ fn finish(
                 "recording the job's end; retrying"
             ),
         }
-        let until = Instant::now() + Duration::from_secs(1);
-        while Instant::now() < until {
-            if ctx.stop.load(Ordering::SeqCst) {
-                return;
-            }
-            if let Ok(first) = rx.recv_timeout(Duration::from_millis(100)) {
-                inference.serve_with(first, rx);
-            }
+        if !wait_serving(ctx, inference, rx, RETRY_EVERY) {
+            return;
         }
     }
+}
+
+/// How often a fenced write that the store refused is tried again.
+const RETRY_EVERY: Duration = Duration::from_secs(1);
+
+/// Waits `pause`, answering inference meanwhile; false (at once) when the server stops.
+fn wait_serving(
+    ctx: &WorkerContext,
+    inference: &mut dyn Serve,
+    rx: &Receiver<Request>,
+    pause: Duration,
+) -> bool {
+    let until = Instant::now() + pause;
+    while Instant::now() < until {
+        if ctx.stop.load(Ordering::SeqCst) {
+            return false;
+        }
+        if let Ok(first) = rx.recv_timeout(Duration::from_millis(100)) {
+            inference.serve_with(first, rx);
+        }
+    }
+    !ctx.stop.load(Ordering::SeqCst)
 }
 
 struct JobObserver<'a, B: AutodiffBackend> {
@@ -277,6 +363,8 @@ struct JobObserver<'a, B: AutodiffBackend> {
     inference: &'a mut dyn Serve,
     rx: &'a Receiver<Request>,
     last_progress: Option<Instant>,
+    /// An epoch whose metrics the store has not recorded yet.
+    unrecorded: Option<crate::engine::train::EpochMetrics>,
     /// Since when the device has been training without a break for inference.
     train_since: Instant,
     /// `tlb_device_busy_seconds_total{work="train"}` and `tlb_train_images_per_second` of
@@ -303,12 +391,12 @@ impl<B: AutodiffBackend> TrainObserver<B> for JobObserver<'_, B> {
                 }
             }
             TrainEvent::Epoch(m) => {
-                let fence = self.lease.fence;
-                match ctx.runtime.block_on(ctx.store.record_epoch(fence, m)) {
-                    Ok(()) => ctx.publish(self.job, JobUpdate::Epoch(m.clone())),
-                    Err(e) => self.write_failed(e, "recording an epoch"),
-                }
+                self.unrecorded = Some(m.clone());
+                self.record_epoch();
             }
+            // A checkpoint of an epoch the store has not recorded would let a resume skip
+            // that epoch's record: it stays uncommitted (the job resumes before it).
+            TrainEvent::CheckpointSaved { .. } if self.unrecorded.is_some() => {}
             TrainEvent::CheckpointSaved {
                 path,
                 epoch,
@@ -355,8 +443,7 @@ impl<B: AutodiffBackend> TrainObserver<B> for JobObserver<'_, B> {
                      (renamed to *{CORRUPT_SUFFIX}): {}",
                     skipped.reason
                 );
-                warn!("{message}");
-                ctx.publish(self.job, JobUpdate::Warning(message));
+                job_warning(ctx, self.lease.fence, &message);
             }
             TrainEvent::Started { .. } | TrainEvent::Finished(_) => {}
         }
@@ -382,6 +469,42 @@ impl<B: AutodiffBackend> TrainObserver<B> for JobObserver<'_, B> {
 }
 
 impl<B: AutodiffBackend> JobObserver<'_, B> {
+    /// Records the epoch's metrics (fenced), retrying every second while the store refuses
+    /// or cannot be reached (answering inference meanwhile), until it is written, the job
+    /// is another worker's, or the server stops. Stopped first, the epoch stays unrecorded:
+    /// the run then ends as interrupted, never as finished, and is resumed from the last
+    /// checkpoint the store committed.
+    fn record_epoch(&mut self) {
+        let Some(m) = self.unrecorded.clone() else {
+            return;
+        };
+        let ctx = self.ctx;
+        loop {
+            match ctx
+                .runtime
+                .block_on(ctx.store.record_epoch(self.lease.fence, &m))
+            {
+                Ok(()) => {
+                    self.unrecorded = None;
+                    return ctx.publish(self.job, JobUpdate::Epoch(m));
+                }
+                Err(e) if e.is::<LeaseLost>() => return self.lease.mark_lost(),
+                Err(e) => error!(
+                    error = %format!("{e:#}"),
+                    epoch = m.epoch,
+                    "recording an epoch; retrying"
+                ),
+            }
+            if !wait_serving(ctx, self.inference, self.rx, RETRY_EVERY) {
+                return warn!(
+                    epoch = m.epoch,
+                    "stopping with an epoch the store has not recorded: the job resumes \
+                     before it"
+                );
+            }
+        }
+    }
+
     /// A store write of the run failed: when the job is another worker's now, the run stops.
     fn write_failed(&self, e: anyhow::Error, what: &str) {
         if e.is::<LeaseLost>() {

@@ -25,6 +25,7 @@ pub use devices::device_labels;
 use devices::{ReadyAll, Slot};
 use inference::Serve as _;
 pub use inference::{AttentionResult, ClassifyResult};
+pub use job::MissingCheckpoint;
 
 use crate::datasets::Datasets;
 use crate::engine::backend::DeviceSpec;
@@ -141,6 +142,8 @@ pub struct WorkerContext {
     pub replica_id: String,
     /// How long a claim holds a job without renewal (`--lease-seconds`).
     pub lease: Duration,
+    /// What a resumed job whose committed checkpoints are all missing does.
+    pub on_missing_checkpoint: MissingCheckpoint,
 }
 
 impl WorkerContext {
@@ -419,7 +422,12 @@ impl<B: AutodiffBackend> Worker<B> {
                     }
                 }
                 Err(e) => {
-                    tracing::error!(error = %format!("{e:#}"), "reading the job queue");
+                    // An unreachable store is logged once, by its probe.
+                    if crate::store::is_unavailable(&e) {
+                        tracing::debug!(error = %format!("{e:#}"), "reading the job queue");
+                    } else {
+                        tracing::error!(error = %format!("{e:#}"), "reading the job queue");
+                    }
                     if let Ok(first) = self.rx.recv_timeout(Duration::from_secs(1)) {
                         self.inference.serve_with(first, &self.rx);
                     }

@@ -11,6 +11,8 @@ pub struct Postgres {
     dir: tempfile::TempDir,
     bin: PathBuf,
     as_postgres: bool,
+    /// `pg_ctl -o` options (port, socket dir, settings).
+    options: String,
     pub url: String,
 }
 
@@ -72,6 +74,7 @@ impl Postgres {
             dir,
             bin,
             as_postgres,
+            options: String::new(),
             url: String::new(),
         };
         let data = pg.data();
@@ -85,13 +88,29 @@ impl Postgres {
             String::from_utf8_lossy(&out.stderr)
         );
         let sock = pg.dir.path().to_string_lossy().into_owned();
-        let options = format!(
+        pg.options = format!(
             "-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=100"
         );
-        let log = pg.dir.path().join("log").to_string_lossy().into_owned();
-        let out = pg.run(
+        pg.resume();
+        pg.url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+        Some(pg)
+    }
+
+    /// Starts the server (again, after [`Self::stop`]) on the same port and data.
+    pub fn resume(&self) {
+        let log = self.dir.path().join("log").to_string_lossy().into_owned();
+        let out = self.run(
             "pg_ctl",
-            &["-D", &data, "-o", &options, "-l", &log, "-w", "start"],
+            &[
+                "-D",
+                &self.data(),
+                "-o",
+                &self.options,
+                "-l",
+                &log,
+                "-w",
+                "start",
+            ],
         );
         assert!(
             out.status.success(),
@@ -99,8 +118,19 @@ impl Postgres {
             String::from_utf8_lossy(&out.stderr),
             std::fs::read_to_string(&log).unwrap_or_default()
         );
-        pg.url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
-        Some(pg)
+    }
+
+    /// Stops the server at once (an outage: open connections are cut).
+    pub fn stop(&self) {
+        let out = self.run(
+            "pg_ctl",
+            &["-D", &self.data(), "-m", "immediate", "-w", "stop"],
+        );
+        assert!(
+            out.status.success(),
+            "pg_ctl stop: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     pub fn dir(&self) -> &Path {

@@ -11,7 +11,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Tensor};
 
 use super::checkpoint::{
-    load_record, record_bytes, write_atomic, write_json, write_pending, Checkpoint, CheckpointMeta,
+    load_record, record_bytes, write_json, write_pending, Checkpoint, CheckpointMeta,
 };
 use super::ckpt_dir::{Resume, Start};
 use super::config::TrainConfig;
@@ -325,22 +325,21 @@ pub fn train_run<B: AutodiffBackend>(
         let ckpt = snapshot(&model, &optim, &meta)?;
         let path = ckpts.epoch_path(meta.epoch);
         let bytes = ckpt.encode()?;
-        write_atomic(&path, &bytes)?;
-        let seconds = written.elapsed().as_secs_f64();
-        // The best copy (the same bytes) is written beside its place and renamed there only
-        // once the files are known to count: a worker that lost the job meanwhile leaves the
-        // old copy as it was (and its written files go), and from the check on it writes
-        // nothing new.
+        // The epoch file and the best copy (the same bytes) are written under temp names
+        // and renamed into place only once they are known to count: a worker that lost the
+        // job meanwhile (paused in the write, say) never shows a complete file under a
+        // checkpoint's name; its temp files go, and from the check on it writes nothing.
+        let epoch_file = write_pending(&path, &bytes)?;
         let copy = is_best.then(|| ckpts.best_path());
         let pending = copy
             .as_deref()
             .map(|c| write_pending(c, &bytes))
             .transpose()?;
         if !observer.may_write() {
-            // Lost while writing: the file would never count; it goes.
-            let _ = std::fs::remove_file(&path);
             return Ok(abandoned(&meta, started));
         }
+        epoch_file.commit()?;
+        let seconds = written.elapsed().as_secs_f64();
         if let Some(pending) = pending {
             pending.commit()?;
         }
@@ -363,11 +362,11 @@ pub fn train_run<B: AutodiffBackend>(
         // Keep the exact position so the run can be resumed (or extended) later.
         let path = ckpts.interrupted_path();
         let written = Instant::now();
-        snapshot(&model, &optim, &meta)?.write(&path)?;
+        let file = write_pending(&path, &snapshot(&model, &optim, &meta)?.encode()?)?;
         if !observer.may_write() {
-            let _ = std::fs::remove_file(&path);
             return Ok(abandoned(&meta, started));
         }
+        file.commit()?;
         observer.event(&TrainEvent::CheckpointSaved {
             path,
             epoch: meta.epoch,

@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use super::images::check_pixel_budget;
 use super::inference::{decode_all, model_ref};
-use super::{deadline_of, within, AppState, MAX_BATCH};
+use super::{deadline_of, within, AppState};
 use crate::engine::infer::top_k;
 use crate::engine::train::TrainConfig;
 use crate::error::ApiError;
@@ -44,7 +44,21 @@ fn not_found(name: &str, why: impl std::fmt::Display) -> ApiError {
 
 impl OipApi {
     /// The checkpoint a model name and version stand for.
+    /// While the store cannot be reached: the checkpoint it last stood for.
     async fn checkpoint(&self, name: &str, version: &str) -> Result<CheckpointRow, ApiError> {
+        let answer = self.lookup_checkpoint(name, version).await;
+        self.0
+            .models
+            .through(&format!("oip/{name}/{version}"), answer, |e| {
+                matches!(e, ApiError::Unavailable(_))
+            })
+    }
+
+    async fn lookup_checkpoint(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<CheckpointRow, ApiError> {
         let epoch = match version {
             "" => None,
             v => Some(v.parse::<u32>().map_err(|_| {
@@ -148,7 +162,7 @@ impl GrpcInferenceService for OipApi {
         let ready = match self.checkpoint(&r.name, &r.version).await {
             Ok(row) => {
                 let model = model_ref(&self.0.data_dir, &row);
-                self.ready() && std::fs::File::open(model.file()).is_ok()
+                self.ready() && model.file().exists()
             }
             Err(ApiError::NotFound(_) | ApiError::FailedPrecondition(_)) => false,
             Err(e) => return Err(e.into()),
@@ -207,15 +221,10 @@ impl OipApi {
         deadline: Option<Instant>,
     ) -> Result<Response<oip::ModelInferResponse>, Status> {
         // Argument errors first: inputs, outputs, limits; then the model.
-        let images = tensors::images(&mut r)?;
+        // (The outputs first: `images` also refuses more images than one request may hold,
+        // before it copies them out.)
         let outputs = tensors::requested_outputs(&r)?;
-        if images.len() > MAX_BATCH {
-            return Err(ApiError::ResourceExhausted(format!(
-                "inputs[0]: {} images in one request; the limit is {MAX_BATCH}",
-                images.len()
-            ))
-            .into());
-        }
+        let images = tensors::images(&mut r)?;
         check_pixel_budget(&images)?;
         let n = images.len();
         let ticket = self.0.worker.reserve(n, deadline)?;

@@ -2,6 +2,7 @@
 //! answer as raw little-endian tensors (BYTES elements length-prefixed, 4 bytes LE).
 
 use crate::error::ApiError;
+use crate::grpc::MAX_BATCH;
 use crate::proto::inference as oip;
 use crate::proto::v1 as pb;
 
@@ -86,6 +87,7 @@ pub fn images(r: &mut oip::ModelInferRequest) -> Result<Vec<pb::Image>, ApiError
                     ),
                 ));
             }
+            within_batch_limit(n)?;
             Ok(data
                 .chunks_exact(per_image)
                 .map(|rgb8| pb::Image {
@@ -113,20 +115,31 @@ pub fn images(r: &mut oip::ModelInferRequest) -> Result<Vec<pb::Image>, ApiError
                     ))
                 }
             };
-            let files = match bytes {
-                Some(b) => split_bytes(&field, &b)?,
+            // Counted before any element is copied out.
+            let held = match &bytes {
+                Some(b) => bytes_elements(&field, b).try_fold(0, |n, e| e.map(|_| n + 1))?,
+                None => input
+                    .contents
+                    .as_ref()
+                    .map_or(0, |c| c.bytes_contents.len()),
+            };
+            if held != n {
+                return Err(bad(
+                    &field,
+                    format!("holds {held} elements; shape {shape:?} needs {n}"),
+                ));
+            }
+            within_batch_limit(n)?;
+            let files: Vec<Vec<u8>> = match bytes {
+                Some(b) => bytes_elements(&field, &b)
+                    .map(|e| e.map(<[u8]>::to_vec))
+                    .collect::<Result<_, _>>()?,
                 None => input
                     .contents
                     .take()
                     .map(|c| c.bytes_contents)
                     .unwrap_or_default(),
             };
-            if files.len() != n {
-                return Err(bad(
-                    &field,
-                    format!("holds {} elements; shape {shape:?} needs {n}", files.len()),
-                ));
-            }
             Ok(files
                 .into_iter()
                 .map(|f| pb::Image {
@@ -154,23 +167,41 @@ fn uint8_contents(
 }
 
 /// BYTES elements of a raw tensor: each a 4-byte little-endian length, then that many bytes.
-fn split_bytes(field: &str, mut raw: &[u8]) -> Result<Vec<Vec<u8>>, ApiError> {
-    let mut out = Vec::new();
-    while !raw.is_empty() {
+fn bytes_elements<'a>(
+    field: &'a str,
+    mut raw: &'a [u8],
+) -> impl Iterator<Item = Result<&'a [u8], ApiError>> + 'a {
+    std::iter::from_fn(move || {
+        if raw.is_empty() {
+            return None;
+        }
         let Some((len, rest)) = raw.split_first_chunk::<4>() else {
-            return Err(bad(field, "ends inside a 4-byte element length"));
+            raw = &[];
+            return Some(Err(bad(field, "ends inside a 4-byte element length")));
         };
         let len = u32::from_le_bytes(*len) as usize;
         if rest.len() < len {
-            return Err(bad(
+            let remain = rest.len();
+            raw = &[];
+            return Some(Err(bad(
                 field,
-                format!("an element says {len} bytes but {} remain", rest.len()),
-            ));
+                format!("an element says {len} bytes but {remain} remain"),
+            )));
         }
-        out.push(rest[..len].to_vec());
-        raw = &rest[len..];
+        let (element, rest) = rest.split_at(len);
+        raw = rest;
+        Some(Ok(element))
+    })
+}
+
+/// The images of one request are counted before they are split out of its tensor.
+fn within_batch_limit(n: usize) -> Result<(), ApiError> {
+    if n > MAX_BATCH {
+        return Err(ApiError::ResourceExhausted(format!(
+            "inputs[0]: {n} images in one request; the limit is {MAX_BATCH}"
+        )));
     }
-    Ok(out)
+    Ok(())
 }
 
 /// The outputs a request asks for, in its order (the default ones when it names none).
@@ -315,6 +346,26 @@ mod tests {
         assert!(message(images(&mut cut).unwrap_err()).contains("remain"));
         let mut three = request(ENCODED, "BYTES", vec![3], raw);
         assert!(message(images(&mut three).unwrap_err()).contains("holds 2 elements"));
+    }
+
+    #[test]
+    fn more_images_than_a_request_may_hold_are_refused_before_they_are_split() {
+        let n = MAX_BATCH + 1;
+        let mut raw = request(IMAGES, "UINT8", vec![n as i64, 1, 1, 3], vec![0; 3 * n]);
+        let e = images(&mut raw).unwrap_err();
+        assert!(
+            matches!(&e, ApiError::ResourceExhausted(m) if m.contains("257 images")),
+            "{e:?}"
+        );
+        let mut files = request(ENCODED, "BYTES", vec![n as i64], [0u8; 4].repeat(n));
+        let e = images(&mut files).unwrap_err();
+        assert!(
+            matches!(&e, ApiError::ResourceExhausted(m) if m.contains("257 images")),
+            "{e:?}"
+        );
+        // A size mismatch is still the argument error it was.
+        let mut short = request(ENCODED, "BYTES", vec![n as i64 + 1], [0u8; 4].repeat(n));
+        assert!(message(images(&mut short).unwrap_err()).contains("holds 257 elements"));
     }
 
     #[test]
