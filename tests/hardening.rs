@@ -355,3 +355,108 @@ async fn a_data_dir_moved_to_another_path_keeps_its_models_and_jobs() {
         .expect("attempt 2's start line");
     assert!(start["from_epoch"].as_u64().unwrap() >= 1, "{start}");
 }
+
+/// `tlb serve` for a replica on `data` (PostgreSQL at `url`), optionally inside a mount
+/// namespace of its own where the share is reached at `data` only: `hide` (the share's
+/// path on the host) is bind-mounted onto `data` and covered by an empty tmpfs, as on
+/// another machine that mounts it elsewhere.
+fn replica(
+    top: &Path,
+    url: &str,
+    id: &str,
+    data: &Path,
+    hide: Option<&Path>,
+) -> std::process::Command {
+    let tlb = env!("CARGO_BIN_EXE_tlb");
+    let serve: Vec<String> = [
+        "serve",
+        "--addr",
+        "127.0.0.1:0",
+        "--database-url",
+        url,
+        "--replica-id",
+        id,
+        "--lease-seconds",
+        "3",
+        "--datasets-root",
+        &top.join("datasets").to_string_lossy(),
+        "--data-dir",
+        &data.to_string_lossy(),
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut cmd = match hide {
+        None => {
+            let mut c = std::process::Command::new(tlb);
+            c.args(&serve);
+            c
+        }
+        Some(share) => {
+            let mut c = std::process::Command::new("unshare");
+            c.args(["-m", "sh", "-c"])
+                .arg(
+                    "mount --bind \"$1\" \"$2\" && mount -t tmpfs none \"$1\" && shift 2 && \
+                     exec \"$@\"",
+                )
+                .arg("sh")
+                .arg(share)
+                .arg(data)
+                .arg(tlb)
+                .args(&serve);
+            c
+        }
+    };
+    cmd.env("TLB_THREADS", "1").env("RUST_LOG", "warn");
+    cmd
+}
+
+/// Two replicas that mount the shared data dir at different paths (the second one in a
+/// mount namespace where the first one's path is empty): each serves the models the other
+/// trained, and a job the first one ran when it was killed is resumed by the second from its
+/// checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_that_mount_the_share_at_different_paths_share_models_and_jobs() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(std::env::var_os("CI").is_none(), "CI runs as root");
+        eprintln!("SKIPPED: mount namespaces need root");
+        return;
+    }
+    let Some(pg) = Postgres::start() else { return };
+    let top = tempfile::tempdir().unwrap();
+    datasets(top.path(), 300);
+    let (share, view) = (top.path().join("share"), top.path().join("view"));
+    std::fs::create_dir_all(&share).unwrap();
+    std::fs::create_dir_all(&view).unwrap();
+    let mut a = Server::spawn(replica(top.path(), &pg.url, "a", &share, None), top.path());
+    let mut training = a.training().await;
+    let trained = start_job(&mut training, start_request("tiny", 1, "synth")).await;
+    watch_to_end(&mut training, &trained, Duration::from_secs(120)).await;
+    let running = start_job(&mut training, start_request("tiny", 20, "synth")).await;
+    wait_for(&mut training, &running, |e| {
+        matches!(e, Event::Checkpoint(_))
+    })
+    .await;
+    a.signal_and_wait("KILL");
+
+    let b = Server::spawn(
+        replica(top.path(), &pg.url, "b", &view, Some(&share)),
+        top.path(),
+    );
+    let served = classify(&b, &trained).await;
+    assert!(served.is_ok(), "{served:?}");
+    let mut training = b.training().await;
+    watch_to_end(&mut training, &running, Duration::from_secs(180)).await;
+    let j = get_job(&mut training, &running).await;
+    assert_eq!(j.state, pb::JobState::Succeeded as i32, "{}", j.error);
+    assert_eq!((j.attempt, j.worker.as_str()), (2, "b"));
+    assert!(j.warnings.is_empty(), "{:?}", j.warnings);
+    let text =
+        std::fs::read_to_string(share.join("jobs").join(&running).join("metrics.jsonl")).unwrap();
+    let start = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["attempt"].as_u64() == Some(2) && v.get("from_epoch").is_some())
+        .expect("attempt 2's start line");
+    assert!(start["from_epoch"].as_u64().unwrap() >= 1, "{start}");
+}

@@ -367,6 +367,50 @@ async fn concurrent_postgresql_claimers_never_share_a_job() {
     println!("postgresql: 8 claimers, 1000 queued jobs: {rate:.0} claims/s, no job claimed twice");
 }
 
+/// Rows that older versions wrote with absolute paths (of another mount point, say) are made
+/// relative to the data dir when the store is opened, and read under this one.
+#[tokio::test]
+async fn absolute_paths_of_older_rows_become_relative_to_the_data_dir() {
+    use sqlx::Connection;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).await.unwrap();
+    let j = job(1);
+    store.insert_job(&j).await.unwrap();
+    let fence = store
+        .claim("a", "cpu", 60_000)
+        .await
+        .unwrap()
+        .unwrap()
+        .fence;
+    let files = dir
+        .path()
+        .join("jobs")
+        .join(j.id.to_string())
+        .join("checkpoints");
+    std::fs::create_dir_all(&files).unwrap();
+    store
+        .record_checkpoint(fence, &checkpoint(j.id, 1, true, &files))
+        .await
+        .unwrap();
+    drop(store);
+    let old = format!("/mnt/elsewhere/tlb/jobs/{}/checkpoints/old-1.ckpt", j.id);
+    let url = format!("sqlite://{}", dir.path().join("tlb.db").display());
+    let mut db = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    sqlx::query("UPDATE checkpoints SET path = $1")
+        .bind(&old)
+        .execute(&mut db)
+        .await
+        .unwrap();
+    let store = Store::open(dir.path()).await.unwrap();
+    let (stored,): (String,) = sqlx::query_as("SELECT path FROM checkpoints")
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+    assert_eq!(stored, format!("jobs/{}/checkpoints/old-1.ckpt", j.id));
+    let rows = store.list_checkpoints(j.id).await.unwrap();
+    assert_eq!(rows[0].path, files.join("old-1.ckpt"));
+}
+
 #[test]
 fn database_urls_are_shown_without_passwords() {
     assert_eq!(
