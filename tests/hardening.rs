@@ -338,22 +338,27 @@ async fn a_data_dir_moved_to_another_path_keeps_its_models_and_jobs() {
     let server = Server::start(&second, &[]);
     let served = classify(&server, &trained).await;
     assert!(served.is_ok(), "{served:?}");
+    let j = resumed_to_the_end(&server, &interrupted, &job_dir(&second, &interrupted)).await;
+    assert_eq!(j.attempt, 2);
+}
+
+/// Follows a job that was killed after a checkpoint to its end through `server`: it
+/// succeeds, with no warning, and its second attempt started after the committed epoch(s),
+/// not at 0 (`run_dir` holds its metrics.jsonl).
+async fn resumed_to_the_end(server: &Server, job: &str, run_dir: &Path) -> pb::Job {
     let mut training = server.training().await;
-    watch_to_end(&mut training, &interrupted, Duration::from_secs(180)).await;
-    let j = get_job(&mut training, &interrupted).await;
+    watch_to_end(&mut training, job, Duration::from_secs(180)).await;
+    let j = get_job(&mut training, job).await;
     assert_eq!(j.state, pb::JobState::Succeeded as i32, "{}", j.error);
     assert!(j.warnings.is_empty(), "{:?}", j.warnings);
-    // Attempt 2 resumed after the committed epoch(s), not at 0.
-    let text =
-        std::fs::read_to_string(job_dir(&second, &interrupted).join("metrics.jsonl")).unwrap();
+    let text = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
     let start = text
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| {
-            v.get("attempt").and_then(|a| a.as_u64()) == Some(2) && v.get("from_epoch").is_some()
-        })
+        .find(|v| v["attempt"].as_u64() == Some(2) && v.get("from_epoch").is_some())
         .expect("attempt 2's start line");
     assert!(start["from_epoch"].as_u64().unwrap() >= 1, "{start}");
+    j
 }
 
 /// `tlb serve` for a replica on `data` (PostgreSQL at `url`), optionally inside a mount
@@ -445,18 +450,6 @@ async fn replicas_that_mount_the_share_at_different_paths_share_models_and_jobs(
     );
     let served = classify(&b, &trained).await;
     assert!(served.is_ok(), "{served:?}");
-    let mut training = b.training().await;
-    watch_to_end(&mut training, &running, Duration::from_secs(180)).await;
-    let j = get_job(&mut training, &running).await;
-    assert_eq!(j.state, pb::JobState::Succeeded as i32, "{}", j.error);
+    let j = resumed_to_the_end(&b, &running, &share.join("jobs").join(&running)).await;
     assert_eq!((j.attempt, j.worker.as_str()), (2, "b"));
-    assert!(j.warnings.is_empty(), "{:?}", j.warnings);
-    let text =
-        std::fs::read_to_string(share.join("jobs").join(&running).join("metrics.jsonl")).unwrap();
-    let start = text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v["attempt"].as_u64() == Some(2) && v.get("from_epoch").is_some())
-        .expect("attempt 2's start line");
-    assert!(start["from_epoch"].as_u64().unwrap() >= 1, "{start}");
 }

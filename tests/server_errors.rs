@@ -7,7 +7,7 @@ use std::time::Duration;
 use common::server::{
     encoded, final_state, get_job, png, start_job, start_request, watch_to_end, Server,
 };
-use common::write_synthetic_cifar;
+use common::{rss_peak_kib, write_synthetic_cifar};
 use tlb::proto::v1 as pb;
 use tonic::Code;
 
@@ -360,15 +360,6 @@ impl tonic::codec::Decoder for RawCodec {
         let n = prost::bytes::Buf::remaining(src);
         Ok(Some(prost::bytes::Buf::copy_to_bytes(src, n)))
     }
-}
-
-fn rss_peak_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap()
 }
 
 /// Requests that are a few bytes per image on the wire but would become one allocation per

@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::server::{encoded, png, start_job, start_request, watch_to_end, Server};
-use common::{free_port, write_synthetic_cifar};
+use common::{free_port, rss_peak_kib, write_synthetic_cifar};
 use tlb::proto::v1 as pb;
 use tonic::Code;
 
@@ -239,15 +239,6 @@ async fn prometheus_scrapes_the_documented_metrics() {
         .parse()
         .unwrap();
     assert!(rss > 1e6, "{rss}");
-}
-
-fn rss_peak_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

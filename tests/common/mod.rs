@@ -102,3 +102,13 @@ pub fn small_model(readout: Readout, heads: usize) -> TlbConfig {
         .with_num_classes(7)
         .with_readout(readout)
 }
+
+/// A process's peak resident memory so far (VmHWM), in KiB.
+pub fn rss_peak_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap()
+}
