@@ -21,15 +21,8 @@ pub struct Admission {
 
 /// Bytes an unprivileged process may still write under `path`.
 pub fn free_disk_bytes(path: &Path) -> std::io::Result<u64> {
-    use std::os::unix::ffi::OsStrExt as _;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a valid NUL-terminated path and `st` a properly sized out-parameter.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+    let st = rustix::fs::statvfs(path)?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 fn meminfo_bytes(key: &str) -> Option<u64> {
@@ -64,15 +57,9 @@ pub fn cpu_memory_limit() -> Option<(u64, String)> {
     if let Some(cg) = cgroup_limit_bytes() {
         limits.push((cg, "the cgroup's memory.max".into()));
     }
-    let mut rl = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes one rlimit struct.
-    if unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut rl) } == 0
-        && rl.rlim_cur != libc::RLIM_INFINITY
-    {
-        let left = rl.rlim_cur.saturating_sub(vm_size_bytes().unwrap_or(0));
+    // `None`: unlimited.
+    if let Some(cap) = rustix::process::getrlimit(rustix::process::Resource::As).current {
+        let left = cap.saturating_sub(vm_size_bytes().unwrap_or(0));
         limits.push((
             left,
             "the address-space limit (ulimit -v) less what is mapped".into(),

@@ -345,6 +345,8 @@ async fn limits_jobs_that_cannot_fit_and_requests_that_would_occupy_the_server()
     let dir = setup(100);
     let mut cmd = Server::command(dir.path(), &[]);
     // The reproduction: `ulimit -v 4000000`.
+    // SAFETY: the closure runs in the forked child before exec and only calls setrlimit,
+    // which is async-signal-safe.
     unsafe {
         use std::os::unix::process::CommandExt as _;
         cmd.pre_exec(|| {

@@ -90,7 +90,7 @@ fn exp(x: __m256) -> __m256 {
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn biased(row: *mut f32, bias: &[f32], j: usize, m: __m256i, keep: bool) -> __m256 {
-    // SAFETY (caller): the lanes `m` of `row + j` and `bias[j..]` exist.
+    // SAFETY: the caller guarantees that the lanes `m` of `row + j` and `bias[j..]` exist.
     let x = unsafe {
         _mm256_add_ps(
             _mm256_maskload_ps(row.add(j), m),
@@ -98,13 +98,15 @@ unsafe fn biased(row: *mut f32, bias: &[f32], j: usize, m: __m256i, keep: bool) 
         )
     };
     if keep {
+        // SAFETY: the same lanes of the same row, as above.
         unsafe { _mm256_maskstore_ps(row.add(j), m, x) };
     }
     x
 }
 
 /// # Safety
-/// The CPU must have AVX2 and FMA.
+/// The CPU must have AVX2 and FMA; `u.len()` must be a whole number of rows of `bias.len()` (> 0)
+/// values.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn bias_gelu_in_place(u: &mut [f32], bias: &[f32]) {
     let f = bias.len();
@@ -121,7 +123,8 @@ pub unsafe fn bias_gelu_in_place(u: &mut [f32], bias: &[f32]) {
 }
 
 /// # Safety
-/// The CPU must have AVX2 and FMA.
+/// The CPU must have AVX2 and FMA; `u.len()` must be a whole number of rows of `bias.len()` (> 0)
+/// values.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn bias_gelu(u: &mut [f32], bias: &[f32]) -> Vec<f32> {
     let f = bias.len();
@@ -137,9 +140,9 @@ pub unsafe fn bias_gelu(u: &mut [f32], bias: &[f32]) -> Vec<f32> {
             }
         }
     }
-    // SAFETY: the loop wrote every value of every whole row, which is all of `u`
-    // (`chunks_exact` leaves no remainder for rows of `bias.len()`).
     debug_assert_eq!(u.len() % f, 0);
+    // SAFETY: the loop wrote every value of every whole row, and by this function's contract
+    // (asserted by the safe wrapper) the whole rows are all of `u`.
     unsafe { out.set_len(u.len()) };
     out
 }

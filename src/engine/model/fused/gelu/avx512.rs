@@ -88,7 +88,8 @@ unsafe fn biased(row: *mut f32, bias: &[f32], j: usize, m: __mmask16, keep: bool
 }
 
 /// # Safety
-/// The CPU must have AVX-512F.
+/// The CPU must have AVX-512F; `u.len()` must be a whole number of rows of `bias.len()` (> 0)
+/// values.
 #[target_feature(enable = "avx512f")]
 pub unsafe fn bias_gelu_in_place(u: &mut [f32], bias: &[f32]) {
     let f = bias.len();
@@ -105,7 +106,8 @@ pub unsafe fn bias_gelu_in_place(u: &mut [f32], bias: &[f32]) {
 }
 
 /// # Safety
-/// The CPU must have AVX-512F.
+/// The CPU must have AVX-512F; `u.len()` must be a whole number of rows of `bias.len()` (> 0)
+/// values.
 #[target_feature(enable = "avx512f")]
 pub unsafe fn bias_gelu(u: &mut [f32], bias: &[f32]) -> Vec<f32> {
     let f = bias.len();
@@ -122,9 +124,9 @@ pub unsafe fn bias_gelu(u: &mut [f32], bias: &[f32]) -> Vec<f32> {
             }
         }
     }
-    // SAFETY: the loop wrote every value of every whole row, which is all of `u`
-    // (`chunks_exact` leaves no remainder for rows of `bias.len()`).
     debug_assert_eq!(u.len() % f, 0);
+    // SAFETY: the loop wrote every value of every whole row, and by this function's contract
+    // (asserted by the safe wrapper) the whole rows are all of `u`.
     unsafe { out.set_len(u.len()) };
     out
 }

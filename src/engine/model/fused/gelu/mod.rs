@@ -47,14 +47,28 @@ const ERF_Q: [f32; 5] = [
 /// `1/√(2π)`: `φ(u) = e^(−u²/2) / √(2π)`.
 const INV_SQRT_2PI: f32 = 0.398_942_3;
 
-/// `u ← u + bias` (per row), then exact GELU in place.
+/// `u ← u + bias` (per row), then exact GELU in place. `u` holds whole rows of `bias.len()`.
 pub fn bias_gelu_in_place(u: &mut [f32], bias: &[f32]) {
+    whole_rows(u, bias);
     dispatch!(bias_gelu_in_place(u, bias))
 }
 
 /// `u ← u + bias` (per row), and the exact GELU of the result, `u · Φ(u)`, as a new tensor.
+/// `u` holds whole rows of `bias.len()`.
 pub fn bias_gelu(u: &mut [f32], bias: &[f32]) -> Vec<f32> {
+    whole_rows(u, bias);
     dispatch!(bias_gelu(u, bias))
+}
+
+/// The SIMD paths' contract (their output is sized from it): checked in release builds too,
+/// once per call, next to a pass over every value.
+fn whole_rows(u: &[f32], bias: &[f32]) {
+    assert!(
+        !bias.is_empty() && u.len().is_multiple_of(bias.len()),
+        "bias_gelu: {} values are not whole rows of {}",
+        u.len(),
+        bias.len()
+    );
 }
 
 /// `gelu(u)` and `g ⊙ gelu'(u)` (`gelu'(u) = Φ(u) + u·φ(u)`) in one pass; the second
