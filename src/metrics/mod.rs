@@ -26,6 +26,8 @@ pub struct Metrics {
     pub device_busy_seconds: prometheus::CounterVec,
     pub checkpoint_write_seconds: Histogram,
     pub store_up: IntGauge,
+    /// `tlb_build_info{version,backend}`: set by [`record_build`].
+    build_info: IntGaugeVec,
     pub restarts_from_scratch: prometheus::IntCounter,
 }
 
@@ -108,15 +110,12 @@ fn build() -> prometheus::Result<Metrics> {
             "Resumed jobs whose committed checkpoints were missing and that started again at \
              epoch 0 (--on-missing-checkpoint restart)",
         )?,
+        build_info: IntGaugeVec::new(
+            Opts::new("tlb_build_info", "The running build: always 1"),
+            &["version", "backend"],
+        )?,
         registry,
     };
-    let build_info = IntGaugeVec::new(
-        Opts::new("tlb_build_info", "The running build: always 1"),
-        &["version", "backend"],
-    )?;
-    build_info
-        .with_label_values(&[env!("CARGO_PKG_VERSION"), crate::engine::backend::BACKEND])
-        .set(1);
     let r = &m.registry;
     r.register(Box::new(m.rpc_requests.clone()))?;
     r.register(Box::new(m.rpc_duration.clone()))?;
@@ -130,7 +129,7 @@ fn build() -> prometheus::Result<Metrics> {
     r.register(Box::new(m.checkpoint_write_seconds.clone()))?;
     r.register(Box::new(m.store_up.clone()))?;
     r.register(Box::new(m.restarts_from_scratch.clone()))?;
-    r.register(Box::new(build_info))?;
+    r.register(Box::new(m.build_info.clone()))?;
     r.register(Box::new(
         prometheus::process_collector::ProcessCollector::for_self(),
     ))?;
@@ -142,6 +141,15 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| build().expect("metric defi
 /// The process's metrics.
 pub fn metrics() -> &'static Metrics {
     &METRICS
+}
+
+/// Records the running build's version and backends (`tlb_build_info`); the caller names the
+/// backends, so that this bottom layer knows nothing of the engine.
+pub fn record_build(backend: &str) {
+    metrics()
+        .build_info
+        .with_label_values(&[env!("CARGO_PKG_VERSION"), backend])
+        .set(1);
 }
 
 /// The registry in the Prometheus text format.
@@ -258,9 +266,10 @@ mod tests {
     #[test]
     fn the_text_format_has_the_documented_names() {
         metrics().inference_queued_images.set(0);
+        record_build("flex");
         let text = render();
         for name in [
-            "tlb_build_info{",
+            "tlb_build_info{backend=\"flex\",",
             "tlb_inference_queued_images 0",
             "process_resident_memory_bytes",
             "process_cpu_seconds_total",

@@ -193,6 +193,7 @@ async fn shutdown_signal() {
 }
 
 async fn serve_async(args: ServeArgs) -> Result<()> {
+    crate::metrics::record_build(crate::engine::backend::BACKEND);
     if args.auth_tokens.is_none() && !args.addr.ip().is_loopback() && !args.insecure_no_auth {
         anyhow::bail!(
             "refusing to serve {} without authentication: anyone who can reach it could start \

@@ -17,7 +17,7 @@ use burn::tensor::{backend::Backend, Tensor};
 
 use super::dropout::dropout;
 
-pub const LN_EPS: f64 = 1e-5;
+pub use super::fused::kernels::LN_EPS;
 
 /// Projection without its own normalisation: `x·W + b`, weights stored `[d_in, d_out]`.
 #[derive(Module, Debug)]

@@ -16,7 +16,6 @@ use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::Backend;
 use serde::{Deserialize, Serialize};
 
-use super::ckpt_dir::Skipped;
 use super::config::TrainConfig;
 use crate::engine::model::Tlb;
 
@@ -254,6 +253,13 @@ pub fn remove_stale_temp_files(root: &Path) -> usize {
 /// Writes a value as pretty JSON, atomically.
 pub fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
     write_atomic(path, &serde_json::to_vec_pretty(value)?)
+}
+
+/// A checkpoint file that was passed over, and why.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Skipped {
+    pub path: PathBuf,
+    pub reason: String,
 }
 
 /// Renames a checkpoint that failed to read to `<name>.corrupt` (kept for a post-mortem, never

@@ -8,9 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
-
-use super::checkpoint::{quarantine, Checkpoint};
+use super::checkpoint::{quarantine, Checkpoint, Skipped};
 
 /// The checkpoint files of a run directory, as one attempt names and sees them.
 #[derive(Debug, Clone)]
@@ -202,11 +200,4 @@ impl Resume {
             skipped,
         }
     }
-}
-
-/// A checkpoint file that was passed over, and why.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Skipped {
-    pub path: PathBuf,
-    pub reason: String,
 }

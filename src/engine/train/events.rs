@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
-use super::ckpt_dir::Skipped;
+use super::checkpoint::Skipped;
 
 /// A figure that may be NaN or infinite: JSON has no such numbers, so it is written as `null`
 /// and read back as NaN (a diverged run's metrics are stored and served, never an error).

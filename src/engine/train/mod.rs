@@ -13,9 +13,9 @@ mod trainer;
 
 pub use checkpoint::{
     load_record, record_bytes, remove_stale_temp_files, write_atomic, write_json, Checkpoint,
-    CheckpointMeta, CORRUPT_SUFFIX,
+    CheckpointMeta, Skipped, CORRUPT_SUFFIX,
 };
-pub use ckpt_dir::{CheckpointDir, Resume, Skipped, Start};
+pub use ckpt_dir::{CheckpointDir, Resume, Start};
 pub use config::{Preset, Schedule, TrainConfig};
 pub use eval::{batch_tensors, cpu_threads, evaluate, forward_sharded, loss_and_correct};
 pub use events::{

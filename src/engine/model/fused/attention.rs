@@ -7,9 +7,31 @@
 
 use std::borrow::Cow;
 
-use super::block::{Dims, Weights};
 use super::kernels::{add_rows, col_sum, dot, softmax_rows};
 use super::matrix::{append_product, matmul_ld, product, product_ld, Mat};
+
+/// The block's parameters, already folded: weights `[d_in, d_out]`, biases `[d_out]`.
+pub struct Weights<'a> {
+    /// `[Wq | Wk | Wv]`, `[d, 3d]`, and `[bq | bk | bv]`.
+    pub wqkv: &'a [f32],
+    pub bqkv: &'a [f32],
+    pub wo: &'a [f32],
+    pub bo: &'a [f32],
+    pub w1: &'a [f32],
+    pub b1: &'a [f32],
+    pub w2: &'a [f32],
+    pub b2: &'a [f32],
+}
+
+/// Sizes: `n` samples, `tq` query tokens, `tk` key tokens, width `d`, FFN width `f`.
+#[derive(Clone, Copy, Debug)]
+pub struct Dims {
+    pub n: usize,
+    pub tq: usize,
+    pub tk: usize,
+    pub d: usize,
+    pub f: usize,
+}
 
 /// Rows of `d` values starting at `base`, `stride` values apart, in a wider buffer.
 #[derive(Clone, Copy, Debug)]

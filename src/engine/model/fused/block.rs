@@ -1,6 +1,6 @@
 //! One attention block (single head), forward and backward, on host slices.
 //!
-//! The same maths as [`super::super::block::FoldedBlock`]'s composition of burn ops, with the
+//! The same maths as [`FoldedBlock`](crate::engine::model::FoldedBlock)'s composition of burn ops, with the
 //! norms' affine parts already folded into the projections:
 //!
 //! ```text
@@ -16,34 +16,11 @@
 
 use super::attention::{
     apply_mask, attention_backward, attention_weights, project, project_backward, weighted_sum,
-    Layout,
+    Dims, Layout, Weights,
 };
 use super::gelu::{bias_gelu, bias_gelu_in_place, gelu_and_backward};
 use super::kernels::{add_rows, col_sum, linear, standardize, standardize_backward, with_bias};
 use super::matrix::{matmul, product};
-
-/// The block's parameters, already folded: weights `[d_in, d_out]`, biases `[d_out]`.
-pub struct Weights<'a> {
-    /// `[Wq | Wk | Wv]`, `[d, 3d]`, and `[bq | bk | bv]`.
-    pub wqkv: &'a [f32],
-    pub bqkv: &'a [f32],
-    pub wo: &'a [f32],
-    pub bo: &'a [f32],
-    pub w1: &'a [f32],
-    pub b1: &'a [f32],
-    pub w2: &'a [f32],
-    pub b2: &'a [f32],
-}
-
-/// Sizes: `n` samples, `tq` query tokens, `tk` key tokens, width `d`, FFN width `f`.
-#[derive(Clone, Copy, Debug)]
-pub struct Dims {
-    pub n: usize,
-    pub tq: usize,
-    pub tk: usize,
-    pub d: usize,
-    pub f: usize,
-}
 
 /// What the backward pass needs from the forward pass.
 #[derive(Default)]

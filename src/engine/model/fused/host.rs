@@ -12,7 +12,8 @@ use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 
-use super::block::{self, Dims, Saved, Weights};
+use super::attention::{Dims, Weights};
+use super::block::{self, Saved};
 use super::{BlockInputs, CALLS};
 
 type Ad = Autodiff<Flex>;
@@ -124,7 +125,7 @@ impl Params {
 /// order as the composition draws them.
 fn masks(attn_p: f64, ffn_p: f64, dims: Dims) -> (Option<Vec<f32>>, Option<Vec<f32>>) {
     let Dims { n, tq, tk, d, .. } = dims;
-    let draw = |p: f64, len: usize| (p > 0.0).then(|| super::super::dropout::host_mask(len, p));
+    let draw = |p: f64, len: usize| (p > 0.0).then(|| super::mask::host_mask(len, p));
     let attn = draw(attn_p, n * tq * tk);
     let ffn = draw(ffn_p, n * tq * d);
     (attn, ffn)

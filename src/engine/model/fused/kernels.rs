@@ -4,8 +4,10 @@
 //!
 //! Every matrix here is row-major and contiguous; `[rows, cols]` in the comments.
 
-use super::super::block::LN_EPS;
 use super::matrix::product;
+
+/// LayerNorm's epsilon, in every layer norm of the model (burn's and the fused block's).
+pub const LN_EPS: f64 = 1e-5;
 
 pub(crate) use super::isa::multiversion;
 

@@ -20,6 +20,7 @@ use burn::tensor::{backend::Backend, Tensor};
 
 pub mod isa;
 pub mod kernels;
+pub(crate) mod mask;
 pub mod matrix;
 
 #[cfg(feature = "flex")]
