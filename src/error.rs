@@ -3,7 +3,7 @@
 use tonic::{Code, Status};
 
 /// Why a request failed, in the terms of the gRPC status it maps to.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum ApiError {
     /// A field of the request is wrong: the message names it.
     #[error("{0}")]
@@ -18,8 +18,9 @@ pub enum ApiError {
     Unavailable(String),
     #[error("{0}")]
     DeadlineExceeded(String),
+    /// Shared, so that one failure can answer several requests (a batch's).
     #[error("internal error: {0:#}")]
-    Internal(anyhow::Error),
+    Internal(std::sync::Arc<anyhow::Error>),
 }
 
 /// A failure below the API: UNAVAILABLE when the job store could not be reached (clients and
@@ -34,28 +35,20 @@ impl From<anyhow::Error> for ApiError {
                 format!("{}", crate::store::StoreUnavailable(format!("{e:#}")))
             })
         } else {
-            Self::Internal(e)
+            Self::internal(e)
         }
     }
 }
 
 impl ApiError {
+    /// An internal error (a bug or an environment failure): logged when it becomes a status.
+    pub fn internal(e: anyhow::Error) -> Self {
+        Self::Internal(std::sync::Arc::new(e))
+    }
+
     /// An invalid field: "`field`: `message`".
     pub fn field(field: &str, message: impl std::fmt::Display) -> Self {
         Self::InvalidArgument(format!("{field}: {message}"))
-    }
-
-    /// The same error again, to answer several requests with it.
-    pub fn duplicate(&self) -> Self {
-        match self {
-            Self::InvalidArgument(m) => Self::InvalidArgument(m.clone()),
-            Self::NotFound(m) => Self::NotFound(m.clone()),
-            Self::FailedPrecondition(m) => Self::FailedPrecondition(m.clone()),
-            Self::ResourceExhausted(m) => Self::ResourceExhausted(m.clone()),
-            Self::Unavailable(m) => Self::Unavailable(m.clone()),
-            Self::DeadlineExceeded(m) => Self::DeadlineExceeded(m.clone()),
-            Self::Internal(e) => Self::Internal(anyhow::anyhow!("{e:#}")),
-        }
     }
 }
 

@@ -107,7 +107,7 @@ pub(super) async fn decode_all(
             .collect()
     })
     .await
-    .map_err(|e| ApiError::Internal(anyhow::anyhow!("image decoding task: {e}")))?
+    .map_err(|e| ApiError::internal(anyhow::anyhow!("image decoding task: {e}")))?
 }
 
 fn prediction(labels: &[String], class: usize, p: f32) -> pb::Prediction {
@@ -271,7 +271,7 @@ impl InferenceApi {
                     png_bytes(&attention_picture(&rgb, &scores, grid, size, side_by_side))
                 })
                 .await
-                .map_err(|e| ApiError::Internal(anyhow::anyhow!("rendering task: {e}")))?
+                .map_err(|e| ApiError::internal(anyhow::anyhow!("rendering task: {e}")))?
             }
             None => Vec::new(),
         };

@@ -158,8 +158,8 @@ fn admit<T>(pending: Pending<T>) -> Option<Pending<T>> {
 /// Runs `f`, turning a panic inside the engine into an internal error.
 fn guarded<T>(what: &str, f: impl FnOnce() -> anyhow::Result<T>) -> Result<T, ApiError> {
     match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(r) => r.map_err(ApiError::Internal),
-        Err(_) => Err(ApiError::Internal(anyhow::anyhow!("{what} panicked"))),
+        Ok(r) => r.map_err(ApiError::internal),
+        Err(_) => Err(ApiError::internal(anyhow::anyhow!("{what} panicked"))),
     }
 }
 
@@ -231,7 +231,7 @@ impl<B: Backend> Inference<B> {
             Ok(l) => l,
             Err(e) => {
                 for (_, reply) in group {
-                    reply.answer(Err(e.duplicate()));
+                    reply.answer(Err(e.clone()));
                 }
                 return;
             }
@@ -271,7 +271,7 @@ impl<B: Backend> Inference<B> {
             Ok(p) => p.into_iter(),
             Err(e) => {
                 for (_, reply) in group {
-                    reply.answer(Err(e.duplicate()));
+                    reply.answer(Err(e.clone()));
                 }
                 return;
             }
