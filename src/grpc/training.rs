@@ -4,8 +4,7 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tokio::sync::broadcast::error::RecvError;
-use tokio_stream::Stream;
+use tokio_stream::{Stream, StreamExt as _};
 use tonic::{Request, Response, Status};
 use tracing::info;
 use uuid::Uuid;
@@ -18,15 +17,13 @@ use crate::error::{parse_uuid, ApiError};
 use crate::proto::v1 as pb;
 use crate::proto::v1::training_service_server::TrainingService;
 use crate::store::{JobRow, JobState};
-use crate::worker::{JobEvent, JobUpdate};
+use crate::worker::{Watched, Watcher};
 
 /// Default and largest ListJobs page.
 const PAGE_DEFAULT: usize = 50;
 const PAGE_MAX: usize = 500;
 /// How long CancelJob waits for a running job to stop before answering.
 const CANCEL_WAIT: Duration = Duration::from_secs(30);
-/// How often a job that runs on another replica is looked up in the store.
-const REMOTE_POLL: Duration = Duration::from_millis(500);
 
 pub struct TrainingApi(pub AppState);
 
@@ -34,6 +31,15 @@ impl TrainingApi {
     /// The job a request's `job_id` names.
     async fn job(&self, job_id: &str) -> Result<JobRow, ApiError> {
         self.job_by_id(parse_uuid("job_id", job_id)?).await
+    }
+
+    fn watcher(&self) -> Watcher {
+        Watcher {
+            events: self.0.events.clone(),
+            running: self.0.running.clone(),
+            store: self.0.store.clone(),
+            shutdown: self.0.shutdown.clone(),
+        }
     }
 
     async fn job_by_id(&self, id: Uuid) -> Result<JobRow, ApiError> {
@@ -188,15 +194,10 @@ impl TrainingService for TrainingApi {
             ))
             .into());
         }
-        // Subscribe before acting so the end of the job cannot be missed.
-        let mut events = self.0.events.subscribe();
         if store.cancel_queued(job.id).await.map_err(ApiError::from)? {
             info!(job = %job.id, "queued job cancelled");
             let row = self.job_by_id(job.id).await?;
-            let _ = self.0.events.send(std::sync::Arc::new((
-                job.id,
-                JobUpdate::State(Box::new(row.clone())),
-            )));
+            self.watcher().announce(row.clone());
             return Ok(Response::new(convert::job(&row)));
         }
         // Stored first: the worker running it, here or on another replica, picks it up
@@ -206,34 +207,7 @@ impl TrainingService for TrainingApi {
             flag.store(true, Ordering::SeqCst);
         }
         info!(job = %job.id, "cancelling running job");
-        let ended = tokio::time::timeout(CANCEL_WAIT, async {
-            let mut poll = tokio::time::interval(REMOTE_POLL);
-            loop {
-                tokio::select! {
-                    e = events.recv() => match e {
-                        Ok(e) if e.0 == job.id => {
-                            if let JobUpdate::State(row) = &e.1 {
-                                if row.state.is_terminal() {
-                                    return;
-                                }
-                            }
-                        }
-                        Ok(_) | Err(RecvError::Lagged(_)) => {}
-                        Err(RecvError::Closed) => return,
-                    },
-                    // It may run on another replica: its end shows in the store.
-                    _ = poll.tick() => {
-                        if let Ok(Some(row)) = store.get_job(job.id).await {
-                            if row.state.is_terminal() {
-                                return;
-                            }
-                        }
-                    }
-                }
-            }
-        })
-        .await;
-        if ended.is_err() {
+        if !self.watcher().until_ended(job.id, CANCEL_WAIT).await {
             info!(job = %job.id, "cancel requested; the job is still stopping");
         }
         let row = self.job_by_id(job.id).await?;
@@ -247,15 +221,19 @@ impl TrainingService for TrainingApi {
         request: Request<pb::WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
         let id = parse_uuid("job_id", &request.get_ref().job_id)?;
-        // Subscribe first: nothing between the snapshot and the stream is lost.
-        let events = self.0.events.subscribe();
-        let job = self.job_by_id(id).await?;
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
-        let state = self.0.clone();
-        tokio::spawn(forward_events(state, job, events, tx));
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        let updates = self
+            .watcher()
+            .watch(id)
+            .await
+            .map_err(ApiError::from)?
+            .ok_or_else(|| ApiError::NotFound(format!("no job with id {id}")))?;
+        let stream = tokio_stream::wrappers::ReceiverStream::new(updates).map(|w| match w {
+            Watched::Update(update) => Ok(convert::event(&update)),
+            Watched::ShuttingDown => Err(Status::unavailable(
+                "server shutting down; watch again after it restarts",
+            )),
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn list_checkpoints(
@@ -273,101 +251,4 @@ impl TrainingService for TrainingApi {
             checkpoints: rows.iter().map(convert::checkpoint).collect(),
         }))
     }
-}
-
-/// Feeds one WatchJob stream: the job as it is now, then its updates until it ends. Updates
-/// of a job this process runs come from its worker; of one that runs elsewhere (or waits for
-/// a worker), from the store, looked at every [`REMOTE_POLL`].
-async fn forward_events(
-    state: AppState,
-    job: JobRow,
-    mut events: tokio::sync::broadcast::Receiver<JobEvent>,
-    tx: tokio::sync::mpsc::Sender<Result<pb::JobEvent, Status>>,
-) {
-    let id = job.id;
-    let first = convert::event(&JobUpdate::State(Box::new(job.clone())));
-    if tx.send(Ok(first)).await.is_err() || job.state.is_terminal() {
-        return;
-    }
-    let mut shutdown = state.shutdown.clone();
-    let mut poll = tokio::time::interval(REMOTE_POLL);
-    let mut seen = job;
-    loop {
-        let update = tokio::select! {
-            e = events.recv() => Some(e),
-            _ = poll.tick() => {
-                if state.running.lock().expect("running jobs").contains_key(&id) {
-                    continue;
-                }
-                let Ok(Some(row)) = state.store.get_job(id).await else { continue };
-                let (updates, ended) = store_updates(&seen, &row);
-                seen = row;
-                for update in &updates {
-                    if tx.send(Ok(convert::event(update))).await.is_err() {
-                        return;
-                    }
-                }
-                if ended {
-                    return;
-                }
-                continue;
-            }
-            _ = async { let _ = shutdown.wait_for(|s| *s).await; } => None,
-        };
-        let Some(update) = update else {
-            let status = Status::unavailable("server shutting down; watch again after it restarts");
-            let _ = tx.send(Err(status)).await;
-            return;
-        };
-        let (update, ended) = match update {
-            Ok(e) if e.0 == id => {
-                if let JobUpdate::State(row) = &e.1 {
-                    seen = (**row).clone();
-                }
-                let ended = matches!(&e.1, JobUpdate::State(r) if r.state.is_terminal());
-                (convert::event(&e.1), ended)
-            }
-            Ok(_) => continue,
-            Err(RecvError::Lagged(_)) => {
-                // Too slow a reader: skip to the job as it is now.
-                match state.store.get_job(id).await {
-                    Ok(Some(row)) => {
-                        let ended = row.state.is_terminal();
-                        seen = row.clone();
-                        (convert::event(&JobUpdate::State(Box::new(row))), ended)
-                    }
-                    _ => return,
-                }
-            }
-            Err(RecvError::Closed) => return,
-        };
-        if tx.send(Ok(update)).await.is_err() || ended {
-            return;
-        }
-    }
-}
-
-/// What changed between two readings of a job's row, as updates (the new step, a finished
-/// epoch, the job itself when its state or owner changed), and whether it has ended.
-fn store_updates(before: &JobRow, now: &JobRow) -> (Vec<JobUpdate>, bool) {
-    let mut updates = Vec::new();
-    if let Some(p) = &now.progress {
-        if before.progress.as_ref() != Some(p) {
-            updates.push(JobUpdate::Progress(p.clone()));
-        }
-    }
-    if now.epochs_completed > before.epochs_completed {
-        if let Some(m) = &now.latest_metrics {
-            updates.push(JobUpdate::Epoch(m.clone()));
-        }
-    }
-    let changed = now.state != before.state
-        || now.attempt != before.attempt
-        || now.epochs_completed != before.epochs_completed
-        || now.cancel_requested != before.cancel_requested
-        || now.best_checkpoint_id != before.best_checkpoint_id;
-    if changed {
-        updates.push(JobUpdate::State(Box::new(now.clone())));
-    }
-    (updates, now.state.is_terminal())
 }

@@ -8,6 +8,7 @@ mod devices;
 mod inference;
 mod job;
 mod lease;
+mod watch;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -26,6 +27,7 @@ use devices::{ReadyAll, Slot};
 use inference::Serve as _;
 pub use inference::{AttentionResult, ClassifyResult};
 pub use job::MissingCheckpoint;
+pub use watch::{Watched, Watcher, REMOTE_POLL};
 
 use crate::datasets::Datasets;
 use crate::engine::backend::DeviceSpec;
