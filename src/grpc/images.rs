@@ -126,3 +126,16 @@ pub fn decode(field: &str, image: pb::Image, keep_rgb: bool) -> Result<Decoded, 
         rgb: keep_rgb.then_some(rgb),
     })
 }
+
+/// Decodes images off the async threads.
+pub async fn decode_all(images: Vec<pb::Image>, keep_rgb: bool) -> Result<Vec<Decoded>, ApiError> {
+    tokio::task::spawn_blocking(move || {
+        images
+            .into_iter()
+            .enumerate()
+            .map(|(i, img)| decode(&format!("images[{i}]"), img, keep_rgb))
+            .collect()
+    })
+    .await
+    .map_err(|e| ApiError::internal(anyhow::anyhow!("image decoding task: {e}")))?
+}

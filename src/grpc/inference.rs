@@ -5,7 +5,7 @@ use std::time::Instant;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use super::images::{check_pixel_budget, decode, Decoded};
+use super::images::{check_pixel_budget, decode_all};
 use super::{deadline_of, within, AppState, MAX_BATCH};
 use crate::engine::infer::top_k;
 use crate::engine::viz::{attention_picture, png_bytes, token_scores};
@@ -20,25 +20,9 @@ const OVERLAY_RANGE: std::ops::RangeInclusive<u32> = 32..=1024;
 
 pub struct InferenceApi(pub AppState);
 
-/// The files a checkpoint row's model is read from.
-pub(super) fn model_ref(data_dir: &std::path::Path, row: &CheckpointRow) -> ModelRef {
-    ModelRef {
-        checkpoint_id: row.id,
-        path: row.path.clone(),
-        fallback: row.is_best.then(|| {
-            row.copy_path.clone().unwrap_or_else(|| {
-                // Written before copies were recorded.
-                job_dir(data_dir, row.job_id)
-                    .join("checkpoints")
-                    .join("best.ckpt")
-            })
-        }),
-    }
-}
-
 impl InferenceApi {
     fn model_ref(&self, row: &CheckpointRow) -> ModelRef {
-        model_ref(&self.0.data_dir, row)
+        ModelRef::of(&self.0.data_dir, row)
     }
 
     /// A job id (its best checkpoint), a checkpoint id, or empty (the default model); while
@@ -92,22 +76,6 @@ impl InferenceApi {
             .ok_or_else(|| ApiError::NotFound(format!("no job or checkpoint with id {id}")))?;
         Ok(row)
     }
-}
-
-/// Decodes images off the async threads.
-pub(super) async fn decode_all(
-    images: Vec<pb::Image>,
-    keep_rgb: bool,
-) -> Result<Vec<Decoded>, ApiError> {
-    tokio::task::spawn_blocking(move || {
-        images
-            .into_iter()
-            .enumerate()
-            .map(|(i, img)| decode(&format!("images[{i}]"), img, keep_rgb))
-            .collect()
-    })
-    .await
-    .map_err(|e| ApiError::internal(anyhow::anyhow!("image decoding task: {e}")))?
 }
 
 fn prediction(labels: &[String], class: usize, p: f32) -> pb::Prediction {

@@ -31,6 +31,7 @@ pub use watch::{Watched, Watcher, REMOTE_POLL};
 
 use crate::datasets::Datasets;
 use crate::engine::backend::DeviceSpec;
+use crate::engine::train::CheckpointDir;
 use crate::engine::train::{EpochMetrics, Progress};
 use crate::error::ApiError;
 use crate::metrics::metrics;
@@ -46,6 +47,23 @@ pub struct ModelRef {
 }
 
 impl ModelRef {
+    /// The model a checkpoint row stands for, under this replica's data dir.
+    pub fn of(data_dir: &std::path::Path, row: &CheckpointRow) -> Self {
+        Self {
+            checkpoint_id: row.id,
+            path: row.path.clone(),
+            fallback: row.is_best.then(|| {
+                row.copy_path.clone().unwrap_or_else(|| {
+                    // Written before copies were recorded: the run's untagged best copy.
+                    CheckpointDir::new(
+                        crate::store::job_dir(data_dir, row.job_id).join("checkpoints"),
+                    )
+                    .best_path()
+                })
+            }),
+        }
+    }
+
     /// The file to read: `path`, or the fallback when `path` was pruned.
     pub fn file(&self) -> &std::path::Path {
         match (&self.fallback, self.path.exists()) {

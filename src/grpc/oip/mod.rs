@@ -11,8 +11,7 @@ use std::time::Instant;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use super::images::check_pixel_budget;
-use super::inference::{decode_all, model_ref};
+use super::images::{check_pixel_budget, decode_all};
 use super::{deadline_of, within, AppState};
 use crate::engine::infer::top_k;
 use crate::engine::train::TrainConfig;
@@ -20,6 +19,7 @@ use crate::error::ApiError;
 use crate::proto::inference as oip;
 use crate::proto::inference::grpc_inference_service_server::GrpcInferenceService;
 use crate::store::{job_dir, CheckpointRow};
+use crate::worker::ModelRef;
 use tensors::{Output, ATTENTION, ENCODED, IMAGES, LABELS, PROBABILITIES};
 pub use unimplemented::OnlyOpenInference;
 
@@ -161,7 +161,7 @@ impl GrpcInferenceService for OipApi {
         let r = request.into_inner();
         let ready = match self.checkpoint(&r.name, &r.version).await {
             Ok(row) => {
-                let model = model_ref(&self.0.data_dir, &row);
+                let model = ModelRef::of(&self.0.data_dir, &row);
                 self.ready() && model.file().exists()
             }
             Err(ApiError::NotFound(_) | ApiError::FailedPrecondition(_)) => false,
@@ -230,7 +230,7 @@ impl OipApi {
         let ticket = self.0.worker.reserve(n, deadline)?;
         let decoded = decode_all(images, false).await?;
         let row = self.checkpoint(&r.model_name, &r.model_version).await?;
-        let model = model_ref(&self.0.data_dir, &row);
+        let model = ModelRef::of(&self.0.data_dir, &row);
         let planar: Vec<Vec<u8>> = decoded.into_iter().map(|d| d.planar).collect();
         let wants = |name| outputs.contains(&name);
         let mut attention: Vec<f32> = Vec::new();
