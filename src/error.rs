@@ -40,6 +40,16 @@ impl From<anyhow::Error> for ApiError {
     }
 }
 
+/// A store call that failed: UNAVAILABLE when the store could not be reached, else INTERNAL.
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        match e {
+            crate::store::StoreError::Unavailable(down) => Self::Unavailable(down.to_string()),
+            other => Self::internal(other.into()),
+        }
+    }
+}
+
 impl ApiError {
     /// An internal error (a bug or an environment failure): logged when it becomes a status.
     pub fn internal(e: anyhow::Error) -> Self {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::postgres::Postgres;
 use common::server::{encoded, png, start_job, start_request, watch_to_end, Server};
 use tlb::engine::train::{EpochMetrics, Preset, Progress};
-use tlb::store::{redact, CheckpointRow, Heartbeat, JobRow, JobState, LeaseLost, Store};
+use tlb::store::{redact, CheckpointRow, Heartbeat, JobRow, JobState, Store, StoreResult};
 use uuid::Uuid;
 
 fn job(n: i64) -> JobRow {
@@ -133,14 +133,14 @@ async fn conformance(store: Store, files: &Path) {
     );
 
     // Fencing: the old attempt's writes change nothing and say so.
-    let lost = |r: anyhow::Result<()>| r.unwrap_err().is::<LeaseLost>();
+    let lost = |r: StoreResult<()>| r.unwrap_err().is_lease_lost();
     assert!(lost(store.record_epoch(stale, &metrics(1, 0.5)).await));
     let c = checkpoint(jobs[2].id, 1, true, files);
     assert!(lost(store.record_checkpoint(stale, &c).await));
     assert!(lost(store.commit_resume_point(stale, &c.path).await));
     assert!(lost(store.release(stale).await));
     let end = store.finish(stale, JobState::Failed, "stale", None).await;
-    assert!(end.unwrap_err().is::<LeaseLost>());
+    assert!(end.unwrap_err().is_lease_lost());
     assert_eq!(
         store.heartbeat(stale, Some(long), None).await.unwrap(),
         Heartbeat::Lost

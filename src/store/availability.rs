@@ -32,6 +32,9 @@ pub struct StoreUnavailable(pub String);
 pub fn is_unavailable(e: &anyhow::Error) -> bool {
     e.chain().any(|cause| {
         cause.is::<StoreUnavailable>()
+            || cause
+                .downcast_ref::<super::StoreError>()
+                .is_some_and(super::StoreError::is_unavailable)
             || matches!(
                 cause.downcast_ref::<sqlx::Error>(),
                 Some(

@@ -1,11 +1,10 @@
 //! Checkpoint rows: recorded by a job's run (fenced), read for resumes and inference.
 
-use anyhow::Result;
 use uuid::Uuid;
 
 use super::{
-    readable, CheckpointRow, Fence, Store, BEST_CHECKPOINTS, CHECKPOINT_COLUMNS, CHECKPOINT_SELECT,
-    NEWEST_JOB_FIRST,
+    readable, CheckpointRow, Fence, Store, StoreResult, BEST_CHECKPOINTS, CHECKPOINT_COLUMNS,
+    CHECKPOINT_SELECT, NEWEST_JOB_FIRST,
 };
 
 impl Store {
@@ -13,7 +12,7 @@ impl Store {
     /// best takes the best flag from the older ones. Rows whose files were pruned are dropped
     /// (the best one stays: its copy). A saved checkpoint is progress: the job's unclean exits
     /// start counting again.
-    pub async fn record_checkpoint(&self, fence: Fence, ckpt: &CheckpointRow) -> Result<()> {
+    pub async fn record_checkpoint(&self, fence: Fence, ckpt: &CheckpointRow) -> StoreResult<()> {
         let job = ckpt.job_id.to_string();
         self.write(async |c| {
             // First, as it locks the job's row until the commit: no claim comes between.
@@ -80,7 +79,7 @@ impl Store {
     }
 
     /// A job's checkpoints, oldest first.
-    pub async fn list_checkpoints(&self, job_id: Uuid) -> Result<Vec<CheckpointRow>> {
+    pub async fn list_checkpoints(&self, job_id: Uuid) -> StoreResult<Vec<CheckpointRow>> {
         let rows = sqlx::query(&format!(
             "SELECT {CHECKPOINT_SELECT} FROM checkpoints c WHERE c.job_id = $1 ORDER BY c.epoch"
         ))
@@ -90,19 +89,20 @@ impl Store {
         Ok(readable(&rows, |r| CheckpointRow::from_row(r, &self.paths)))
     }
 
-    pub async fn get_checkpoint(&self, id: Uuid) -> Result<Option<CheckpointRow>> {
+    pub async fn get_checkpoint(&self, id: Uuid) -> StoreResult<Option<CheckpointRow>> {
         let row = sqlx::query(&format!(
             "SELECT {CHECKPOINT_SELECT} FROM checkpoints c WHERE c.id = $1"
         ))
         .bind(id.to_string())
         .fetch_optional(self.pool()?)
         .await?;
-        row.map(|r| CheckpointRow::from_row(&r, &self.paths))
-            .transpose()
+        Ok(row
+            .map(|r| CheckpointRow::from_row(&r, &self.paths))
+            .transpose()?)
     }
 
     /// Best checkpoints of every job that has one, newest job first.
-    pub async fn best_checkpoints(&self) -> Result<Vec<CheckpointRow>> {
+    pub async fn best_checkpoints(&self) -> StoreResult<Vec<CheckpointRow>> {
         let rows = sqlx::query(&format!("{BEST_CHECKPOINTS} {NEWEST_JOB_FIRST}"))
             .fetch_all(self.pool()?)
             .await?;
@@ -110,13 +110,14 @@ impl Store {
     }
 
     /// The default model: the best checkpoint of the newest job that succeeded.
-    pub async fn default_checkpoint(&self) -> Result<Option<CheckpointRow>> {
+    pub async fn default_checkpoint(&self) -> StoreResult<Option<CheckpointRow>> {
         let row = sqlx::query(&format!(
             "{BEST_CHECKPOINTS} AND j.state = 'SUCCEEDED' {NEWEST_JOB_FIRST} LIMIT 1"
         ))
         .fetch_optional(self.pool()?)
         .await?;
-        row.map(|r| CheckpointRow::from_row(&r, &self.paths))
-            .transpose()
+        Ok(row
+            .map(|r| CheckpointRow::from_row(&r, &self.paths))
+            .transpose()?)
     }
 }

@@ -15,7 +15,7 @@ use anyhow::Result;
 use sqlx::Row;
 use uuid::Uuid;
 
-use super::{now_ms, JobRow, Store, JOB_COLUMNS};
+use super::{now_ms, JobRow, Store, StoreResult, JOB_COLUMNS};
 use crate::engine::train::Progress;
 
 /// The job a run writes to and the attempt it was claimed with.
@@ -82,7 +82,7 @@ impl Store {
         worker: &str,
         device: &str,
         lease_ms: i64,
-    ) -> Result<Option<Claimed>> {
+    ) -> StoreResult<Option<Claimed>> {
         let now = self.now;
         let sql = format!(
             "UPDATE jobs SET state = 'RUNNING', attempt = attempt + 1, worker = $1, device = $2, \
@@ -125,7 +125,7 @@ impl Store {
         fence: Fence,
         renew_ms: Option<i64>,
         progress: Option<&Progress>,
-    ) -> Result<Heartbeat> {
+    ) -> StoreResult<Heartbeat> {
         let progress = progress.map(serde_json::to_string).transpose()?;
         let now = self.now;
         let sql = format!(
@@ -153,7 +153,7 @@ impl Store {
     }
 
     /// Whether `fence` still owns its job (checked right before a run writes files).
-    pub async fn owns(&self, fence: Fence) -> Result<bool> {
+    pub async fn owns(&self, fence: Fence) -> StoreResult<bool> {
         let row = sqlx::query("SELECT id FROM jobs WHERE id = $1 AND attempt = $2")
             .bind(fence.job.to_string())
             .bind(fence.attempt as i64)
@@ -164,7 +164,7 @@ impl Store {
 
     /// The run stopped cleanly (shutdown) with its job still running: the lease ends now, so
     /// another worker resumes it at once, and the stop is not an unclean exit.
-    pub async fn release(&self, fence: Fence) -> Result<()> {
+    pub async fn release(&self, fence: Fence) -> StoreResult<()> {
         self.write(async |c| {
             let done = sqlx::query(
                 "UPDATE jobs SET run_open = FALSE, lease_expires_at_ms = NULL, \
@@ -182,7 +182,7 @@ impl Store {
     /// Ends the leases of running jobs whose worker is `worker` (a replica starting again
     /// under its old id: its last process is gone), or of every running job when `all` (a
     /// store only this process uses). Their jobs can be resumed at once. Returns how many.
-    pub async fn expire_leases(&self, worker: &str, all: bool) -> Result<u64> {
+    pub async fn expire_leases(&self, worker: &str, all: bool) -> StoreResult<u64> {
         self.write(async |c| {
             let done = sqlx::query(
                 "UPDATE jobs SET lease_expires_at_ms = NULL \

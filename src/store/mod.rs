@@ -10,6 +10,7 @@
 
 mod availability;
 mod checkpoints;
+mod error;
 mod last_known;
 mod lease;
 mod paths;
@@ -24,6 +25,7 @@ use sqlx::{Any, AnyConnection, AnyPool, Connection, Executor};
 use uuid::Uuid;
 
 pub use availability::{is_unavailable, StoreUnavailable, PROBE_EVERY};
+pub use error::{StoreError, StoreResult};
 pub use last_known::LastKnown;
 pub use lease::{Claimed, Fence, Heartbeat, LeaseLost};
 pub use rows::{now_ms, CheckpointRow, JobRow, JobState};
@@ -99,7 +101,10 @@ pub(super) fn readable<T>(rows: &[AnyRow], parse: impl Fn(&AnyRow) -> Result<T>)
 impl Store {
     /// Runs `body` in one transaction and commits it; on any failure the transaction is
     /// rolled back and the connection closed.
-    async fn write<T>(&self, body: impl AsyncFnOnce(&mut AnyConnection) -> Result<T>) -> Result<T> {
+    async fn write<T>(
+        &self,
+        body: impl AsyncFnOnce(&mut AnyConnection) -> Result<T>,
+    ) -> StoreResult<T> {
         let mut guard = WriteConn {
             conn: self.pool()?.acquire().await?,
             committed: false,
@@ -197,7 +202,7 @@ impl Store {
         })
     }
 
-    pub async fn insert_job(&self, job: &JobRow) -> Result<()> {
+    pub async fn insert_job(&self, job: &JobRow) -> StoreResult<()> {
         let config = serde_json::to_string(&job.config)?;
         self.write(async |c| {
             sqlx::query(
@@ -221,12 +226,12 @@ impl Store {
         .await
     }
 
-    pub async fn get_job(&self, id: Uuid) -> Result<Option<JobRow>> {
+    pub async fn get_job(&self, id: Uuid) -> StoreResult<Option<JobRow>> {
         let row = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"))
             .bind(id.to_string())
             .fetch_optional(self.pool()?)
             .await?;
-        row.map(|r| JobRow::from_row(&r, &self.paths)).transpose()
+        Ok(row.map(|r| JobRow::from_row(&r, &self.paths)).transpose()?)
     }
 
     /// Jobs newest first, optionally of one state, after the `(created_at_ms, id)` cursor.
@@ -235,7 +240,7 @@ impl Store {
         state: Option<JobState>,
         limit: usize,
         after: Option<(i64, String)>,
-    ) -> Result<Vec<JobRow>> {
+    ) -> StoreResult<Vec<JobRow>> {
         let (cursor_ms, cursor_id) = after.unwrap_or((i64::MAX, String::new()));
         let rows = sqlx::query(&format!(
             "SELECT {JOB_COLUMNS} FROM jobs \
@@ -253,7 +258,7 @@ impl Store {
     }
 
     /// How many jobs are in each state (states without jobs included, as 0).
-    pub async fn count_by_state(&self) -> Result<Vec<(JobState, i64)>> {
+    pub async fn count_by_state(&self) -> StoreResult<Vec<(JobState, i64)>> {
         let rows: Vec<(String, i64)> =
             sqlx::query_as("SELECT state, COUNT(*) FROM jobs GROUP BY state")
                 .fetch_all(self.pool()?)
@@ -272,7 +277,7 @@ impl Store {
 
     /// Records an epoch's metrics (fenced), and the epochs the run trains when it says (a
     /// time budget's plan replaces the configured count).
-    pub async fn record_epoch(&self, fence: Fence, metrics: &EpochMetrics) -> Result<()> {
+    pub async fn record_epoch(&self, fence: Fence, metrics: &EpochMetrics) -> StoreResult<()> {
         let json = serde_json::to_string(metrics)?;
         self.write(async |c| {
             let done = sqlx::query(
@@ -293,7 +298,7 @@ impl Store {
     }
 
     /// Makes `path` (a checkpoint written mid-epoch) the one the job resumes from (fenced).
-    pub async fn commit_resume_point(&self, fence: Fence, path: &Path) -> Result<()> {
+    pub async fn commit_resume_point(&self, fence: Fence, path: &Path) -> StoreResult<()> {
         self.write(async |c| {
             let done =
                 sqlx::query("UPDATE jobs SET resume_path = $3 WHERE id = $1 AND attempt = $2")
@@ -315,7 +320,7 @@ impl Store {
         state: JobState,
         error: &str,
         test_accuracy: Option<f64>,
-    ) -> Result<bool> {
+    ) -> StoreResult<bool> {
         debug_assert!(state.is_terminal());
         self.write(async |c| {
             let done = sqlx::query(
@@ -347,7 +352,7 @@ impl Store {
     }
 
     /// Adds a warning to the job's (fenced; the newest [`MAX_WARNINGS`] are kept).
-    pub async fn add_warning(&self, fence: Fence, message: &str) -> Result<()> {
+    pub async fn add_warning(&self, fence: Fence, message: &str) -> StoreResult<()> {
         self.write(async |c| {
             let row = sqlx::query("SELECT warnings_json FROM jobs WHERE id = $1 AND attempt = $2")
                 .bind(fence.job.to_string())
@@ -374,7 +379,7 @@ impl Store {
     }
 
     /// QUEUED → CANCELLED. False when the job was not queued (any more).
-    pub async fn cancel_queued(&self, id: Uuid) -> Result<bool> {
+    pub async fn cancel_queued(&self, id: Uuid) -> StoreResult<bool> {
         self.write(async |c| {
             let done = sqlx::query(
                 "UPDATE jobs SET state = 'CANCELLED', finished_at_ms = $2, \
@@ -390,7 +395,7 @@ impl Store {
     }
 
     /// Remembers a cancel request for a running job (it survives a restart).
-    pub async fn request_cancel(&self, id: Uuid) -> Result<()> {
+    pub async fn request_cancel(&self, id: Uuid) -> StoreResult<()> {
         self.write(async |c| {
             sqlx::query(
                 "UPDATE jobs SET cancel_requested = TRUE WHERE id = $1 AND state = 'RUNNING'",

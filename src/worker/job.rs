@@ -21,7 +21,7 @@ use crate::engine::train::{
     train_run, write_json, Outcome, Run, Start, TrainEvent, TrainObserver, CORRUPT_SUFFIX,
 };
 use crate::metrics::metrics;
-use crate::store::{job_dir, now_ms, CheckpointRow, Claimed, Fence, JobRow, JobState, LeaseLost};
+use crate::store::{job_dir, now_ms, CheckpointRow, Claimed, Fence, JobRow, JobState, StoreError};
 
 /// How often progress goes out to watchers at most.
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
@@ -78,7 +78,8 @@ pub(super) fn run_job<B: AutodiffBackend>(
     ctx.running.lock().expect("running jobs").remove(&id);
     // The job is another attempt's now (the lease or a fenced write said so, or the run
     // stopped on it): this one records nothing more.
-    let lost = lease.lost() || matches!(&result, Err(e) if e.is::<LeaseLost>());
+    let lost = lease.lost()
+        || matches!(&result, Err(e) if e.downcast_ref::<StoreError>().is_some_and(StoreError::is_lease_lost));
     drop(lease);
     match result {
         Ok((Outcome::Abandoned, _)) => info!("job left to the worker that owns it now"),
@@ -318,7 +319,7 @@ fn finish(
             .block_on(ctx.store.finish(fence, state, error, test))
         {
             Ok(_) => return publish_state(ctx, fence.job),
-            Err(e) if e.is::<LeaseLost>() => {
+            Err(e) if e.is_lease_lost() => {
                 return info!("job left to the worker that owns it now");
             }
             Err(e) => error!(
@@ -488,7 +489,7 @@ impl<B: AutodiffBackend> JobObserver<'_, B> {
                     self.unrecorded = None;
                     return ctx.publish(self.job, JobUpdate::Epoch(m));
                 }
-                Err(e) if e.is::<LeaseLost>() => return self.lease.mark_lost(),
+                Err(e) if e.is_lease_lost() => return self.lease.mark_lost(),
                 Err(e) => error!(
                     error = %format!("{e:#}"),
                     epoch = m.epoch,
@@ -506,8 +507,8 @@ impl<B: AutodiffBackend> JobObserver<'_, B> {
     }
 
     /// A store write of the run failed: when the job is another worker's now, the run stops.
-    fn write_failed(&self, e: anyhow::Error, what: &str) {
-        if e.is::<LeaseLost>() {
+    fn write_failed(&self, e: StoreError, what: &str) {
+        if e.is_lease_lost() {
             self.lease.mark_lost();
         } else {
             error!(error = %format!("{e:#}"), "{what}");

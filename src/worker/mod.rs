@@ -443,7 +443,7 @@ impl<B: AutodiffBackend> Worker<B> {
                 }
                 Err(e) => {
                     // An unreachable store is logged once, by its probe.
-                    if crate::store::is_unavailable(&e) {
+                    if e.is_unavailable() {
                         tracing::debug!(error = %format!("{e:#}"), "reading the job queue");
                     } else {
                         tracing::error!(error = %format!("{e:#}"), "reading the job queue");
