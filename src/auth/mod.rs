@@ -206,23 +206,34 @@ impl Tokens {
     }
 }
 
-/// What a gRPC method needs beyond a valid token.
-fn needs(path: &str) -> Option<Option<(Role, &'static str)>> {
+/// What a gRPC method needs from its caller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Need {
+    /// Nothing: health checks (load balancers, probes).
+    Open,
+    /// A valid token of any role.
+    AnyToken,
+    /// A token of this role or a higher one, for the named call.
+    Role(Role, &'static str),
+}
+
+fn needs(path: &str) -> Need {
     if path.starts_with("/grpc.health.v1.Health/") {
-        return None; // open
+        return Need::Open;
     }
-    Some(match path {
-        "/tlb.v1.TrainingService/StartTraining" => Some((Role::Train, "StartTraining")),
-        "/tlb.v1.TrainingService/CancelJob" => Some((Role::Train, "CancelJob")),
-        _ => None,
-    })
+    match path {
+        "/tlb.v1.TrainingService/StartTraining" => Need::Role(Role::Train, "StartTraining"),
+        "/tlb.v1.TrainingService/CancelJob" => Need::Role(Role::Train, "CancelJob"),
+        _ => Need::AnyToken,
+    }
 }
 
 /// Checks a request's bearer token against `tokens`.
 fn authorize<B>(tokens: &Tokens, req: &http::Request<B>) -> Result<Option<Caller>, Status> {
-    let Some(need) = needs(req.uri().path()) else {
+    let need = needs(req.uri().path());
+    if need == Need::Open {
         return Ok(None);
-    };
+    }
     let header = req
         .headers()
         .get(http::header::AUTHORIZATION)
@@ -244,7 +255,7 @@ fn authorize<B>(tokens: &Tokens, req: &http::Request<B>) -> Result<Option<Caller
         .current()
         .lookup(token)
         .ok_or_else(|| Status::unauthenticated("unknown token"))?;
-    if let Some((role, what)) = need {
+    if let Need::Role(role, what) = need {
         require(Some(&caller), role, what)?;
     }
     Ok(Some(caller))
@@ -397,11 +408,11 @@ mod tests {
         assert_eq!(status.code(), tonic::Code::PermissionDenied);
         assert!(status.message().contains("needs role train or admin"));
         assert!(require(None, Role::Admin, "anything").is_ok());
-        assert_eq!(needs("/grpc.health.v1.Health/Check"), None);
-        assert_eq!(needs("/tlb.v1.InferenceService/Classify"), Some(None));
+        assert_eq!(needs("/grpc.health.v1.Health/Check"), Need::Open);
+        assert_eq!(needs("/tlb.v1.InferenceService/Classify"), Need::AnyToken);
         assert_eq!(
             needs("/tlb.v1.TrainingService/CancelJob"),
-            Some(Some((Role::Train, "CancelJob")))
+            Need::Role(Role::Train, "CancelJob")
         );
     }
 }

@@ -1,4 +1,4 @@
-//! Offline subcommands: train, evaluate, plot, attention attention_picture, export.
+//! Offline subcommands: train, evaluate, plot, attention (the overlay picture), export.
 
 use std::path::Path;
 

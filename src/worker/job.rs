@@ -18,7 +18,8 @@ use super::lease::Lease;
 use super::{JobUpdate, Request, WorkerContext};
 use crate::engine::model::Tlb;
 use crate::engine::train::{
-    train_run, write_json, Outcome, Run, Start, TrainEvent, TrainObserver, CORRUPT_SUFFIX,
+    train_run, write_json, CheckpointDir, Outcome, Run, SavedKind, Start, TrainEvent,
+    TrainObserver, CORRUPT_SUFFIX,
 };
 use crate::metrics::metrics;
 use crate::store::{job_dir, now_ms, CheckpointRow, Claimed, Fence, JobRow, JobState, StoreError};
@@ -192,7 +193,9 @@ fn committed_checkpoints(ctx: &WorkerContext, job: &JobRow) -> anyhow::Result<St
             newest_first.push(row.path.clone());
         }
     }
-    let legacy_best = job_dir(&ctx.data_dir, job.id).join("checkpoints/best.ckpt");
+    // Written before copies were recorded: the run's untagged best copy.
+    let legacy_best =
+        CheckpointDir::new(job_dir(&ctx.data_dir, job.id).join("checkpoints")).best_path();
     let best = rows
         .iter()
         .filter(|r| r.is_best)
@@ -399,6 +402,7 @@ impl<B: AutodiffBackend> TrainObserver<B> for JobObserver<'_, B> {
             // that epoch's record: it stays uncommitted (the job resumes before it).
             TrainEvent::CheckpointSaved { .. } if self.unrecorded.is_some() => {}
             TrainEvent::CheckpointSaved {
+                kind,
                 path,
                 epoch,
                 val_accuracy,
@@ -407,10 +411,7 @@ impl<B: AutodiffBackend> TrainObserver<B> for JobObserver<'_, B> {
                 seconds,
             } => {
                 metrics().checkpoint_write_seconds.observe(*seconds);
-                let is_epoch_file = path
-                    .file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("epoch-"));
-                if !is_epoch_file {
+                if *kind == SavedKind::Position {
                     // Written mid-epoch: the job resumes from it.
                     let commit = ctx.store.commit_resume_point(self.lease.fence, path);
                     if let Err(e) = ctx.runtime.block_on(commit) {

@@ -1,4 +1,6 @@
-//! Small generated datasets for tests.
+//! What the integration tests share: small generated datasets and models, free ports, a
+//! process's peak memory; `server` runs the real `tlb serve`, `postgres` a throw-away
+//! PostgreSQL, `faults` damages checkpoint files.
 #![allow(dead_code)]
 
 pub mod faults;

@@ -91,6 +91,8 @@ pub enum TrainEvent {
     Progress(Progress),
     Epoch(EpochMetrics),
     CheckpointSaved {
+        /// An epoch's checkpoint, or the position of a run stopped mid-epoch.
+        kind: SavedKind,
         path: PathBuf,
         epoch: usize,
         val_accuracy: Option<f64>,
@@ -103,6 +105,15 @@ pub enum TrainEvent {
     /// A checkpoint failed verification (renamed to `*.corrupt`) and was passed over.
     CheckpointSkipped(Skipped),
     Finished(FinalMetrics),
+}
+
+/// What a saved checkpoint is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SavedKind {
+    /// The end of an epoch (`epoch-NNNN`): a checkpoint row, a model to serve.
+    Epoch,
+    /// Where a run stopped mid-epoch (`last`): what the job resumes from.
+    Position,
 }
 
 /// Why a run ended.
@@ -147,8 +158,9 @@ impl<B: burn::tensor::backend::AutodiffBackend, F: FnMut(&TrainEvent)> TrainObse
     }
 }
 
-/// Sends every event down a channel and stops the run when its cancel flag is raised: the
-/// shape a server's job runner needs (events to stream, a flag set by `CancelJob`).
+/// Sends every event down a channel and stops the run when its cancel flag is raised: for a
+/// program that trains on a thread of its own and follows the run from another. (The
+/// server's job runner observes runs itself: `worker::job`.)
 pub struct ChannelObserver {
     pub events: crossbeam_channel::Sender<TrainEvent>,
     pub cancel: std::sync::Arc<std::sync::atomic::AtomicBool>,

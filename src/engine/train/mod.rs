@@ -19,8 +19,8 @@ pub use ckpt_dir::{CheckpointDir, Resume, Start};
 pub use config::{Preset, Schedule, TrainConfig};
 pub use eval::{batch_tensors, cpu_threads, evaluate, forward_sharded, loss_and_correct};
 pub use events::{
-    ChannelObserver, EpochMetrics, FinalMetrics, FnObserver, Outcome, Progress, TrainEvent,
-    TrainObserver,
+    ChannelObserver, EpochMetrics, FinalMetrics, FnObserver, Outcome, Progress, SavedKind,
+    TrainEvent, TrainObserver,
 };
 pub use export::{export_safetensors, named_tensors, NamedTensor};
 pub use memory::{human_bytes, param_count, Footprint};

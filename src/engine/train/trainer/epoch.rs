@@ -10,7 +10,7 @@ use burn::tensor::backend::AutodiffBackend;
 
 use super::super::checkpoint::write_pending;
 use super::super::eval::{batch_tensors, evaluate};
-use super::super::events::{EpochMetrics, FinalMetrics, Outcome, Progress, TrainEvent};
+use super::super::events::{EpochMetrics, FinalMetrics, Outcome, Progress, SavedKind, TrainEvent};
 use super::super::step::step_grads_with;
 use super::start::RunState;
 use super::{grad_sum, snapshot, step_seed, Gate};
@@ -203,6 +203,7 @@ impl<B: AutodiffBackend, O: Optimizer<Tlb<B>, B>> RunState<'_, B, O> {
         let _ = std::fs::remove_file(self.ckpts.interrupted_path());
         self.ckpts.prune(self.config.keep_last);
         gate.event(&TrainEvent::CheckpointSaved {
+            kind: SavedKind::Epoch,
             path,
             epoch: self.meta.epoch,
             val_accuracy: Some(val_accuracy),
@@ -225,6 +226,7 @@ impl<B: AutodiffBackend, O: Optimizer<Tlb<B>, B>> RunState<'_, B, O> {
         )?;
         gate.commit([file])?;
         gate.event(&TrainEvent::CheckpointSaved {
+            kind: SavedKind::Position,
             path,
             epoch: self.meta.epoch,
             val_accuracy: self.meta.val_accuracy,
