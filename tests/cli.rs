@@ -298,3 +298,64 @@ fn tiny_epoch_on_real_cifar10_mini() {
     let acc = last["test_accuracy"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&acc));
 }
+
+/// docs/operations.md's table of `tlb serve` flags is `tlb serve --help`: every flag, its
+/// environment variable and its default, and no flag the server does not have.
+#[test]
+fn the_operations_doc_lists_every_serve_flag_as_the_help_does() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tlb"))
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8(out.stdout).unwrap();
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md"))
+        .unwrap();
+    let rows: Vec<&str> = doc.lines().filter(|l| l.starts_with("| `--")).collect();
+    let mut flags = Vec::new();
+    let mut current: Option<(String, Option<String>, Option<String>)> = None;
+    for line in help.lines().chain(["      --end"]) {
+        let t = line.trim();
+        if line.starts_with("      --") || line.starts_with("  -") {
+            if let Some(f) = current.take() {
+                flags.push(f);
+            }
+            let name = t.split(['<', ' ']).find(|w| w.starts_with("--")).unwrap();
+            current = Some((name.to_string(), None, None));
+        } else if let Some((_, env, default)) = current.as_mut() {
+            if let Some(e) = t.strip_prefix("[env: ") {
+                *env = Some(e.trim_end_matches(']').trim_end_matches('=').to_string());
+            } else if let Some(d) = t.strip_prefix("[default: ") {
+                *default = Some(d.trim_end_matches(']').to_string());
+            }
+        }
+    }
+    flags.retain(|(name, ..)| name != "--help");
+    assert!(flags.len() > 20, "{flags:?}");
+    for (name, env, default) in &flags {
+        let row = rows
+            .iter()
+            .find(|r| {
+                r.starts_with(&format!("| `{name} ")) || r.starts_with(&format!("| `{name}`"))
+            })
+            .unwrap_or_else(|| panic!("docs/operations.md has no row for {name}"));
+        if let Some(env) = env {
+            assert!(
+                row.contains(&format!("`{env}`")),
+                "{name}: {env} missing in {row}"
+            );
+        }
+        if let Some(default) = default {
+            assert!(
+                row.contains(default.as_str()),
+                "{name}: default {default} missing in {row}"
+            );
+        }
+    }
+    for row in rows {
+        let name = row[3..].split(['`', ' ']).next().unwrap();
+        assert!(
+            flags.iter().any(|(f, ..)| f == name),
+            "docs/operations.md lists {name}, which `tlb serve` does not have"
+        );
+    }
+}
