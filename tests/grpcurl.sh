@@ -60,7 +60,7 @@ check "job reaches JOB_STATE_SUCCEEDED (got $state)" test "$state" = JOB_STATE_S
 ckpts=$("${G[@]}" -d "{\"job_id\":\"$JOB\"}" "$ADDR" tlb.v1.TrainingService/ListCheckpoints | json 'len(d["checkpoints"])')
 check "ListCheckpoints has the epoch" test "$ckpts" -ge 1
 
-PNG=$(base64 -w0 docs/attention-example.png)
+PNG=$(base64 -w0 docs/examples/cat.png)
 "${G[@]}" -d "{\"model\":\"$JOB\",\"images\":[{\"encoded\":\"$PNG\"}],\"top_k\":3}" "$ADDR" \
     tlb.v1.InferenceService/Classify >"$WORK/classify.json"
 top=$(json 'len(d["results"][0]["predictions"])' <"$WORK/classify.json")

@@ -266,7 +266,7 @@ for r in r1 r2; do
 done
 
 MODEL=${IDS[0]}
-PNG=$(base64 -w0 docs/attention-example.png)
+PNG=$(base64 -w0 docs/examples/cat.png)
 classify_ok() { # classify_ok ADDR MODEL : top 3 with probabilities in (0, 1], at most 1 in sum
     local out
     out=$("${G[@]}" -d "{\"model\":\"$2\",\"images\":[{\"encoded\":\"$PNG\"}],\"top_k\":3}" "$1" \
@@ -343,7 +343,7 @@ for label, method, req in (("GetJob", "/tlb.v1.TrainingService/GetJob", get_job)
           f"via nginx p50={pct(g, .5):.2f}ms p99={pct(g, .99):.2f}ms (n={n})", flush=True)
 EOF
 check "$N GetJob and $N Classify calls each, direct to r1 and through nginx, all succeed" \
-    "$PYVENV/bin/python" "$WORK/latency.py" "$N" "$MODEL" docs/attention-example.png "$R1" "$LB"
+    "$PYVENV/bin/python" "$WORK/latency.py" "$N" "$MODEL" docs/examples/cat.png "$R1" "$LB"
 
 # --- One replica down: nginx moves calls it cannot connect to r2 over to r1. ---
 stop_pid "${PIDS[1]}"
