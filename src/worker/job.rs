@@ -22,7 +22,9 @@ use crate::engine::train::{
     TrainObserver, CORRUPT_SUFFIX,
 };
 use crate::metrics::metrics;
-use crate::store::{job_dir, now_ms, CheckpointRow, Claimed, Fence, JobRow, JobState, StoreError};
+use crate::store::{
+    job_dir, now_ms, CheckpointRow, Claimed, Fence, JobRow, JobState, StoreError, StoreResult,
+};
 
 /// How often progress goes out to watchers at most.
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
@@ -316,23 +318,46 @@ fn finish(
     error: &str,
     test: Option<f64>,
 ) {
-    loop {
-        match ctx
-            .runtime
+    let what = format!("recording the job's end ({})", state.as_str());
+    let write = || {
+        ctx.runtime
             .block_on(ctx.store.finish(fence, state, error, test))
-        {
-            Ok(_) => return publish_state(ctx, fence.job),
-            Err(e) if e.is_lease_lost() => {
-                return info!("job left to the worker that owns it now");
-            }
-            Err(e) => error!(
-                error = %format!("{e:#}"),
-                state = state.as_str(),
-                "recording the job's end; retrying"
-            ),
+    };
+    match retry_fenced(ctx, inference, rx, &what, write) {
+        Retried::Written(_) => publish_state(ctx, fence.job),
+        Retried::Lost => info!("job left to the worker that owns it now"),
+        // The job stays RUNNING: resumed when its lease runs out.
+        Retried::Stopped => {}
+    }
+}
+
+/// How a fenced write that was retried ended.
+enum Retried<T> {
+    Written(T),
+    /// The job is another attempt's now.
+    Lost,
+    /// The server is stopping; the write was not made.
+    Stopped,
+}
+
+/// Runs a fenced store write, and again every [`RETRY_EVERY`] while the store refuses it or
+/// cannot be reached (answering inference meanwhile), until it is written, the job is
+/// another attempt's, or the server stops.
+fn retry_fenced<T>(
+    ctx: &WorkerContext,
+    inference: &mut dyn Serve,
+    rx: &Receiver<Request>,
+    what: &str,
+    write: impl Fn() -> StoreResult<T>,
+) -> Retried<T> {
+    loop {
+        match write() {
+            Ok(value) => return Retried::Written(value),
+            Err(e) if e.is_lease_lost() => return Retried::Lost,
+            Err(e) => error!(error = %format!("{e:#}"), "{what}; retrying"),
         }
         if !wait_serving(ctx, inference, rx, RETRY_EVERY) {
-            return;
+            return Retried::Stopped;
         }
     }
 }
@@ -480,30 +505,19 @@ impl<B: AutodiffBackend> JobObserver<'_, B> {
         let Some(m) = self.unrecorded.clone() else {
             return;
         };
-        let ctx = self.ctx;
-        loop {
-            match ctx
-                .runtime
-                .block_on(ctx.store.record_epoch(self.lease.fence, &m))
-            {
-                Ok(()) => {
-                    self.unrecorded = None;
-                    return ctx.publish(self.job, JobUpdate::Epoch(m));
-                }
-                Err(e) if e.is_lease_lost() => return self.lease.mark_lost(),
-                Err(e) => error!(
-                    error = %format!("{e:#}"),
-                    epoch = m.epoch,
-                    "recording an epoch; retrying"
-                ),
+        let (ctx, fence) = (self.ctx, self.lease.fence);
+        let what = format!("recording epoch {}", m.epoch);
+        let write = || ctx.runtime.block_on(ctx.store.record_epoch(fence, &m));
+        match retry_fenced(ctx, &mut *self.inference, self.rx, &what, write) {
+            Retried::Written(()) => {
+                self.unrecorded = None;
+                ctx.publish(self.job, JobUpdate::Epoch(m));
             }
-            if !wait_serving(ctx, self.inference, self.rx, RETRY_EVERY) {
-                return warn!(
-                    epoch = m.epoch,
-                    "stopping with an epoch the store has not recorded: the job resumes \
-                     before it"
-                );
-            }
+            Retried::Lost => self.lease.mark_lost(),
+            Retried::Stopped => warn!(
+                epoch = m.epoch,
+                "stopping with an epoch the store has not recorded: the job resumes before it"
+            ),
         }
     }
 
