@@ -27,15 +27,9 @@ pub enum ApiError {
 /// load balancers retry those elsewhere), INTERNAL otherwise.
 impl From<anyhow::Error> for ApiError {
     fn from(e: anyhow::Error) -> Self {
-        if crate::store::is_unavailable(&e) {
-            let named = e.chain().any(|c| c.is::<crate::store::StoreUnavailable>());
-            Self::Unavailable(if named {
-                format!("{e:#}")
-            } else {
-                format!("{}", crate::store::StoreUnavailable(format!("{e:#}")))
-            })
-        } else {
-            Self::internal(e)
+        match crate::store::unavailable(&e) {
+            Some(down) => Self::Unavailable(down.to_string()),
+            None => Self::internal(e),
         }
     }
 }

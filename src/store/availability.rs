@@ -29,23 +29,38 @@ pub struct StoreUnavailable(pub String);
 
 /// True when `e` says the store could not be reached (not that it refused a request): the
 /// calls that fail so are answered UNAVAILABLE.
-pub fn is_unavailable(e: &anyhow::Error) -> bool {
-    e.chain().any(|cause| {
-        cause.is::<StoreUnavailable>()
-            || cause
-                .downcast_ref::<super::StoreError>()
-                .is_some_and(super::StoreError::is_unavailable)
-            || matches!(
-                cause.downcast_ref::<sqlx::Error>(),
-                Some(
-                    sqlx::Error::PoolTimedOut
-                        | sqlx::Error::PoolClosed
-                        | sqlx::Error::Io(_)
-                        | sqlx::Error::Tls(_)
-                        | sqlx::Error::WorkerCrashed
-                )
+pub(super) fn is_unavailable(e: &anyhow::Error) -> bool {
+    unavailable(e).is_some()
+}
+
+/// Why the store could not be reached, when that is what `e` says: the reason a
+/// [`StoreUnavailable`] in its chain gives (also inside a [`super::StoreError`]), or the
+/// driver's error when it is one of connecting.
+pub fn unavailable(e: &anyhow::Error) -> Option<StoreUnavailable> {
+    let named = e.chain().find_map(|cause| {
+        cause.downcast_ref::<StoreUnavailable>().or_else(|| {
+            match cause.downcast_ref::<super::StoreError>() {
+                Some(super::StoreError::Unavailable(down)) => Some(down),
+                _ => None,
+            }
+        })
+    });
+    if let Some(down) = named {
+        return Some(StoreUnavailable(down.0.clone()));
+    }
+    let connecting = e.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<sqlx::Error>(),
+            Some(
+                sqlx::Error::PoolTimedOut
+                    | sqlx::Error::PoolClosed
+                    | sqlx::Error::Io(_)
+                    | sqlx::Error::Tls(_)
+                    | sqlx::Error::WorkerCrashed
             )
-    })
+        )
+    });
+    connecting.then(|| StoreUnavailable(format!("{e:#}")))
 }
 
 /// Whether the last probe reached the store (true until one says otherwise).

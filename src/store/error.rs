@@ -2,7 +2,7 @@
 //! now ([`LeaseLost`]: stop writing), the store cannot be reached ([`StoreUnavailable`]:
 //! UNAVAILABLE, retry), or anything else the database said.
 
-use super::availability::is_unavailable;
+use super::availability::unavailable;
 use super::{LeaseLost, StoreUnavailable};
 
 #[derive(Debug, thiserror::Error)]
@@ -33,12 +33,9 @@ impl From<anyhow::Error> for StoreError {
     fn from(e: anyhow::Error) -> Self {
         match e.downcast::<LeaseLost>() {
             Ok(lost) => Self::LeaseLost(lost),
-            Err(e) => match e.downcast::<StoreUnavailable>() {
-                Ok(down) => Self::Unavailable(down),
-                Err(e) if is_unavailable(&e) => {
-                    Self::Unavailable(StoreUnavailable(format!("{e:#}")))
-                }
-                Err(e) => Self::Db(e),
+            Err(e) => match unavailable(&e) {
+                Some(down) => Self::Unavailable(down),
+                None => Self::Db(e),
             },
         }
     }
@@ -71,6 +68,13 @@ mod tests {
         let down = StoreError::from(anyhow::Error::from(StoreUnavailable("probe".into())));
         assert!(down.is_unavailable());
         assert!(down.to_string().contains("the job store is unavailable"));
+        // Passed up through `anyhow` and sorted again: the reason, said once.
+        let again = StoreError::from(anyhow::Error::from(down).context("reading the job"));
+        let message = again.to_string();
+        assert!(
+            again.is_unavailable() && message.matches("unavailable").count() == 1,
+            "{message}"
+        );
         let other = StoreError::from(sqlx::Error::RowNotFound);
         assert!(!other.is_lease_lost() && !other.is_unavailable());
     }
