@@ -29,12 +29,7 @@ impl InferenceApi {
     /// the store cannot be reached, the checkpoint the name last stood for.
     async fn resolve_model(&self, model: &str) -> Result<ModelRef, ApiError> {
         let answer = self.lookup_model(model).await;
-        let row = self
-            .0
-            .models
-            .through(&format!("tlb.v1/{model}"), answer, |e| {
-                matches!(e, ApiError::Unavailable(_))
-            })?;
+        let row = self.0.remembered(&format!("tlb.v1/{model}"), answer)?;
         Ok(self.model_ref(&row))
     }
 

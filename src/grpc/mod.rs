@@ -91,3 +91,18 @@ pub struct AppState {
     /// The checkpoint each model name last stood for, served while the store is down.
     pub models: Arc<LastKnown<CheckpointRow>>,
 }
+
+impl AppState {
+    /// The checkpoint a model name stands for, as the store answered (remembered); while the
+    /// store cannot be reached, the one it last stood for. Classify and the Open Inference
+    /// Protocol both resolve names through it (`key` keeps their namespaces apart).
+    pub(crate) fn remembered(
+        &self,
+        key: &str,
+        answer: Result<CheckpointRow, crate::error::ApiError>,
+    ) -> Result<CheckpointRow, crate::error::ApiError> {
+        self.models.through(key, answer, |e| {
+            matches!(e, crate::error::ApiError::Unavailable(_))
+        })
+    }
+}

@@ -47,11 +47,7 @@ impl OipApi {
     /// While the store cannot be reached: the checkpoint it last stood for.
     async fn checkpoint(&self, name: &str, version: &str) -> Result<CheckpointRow, ApiError> {
         let answer = self.lookup_checkpoint(name, version).await;
-        self.0
-            .models
-            .through(&format!("oip/{name}/{version}"), answer, |e| {
-                matches!(e, ApiError::Unavailable(_))
-            })
+        self.0.remembered(&format!("oip/{name}/{version}"), answer)
     }
 
     async fn lookup_checkpoint(
