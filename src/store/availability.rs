@@ -20,7 +20,7 @@ pub(super) const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long the probe waits for its answer.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often the probe runs.
-pub const PROBE_EVERY: Duration = Duration::from_secs(1);
+const PROBE_EVERY: Duration = Duration::from_secs(1);
 
 /// The job store cannot be reached (its server is down or unreachable).
 #[derive(Debug, thiserror::Error)]

@@ -24,7 +24,7 @@ use sqlx::pool::PoolConnection;
 use sqlx::{Any, AnyConnection, AnyPool, Connection, Executor};
 use uuid::Uuid;
 
-pub use availability::{unavailable, StoreUnavailable, PROBE_EVERY};
+pub use availability::{unavailable, StoreUnavailable};
 pub use error::{StoreError, StoreResult};
 pub use last_known::LastKnown;
 pub use lease::{Claimed, Fence, Heartbeat, LeaseLost};

@@ -27,7 +27,7 @@ use devices::{ReadyAll, Slot};
 use inference::Serve as _;
 pub use inference::{AttentionResult, ClassifyResult};
 pub use job::MissingCheckpoint;
-pub use watch::{Watched, Watcher, REMOTE_POLL};
+pub use watch::{Watched, Watcher};
 
 use crate::datasets::Datasets;
 use crate::engine::backend::DeviceSpec;

@@ -12,7 +12,7 @@ use super::{JobEvent, JobUpdate, RunningJobs};
 use crate::store::{JobRow, Store};
 
 /// How often a job that runs on another replica is looked up in the store.
-pub const REMOTE_POLL: Duration = Duration::from_millis(500);
+const REMOTE_POLL: Duration = Duration::from_millis(500);
 
 /// One item of a watch.
 #[derive(Debug)]

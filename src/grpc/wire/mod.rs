@@ -13,7 +13,7 @@ use tonic::codec::{Codec, DecodeBuf, Decoder};
 use tonic::Status;
 use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
 
-pub use budget::{RequestBytesLayer, FREE_BYTES_PER_REQUEST};
+pub use budget::RequestBytesLayer;
 
 /// prost's codec, with requests scanned before they are decoded (named by `build.rs` as
 /// the codec of the generated services and clients).
