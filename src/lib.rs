@@ -5,8 +5,9 @@
 //! tower layer) beside it; `worker` (the thread that owns the device); `store` (job
 //! database), `datasets` (resolution and download), `admission` (whether a new job fits the
 //! machine); `engine` (model, data, training, inference, pictures). Beneath them all, used
-//! by any: `error` (request errors and their gRPC codes) and `metrics` (the Prometheus
-//! registry every layer records into, and the tower layer that counts RPCs).
+//! by any: `error` (request errors and their gRPC codes), `names` (enums named by strings)
+//! and `metrics` (the Prometheus registry every layer records into, and the tower layer that
+//! counts RPCs).
 
 pub mod admission;
 pub mod auth;
@@ -16,6 +17,7 @@ pub mod engine;
 pub mod error;
 pub mod grpc;
 pub mod metrics;
+pub mod names;
 pub mod proto;
 pub mod server;
 pub mod store;

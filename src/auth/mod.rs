@@ -18,27 +18,34 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 
-use anyhow::{bail, Context as _, Result};
+use crate::names::Named;
+use anyhow::{anyhow, bail, Context as _, Result};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tonic::codegen::http;
 use tonic::Status;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::VariantNames,
+    strum::Display,
+    strum::EnumIter,
+)]
+#[strum(serialize_all = "lowercase", parse_err_ty = String, parse_err_fn = unknown_role)]
 pub enum Role {
     Admin,
     Train,
     Infer,
 }
 
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Admin => "admin",
-            Self::Train => "train",
-            Self::Infer => "infer",
-        }
-    }
+fn unknown_role(name: &str) -> String {
+    crate::names::unknown::<Role>("role", name)
 }
 
 /// Who made a request. Without `--auth-tokens` there is no caller (everything is allowed).
@@ -61,9 +68,9 @@ pub fn require(caller: Option<&Caller>, role: Role, what: &str) -> Result<(), St
         Some(c) if c.role != Role::Admin && c.role != role => {
             Err(Status::permission_denied(format!(
                 "{what} needs role {} or admin; the token '{}' has role {}",
-                role.as_str(),
+                role.name(),
                 c.name,
-                c.role.as_str()
+                c.role.name()
             )))
         }
         _ => Ok(()),
@@ -117,12 +124,7 @@ impl TokenTable {
                     fields.len()
                 );
             };
-            let role = match role {
-                "admin" => Role::Admin,
-                "train" => Role::Train,
-                "infer" => Role::Infer,
-                other => bail!("line {n}: unknown role '{other}' (admin, train or infer)"),
-            };
+            let role: Role = role.parse().map_err(|e| anyhow!("line {n}: {e}"))?;
             let digest = match secret.strip_prefix("sha256:") {
                 Some(hex) => parse_hex32(hex)
                     .with_context(|| format!("line {n}: sha256: needs 64 hex digits"))?,

@@ -10,6 +10,7 @@ use burn::tensor::{Distribution, Int, Tensor};
 
 use super::BenchArgs;
 use crate::engine::train::{forward_sharded, step_grads, Preset, TrainConfig};
+use crate::names::Named;
 use crate::with_backend;
 
 /// Peak resident memory of this process in MiB (Linux `VmHWM`).
@@ -97,7 +98,9 @@ fn run<B: AutodiffBackend>(
 }
 
 pub fn bench(a: BenchArgs) -> Result<()> {
-    let cfg = Preset::from_name(&a.preset)
+    let cfg = a
+        .preset
+        .parse::<Preset>()
         .map_err(anyhow::Error::msg)?
         .config();
     let line = with_backend!(a.device.clone(), |B, device| run::<B>(&cfg, &a, &device)?);

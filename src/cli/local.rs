@@ -39,7 +39,9 @@ pub fn resolve_config(a: &TrainLocalArgs, num_classes: usize) -> Result<TrainCon
             &std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
         )
         .with_context(|| format!("parsing {}", path.display()))?,
-        None => Preset::from_name(&a.preset)
+        None => a
+            .preset
+            .parse::<Preset>()
             .map_err(anyhow::Error::msg)?
             .config(),
     };

@@ -22,6 +22,7 @@ use crate::engine::model::{host_f32, Precision, Tlb};
 use crate::engine::train::{
     gradient_model, load_record, loss_and_correct, named_tensors, record_bytes, Preset, TrainConfig,
 };
+use crate::names::Named;
 use crate::with_backend;
 
 /// What one side computed: the loss, the logits, every parameter's gradient (by name), and
@@ -107,7 +108,9 @@ fn tolerance(a: &ParityArgs) -> f64 {
 }
 
 pub fn parity(a: ParityArgs) -> Result<()> {
-    let mut cfg = Preset::from_name(&a.preset)
+    let mut cfg = a
+        .preset
+        .parse::<Preset>()
         .map_err(anyhow::Error::msg)?
         .config();
     (cfg.model.attn_dropout, cfg.model.ffn_dropout) = (0.0, 0.0);

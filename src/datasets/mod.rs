@@ -156,3 +156,6 @@ fn folder_classes(dir: &Path) -> Option<usize> {
         .count();
     (n > 0).then_some(n)
 }
+
+#[cfg(test)]
+mod tests;

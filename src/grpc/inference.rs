@@ -10,6 +10,7 @@ use super::{deadline_of, within, AppState, MAX_BATCH};
 use crate::engine::infer::top_k;
 use crate::engine::viz::{attention_picture, png_bytes, token_scores};
 use crate::error::ApiError;
+use crate::names::Named;
 use crate::proto::v1 as pb;
 use crate::proto::v1::inference_service_server::InferenceService;
 use crate::store::{job_dir, CheckpointRow};
@@ -59,7 +60,7 @@ impl InferenceApi {
             return best.ok_or_else(|| {
                 ApiError::FailedPrecondition(format!(
                     "job {id} has no checkpoint yet ({}, {} of {} epochs done)",
-                    job.state.as_str(),
+                    job.state.name(),
                     job.epochs_completed,
                     job.epochs_total
                 ))

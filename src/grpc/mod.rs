@@ -106,3 +106,51 @@ impl AppState {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::deadline_of;
+
+    fn with_timeout(v: &str) -> tonic::Request<()> {
+        let mut r = tonic::Request::new(());
+        r.metadata_mut().insert("grpc-timeout", v.parse().unwrap());
+        r
+    }
+
+    /// How far in the future the deadline of `grpc-timeout: v` lies, if it has one.
+    fn ahead(v: &str) -> Option<Duration> {
+        let before = Instant::now();
+        let d = deadline_of(&with_timeout(v))?;
+        Some(d.duration_since(before))
+    }
+
+    #[test]
+    fn grpc_timeouts_in_every_unit_become_deadlines() {
+        assert!(deadline_of(&tonic::Request::new(())).is_none());
+        let near = |v: &str, want: Duration| {
+            let got = ahead(v).unwrap_or_else(|| panic!("{v}: no deadline"));
+            assert!(
+                got >= want && got < want + Duration::from_secs(1),
+                "{v}: {got:?}"
+            );
+        };
+        near("2H", Duration::from_secs(7200));
+        near("3M", Duration::from_secs(180));
+        near("5S", Duration::from_secs(5));
+        near("250m", Duration::from_millis(250));
+        near("750u", Duration::from_micros(750));
+        near("99999999n", Duration::from_nanos(99_999_999));
+    }
+
+    #[test]
+    fn malformed_or_unrepresentable_timeouts_mean_no_deadline() {
+        for v in ["S", "5", "5s", "5X", "-5S", "1.5S", "99999999999999999999S"] {
+            assert!(ahead(v).is_none(), "{v}");
+        }
+        // Past what an Instant can hold on some hosts: then no deadline, never a panic.
+        let far = ahead("99999999H");
+        assert!(far.is_none_or(|d| d >= Duration::from_secs(3600 * 99_999_999)));
+    }
+}

@@ -14,6 +14,7 @@ use super::AppState;
 use crate::auth::{require, Caller, Role};
 use crate::engine::train::Preset;
 use crate::error::{parse_uuid, ApiError};
+use crate::names::Named;
 use crate::proto::v1 as pb;
 use crate::proto::v1::training_service_server::TrainingService;
 use crate::store::{JobRow, JobState};
@@ -76,7 +77,9 @@ impl TrainingService for TrainingApi {
         } else {
             &r.preset
         };
-        let preset = Preset::from_name(preset_name).map_err(|e| ApiError::field("preset", e))?;
+        let preset = preset_name
+            .parse::<Preset>()
+            .map_err(|e| ApiError::field("preset", e))?;
         let dataset = r.dataset.ok_or_else(|| {
             ApiError::field(
                 "dataset",
@@ -190,7 +193,7 @@ impl TrainingService for TrainingApi {
             return Err(ApiError::FailedPrecondition(format!(
                 "job {} already ended ({}); only queued or running jobs can be cancelled",
                 job.id,
-                job.state.as_str()
+                job.state.name()
             ))
             .into());
         }
@@ -250,5 +253,33 @@ impl TrainingService for TrainingApi {
         Ok(Response::new(pb::ListCheckpointsResponse {
             checkpoints: rows.iter().map(convert::checkpoint).collect(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_tokens_are_what_list_jobs_hands_out_or_refused_by_field() {
+        assert_eq!(parse_page_token("").unwrap(), None);
+        let id = Uuid::new_v4();
+        assert_eq!(
+            parse_page_token(&format!("1733390000123:{id}")).unwrap(),
+            Some((1733390000123, id.to_string()))
+        );
+        for bad in [
+            "1733390000123",
+            "x:00000000-0000-0000-0000-000000000000",
+            &format!(":{id}"),
+            "17:not-a-uuid",
+            &format!("{id}:17"),
+        ] {
+            let e = parse_page_token(bad).unwrap_err();
+            assert!(
+                matches!(&e, ApiError::InvalidArgument(m) if m.starts_with("page_token: ")),
+                "{bad}: {e:?}"
+            );
+        }
     }
 }

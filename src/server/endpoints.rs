@@ -11,6 +11,7 @@ use tracing::info;
 use super::ServeArgs;
 use crate::auth::Tokens;
 use crate::metrics::metrics;
+use crate::names::Named;
 use crate::store::Store;
 
 /// Serves `GET /metrics` on `addr` until shutdown.
@@ -25,7 +26,7 @@ pub(super) async fn serve_metrics(
         match store.count_by_state().await {
             Ok(counts) => {
                 for (state, n) in counts {
-                    metrics().jobs.with_label_values(&[state.as_str()]).set(n);
+                    metrics().jobs.with_label_values(&[state.name()]).set(n);
                 }
             }
             Err(e) => tracing::error!(error = %format!("{e:#}"), "counting jobs for /metrics"),

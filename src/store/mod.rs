@@ -31,6 +31,8 @@ pub use lease::{Claimed, Fence, Heartbeat, LeaseLost};
 pub use rows::{now_ms, CheckpointRow, JobRow, JobState};
 
 use crate::engine::train::EpochMetrics;
+use crate::names::Named;
+use strum::IntoEnumIterator;
 
 /// Warnings a job keeps (the newest).
 pub const MAX_WARNINGS: usize = 20;
@@ -211,7 +213,7 @@ impl Store {
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
             )
             .bind(job.id.to_string())
-            .bind(job.state.as_str())
+            .bind(job.state.name())
             .bind(&job.preset)
             .bind(config)
             .bind(&job.dataset_format)
@@ -248,7 +250,7 @@ impl Store {
                AND (created_at_ms < $2 OR (created_at_ms = $2 AND ($3 = '' OR id < $3))) \
              ORDER BY created_at_ms DESC, id DESC LIMIT $4"
         ))
-        .bind(state.map_or("", JobState::as_str))
+        .bind(state.map_or("", JobState::name))
         .bind(cursor_ms)
         .bind(cursor_id)
         .bind(limit as i64)
@@ -263,12 +265,11 @@ impl Store {
             sqlx::query_as("SELECT state, COUNT(*) FROM jobs GROUP BY state")
                 .fetch_all(self.pool()?)
                 .await?;
-        Ok(JobState::ALL
-            .into_iter()
+        Ok(JobState::iter()
             .map(|s| {
                 let n = rows
                     .iter()
-                    .find(|(name, _)| name == s.as_str())
+                    .find(|(name, _)| name == s.name())
                     .map_or(0, |r| r.1);
                 (s, n)
             })
@@ -330,7 +331,7 @@ impl Store {
             )
             .bind(fence.job.to_string())
             .bind(fence.attempt as i64)
-            .bind(state.as_str())
+            .bind(state.name())
             .bind(error)
             .bind(test_accuracy.filter(|a| a.is_finite()))
             .bind(now_ms())

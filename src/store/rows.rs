@@ -1,9 +1,8 @@
 //! Rows of the job store and their mapping from SQL.
 
 use std::path::PathBuf;
-use std::str::FromStr;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{Context, Result};
 use sqlx::any::AnyRow;
 use sqlx::Row;
 use uuid::Uuid;
@@ -18,7 +17,19 @@ pub fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::VariantNames,
+    strum::Display,
+    strum::EnumIter,
+)]
+#[strum(serialize_all = "SCREAMING_SNAKE_CASE", parse_err_ty = String, parse_err_fn = unknown_state)]
 pub enum JobState {
     Queued,
     Running,
@@ -28,36 +39,13 @@ pub enum JobState {
 }
 
 impl JobState {
-    pub const ALL: [JobState; 5] = [
-        Self::Queued,
-        Self::Running,
-        Self::Succeeded,
-        Self::Failed,
-        Self::Cancelled,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Queued => "QUEUED",
-            Self::Running => "RUNNING",
-            Self::Succeeded => "SUCCEEDED",
-            Self::Failed => "FAILED",
-            Self::Cancelled => "CANCELLED",
-        }
-    }
     pub fn is_terminal(self) -> bool {
         matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
     }
 }
 
-impl FromStr for JobState {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        Self::ALL
-            .into_iter()
-            .find(|st| st.as_str() == s)
-            .ok_or_else(|| anyhow!("unknown job state '{s}' in the store"))
-    }
+fn unknown_state(name: &str) -> String {
+    crate::names::unknown::<JobState>("job state", name)
 }
 
 /// One training job.
@@ -159,7 +147,10 @@ impl JobRow {
         });
         Ok(Self {
             id,
-            state: r.try_get::<String, _>("state")?.parse()?,
+            state: r
+                .try_get::<String, _>("state")?
+                .parse()
+                .map_err(anyhow::Error::msg)?,
             preset: r.try_get("preset")?,
             config: serde_json::from_str(&config).context("job config in the store")?,
             dataset_format: r.try_get("dataset_format")?,

@@ -22,6 +22,7 @@ use crate::engine::train::{
     TrainObserver, CORRUPT_SUFFIX,
 };
 use crate::metrics::metrics;
+use crate::names::Named;
 use crate::store::{
     job_dir, now_ms, CheckpointRow, Claimed, Fence, JobRow, JobState, StoreError, StoreResult,
 };
@@ -318,7 +319,7 @@ fn finish(
     error: &str,
     test: Option<f64>,
 ) {
-    let what = format!("recording the job's end ({})", state.as_str());
+    let what = format!("recording the job's end ({})", state.name());
     let write = || {
         ctx.runtime
             .block_on(ctx.store.finish(fence, state, error, test))

@@ -8,7 +8,6 @@ mod loader;
 mod set;
 
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
@@ -20,26 +19,33 @@ pub use loader::{mix64, rng_for, Batch, EpochPlan, Loader};
 pub use set::{DataError, ImageSet, Split, Splits};
 
 /// On-disk format of a dataset.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::VariantNames,
+    strum::Display,
+    strum::EnumIter,
+)]
 #[serde(rename_all = "kebab-case")]
+#[strum(parse_err_ty = String, parse_err_fn = unknown_format)]
 pub enum DatasetFormat {
+    #[strum(to_string = "cifar10", serialize = "cifar-10")]
     Cifar10,
+    #[strum(to_string = "cifar100", serialize = "cifar-100")]
     Cifar100,
+    #[strum(to_string = "image-folder", serialize = "imagefolder")]
     ImageFolder,
 }
 
-impl FromStr for DatasetFormat {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "cifar10" | "cifar-10" => Ok(Self::Cifar10),
-            "cifar100" | "cifar-100" => Ok(Self::Cifar100),
-            "image-folder" | "imagefolder" => Ok(Self::ImageFolder),
-            other => Err(format!(
-                "unknown dataset format '{other}' (expected cifar10, cifar100 or image-folder)"
-            )),
-        }
-    }
+fn unknown_format(name: &str) -> String {
+    crate::names::unknown::<DatasetFormat>("dataset format", name)
 }
 
 /// A dataset on disk.

@@ -4,8 +4,23 @@ use burn::config::Config;
 use serde::{Deserialize, Serialize};
 
 /// How the classifier reads the recurrence out.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    Default,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::VariantNames,
+    strum::Display,
+    strum::EnumIter,
+)]
 #[serde(rename_all = "kebab-case")]
+#[strum(serialize_all = "kebab-case", parse_err_ty = String, parse_err_fn = unknown_readout)]
 pub enum Readout {
     /// Mean of the last chunk's fast-stream tokens, then a linear head (the Keras reference).
     LastFast,
@@ -15,26 +30,8 @@ pub enum Readout {
     Slow,
 }
 
-impl std::str::FromStr for Readout {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "last-fast" => Ok(Self::LastFast),
-            "slow" => Ok(Self::Slow),
-            other => Err(format!(
-                "unknown readout '{other}' (expected 'last-fast' or 'slow')"
-            )),
-        }
-    }
-}
-
-impl std::fmt::Display for Readout {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::LastFast => "last-fast",
-            Self::Slow => "slow",
-        })
-    }
+fn unknown_readout(name: &str) -> String {
+    crate::names::unknown::<Readout>("readout", name)
 }
 
 /// Architecture of a Temporal Latent Bottleneck classifier.

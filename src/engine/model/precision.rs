@@ -8,8 +8,23 @@ use burn::tensor::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 /// The floating-point type the forward and backward passes compute in.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::VariantNames,
+    strum::Display,
+    strum::EnumIter,
+)]
 #[serde(rename_all = "kebab-case")]
+#[strum(serialize_all = "kebab-case", parse_err_ty = String, parse_err_fn = unknown)]
 pub enum Precision {
     /// Everything in f32.
     #[default]
@@ -26,30 +41,10 @@ impl Precision {
             Self::Bf16 => DType::BF16,
         }
     }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::F32 => "f32",
-            Self::Bf16 => "bf16",
-        }
-    }
 }
 
-impl std::fmt::Display for Precision {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl std::str::FromStr for Precision {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "f32" => Ok(Self::F32),
-            "bf16" => Ok(Self::Bf16),
-            _ => Err(format!("unknown precision '{s}' (expected f32 or bf16)")),
-        }
-    }
+fn unknown(name: &str) -> String {
+    crate::names::unknown::<Precision>("precision", name)
 }
 
 /// Casts every float parameter, keeping its id (the cast is tracked by autodiff).

@@ -53,7 +53,19 @@ impl Default for TrainConfig {
 }
 
 /// Named, tested recipes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::VariantNames,
+    strum::Display,
+    strum::EnumIter,
+)]
+#[strum(serialize_all = "kebab-case", parse_err_ty = String, parse_err_fn = unknown_preset)]
 pub enum Preset {
     /// The paper's CIFAR-10 configuration as in the Keras reference.
     Reference,
@@ -63,26 +75,11 @@ pub enum Preset {
     Tiny,
 }
 
+fn unknown_preset(name: &str) -> String {
+    crate::names::unknown::<Preset>("preset", name)
+}
+
 impl Preset {
-    pub const ALL: [Preset; 3] = [Self::Reference, Self::CpuSmall, Self::Tiny];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Reference => "reference",
-            Self::CpuSmall => "cpu-small",
-            Self::Tiny => "tiny",
-        }
-    }
-
-    pub fn from_name(name: &str) -> Result<Self, String> {
-        Self::ALL
-            .into_iter()
-            .find(|p| p.name() == name)
-            .ok_or_else(|| {
-                format!("unknown preset '{name}' (expected reference, cpu-small or tiny)")
-            })
-    }
-
     pub fn config(self) -> TrainConfig {
         match self {
             Self::Reference => TrainConfig {

@@ -112,12 +112,13 @@ mod tests {
     use super::*;
     use crate::engine::model::Tlb;
     use burn::module::Module;
+    use strum::IntoEnumIterator;
 
     type B = crate::engine::backend::Cpu;
 
     #[test]
     fn param_count_matches_the_built_model() {
-        for preset in super::super::Preset::ALL {
+        for preset in super::super::Preset::iter() {
             let cfg = preset.config().model;
             let model: Tlb<B> = cfg.init(&Default::default()).unwrap();
             assert_eq!(param_count(&cfg), model.num_params() as u64, "{cfg:?}");

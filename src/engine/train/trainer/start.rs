@@ -16,7 +16,7 @@ use super::super::run_dir::RunDir;
 use super::super::Skipped;
 use super::{Gate, Run};
 use crate::engine::data::{mix64, Splits};
-use crate::engine::model::Tlb;
+use crate::engine::model::{with_rng_lock, Tlb};
 
 /// Everything a run carries from epoch to epoch.
 pub(super) struct RunState<'r, B: AutodiffBackend, O> {
@@ -60,9 +60,13 @@ pub(super) fn resume_or_start<'r, B: AutodiffBackend>(
     let ckpts = files.checkpoints(run.attempt);
     std::fs::create_dir_all(&ckpts.dir)
         .with_context(|| format!("creating {}", ckpts.dir.display()))?;
-    // Initial weights come from the run's seed too.
-    B::seed(device, mix64(config.seed));
-    let mut model: Tlb<B> = config.model.init(device)?.with_precision(config.precision);
+    // Initial weights come from the run's seed too, drawn while no other thread (another
+    // job, a model being loaded) draws from burn's process-wide RNG.
+    let model = with_rng_lock(|| {
+        B::seed(device, mix64(config.seed));
+        config.model.init::<B>(device)
+    })?;
+    let mut model: Tlb<B> = model.with_precision(config.precision);
     let mut optim = AdamWConfig::new()
         .with_weight_decay(config.weight_decay as f32)
         .with_epsilon(1e-7)

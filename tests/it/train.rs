@@ -1,4 +1,4 @@
-mod common;
+use crate::common;
 
 use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
@@ -8,13 +8,7 @@ use tlb::engine::train::{loss_and_correct, Preset};
 
 type B = CpuAutodiff;
 
-/// burn's CPU backend has one process-wide RNG; tests that train (and so draw from it) run
-/// one at a time so that each sees its own deterministic sequence.
-pub static RNG_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
+use common::serial;
 
 #[test]
 fn tiny_model_drives_loss_near_zero_on_a_few_images() {

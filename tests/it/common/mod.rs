@@ -8,9 +8,18 @@ pub mod postgres;
 pub mod server;
 
 use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
 
 use tlb::engine::data::{write_cifar10, PIXELS};
 use tlb::engine::model::{Readout, TlbConfig};
+
+/// Tests that train in this process run one at a time, whichever module they are in: each
+/// has both cores, and a test that seeds burn's process-wide CPU RNG itself sees its own
+/// sequence. (The library draws from that RNG only under `with_rng_lock`.)
+pub fn serial() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// A learnable synthetic CIFAR-10 set: each class is a distinct colour pattern plus noise.
 pub fn synthetic_images(n: usize, seed: u64) -> (Vec<[u8; PIXELS]>, Vec<u8>) {

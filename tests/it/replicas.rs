@@ -4,7 +4,7 @@
 //! takeover, any replica cancels and watches any job, and one process runs a worker per
 //! device.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};

@@ -1,6 +1,6 @@
 //! Every class of bad request gets a precise status, and the server keeps serving.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

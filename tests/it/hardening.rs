@@ -2,7 +2,7 @@
 //! records that outlive it, committed checkpoints that went missing, and a data dir seen at
 //! another path.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::{Duration, Instant};

@@ -1,7 +1,7 @@
 //! Operating the server: Prometheus metrics scraped by a real Prometheus, a bounded inference
 //! queue under an open-loop flood, client deadlines, and a bounded job queue.
 
-mod common;
+use crate::common;
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -266,14 +266,14 @@ async fn an_open_loop_flood_is_answered_or_refused_within_bounded_memory() {
                 .classify(request)
                 .await
                 .map(|_| ())
-                .map_err(|s| s.code())
+                .map_err(|s| (s.code(), s.message().to_string()))
         }));
     }
     let (mut ok, mut refused) = (0, 0);
     for h in handles {
         match h.await.unwrap() {
             Ok(()) => ok += 1,
-            Err(Code::ResourceExhausted) => refused += 1,
+            Err((Code::ResourceExhausted, _)) => refused += 1,
             Err(other) => panic!("a call ended {other:?}"),
         }
     }

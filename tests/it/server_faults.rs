@@ -2,7 +2,7 @@
 //! unreadable job row, a second server on one data dir, a crash loop, a full disk, jobs that
 //! cannot fit in memory and requests that would occupy the server decoding images.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;
@@ -281,10 +281,7 @@ async fn a_full_disk_refuses_new_jobs_fails_the_running_one_cleanly_and_recovers
         "data dir full: ",
     );
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
-    assert_eq!(
-        server.health().await,
-        tonic_health::pb::health_check_response::ServingStatus::Serving
-    );
+    server.until_serving().await;
     let mut inference = server.inference().await;
     let classified = inference
         .classify(pb::ClassifyRequest {

@@ -1,7 +1,7 @@
 //! The job store's behaviour, the same on both backends: SQLite (embedded) and a real
 //! PostgreSQL server the test starts.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! Faults in a run directory, met by the training engine: corrupt checkpoints, weights that
 //! turn the loss NaN, duplicated metrics lines and temp files left by cut-short writes.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 
@@ -13,12 +13,7 @@ use tlb::engine::train::{
     FnObserver, Preset, RunDir, TrainConfig, TrainEvent,
 };
 
-/// Training draws from burn's process-wide RNG: one run at a time.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
+use common::serial;
 
 fn data(dir: &Path) -> Splits {
     common::synthetic_splits(dir)

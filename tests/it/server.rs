@@ -1,6 +1,6 @@
 //! The real server on an ephemeral port, driven by the generated tonic client.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

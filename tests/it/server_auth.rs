@@ -1,7 +1,7 @@
 //! Tokens, roles and TLS on the real server: every RPC group for every role, job ownership,
 //! SIGHUP reloads, the loopback rule, and TLS/mTLS with the `tlb` client.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;
@@ -93,11 +93,8 @@ async fn roles_decide_what_each_token_may_do() {
             "http://127.0.0.1:9/none.tar.gz",
         ],
     );
-    // Health is open.
-    assert_eq!(
-        server.health().await,
-        tonic_health::pb::health_check_response::ServingStatus::Serving
-    );
+    // Health is open (no token): it reports SERVING once the device worker is up.
+    server.until_serving().await;
     // No token, a wrong one, a malformed header.
     for token in [None, Some("not-a-token-at-all-000")] {
         let (c, m) = code(
@@ -292,15 +289,7 @@ async fn boolean_env_values_and_sighup_without_a_token_file() {
         server.child.try_wait().unwrap().is_none(),
         "SIGHUP ended the server"
     );
-    let serving = tonic_health::pb::health_check_response::ServingStatus::Serving;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while server.health().await != serving {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "not SERVING after SIGHUP"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    server.until_serving().await;
 }
 
 /// Runs the `tlb` client; returns (success, stdout + stderr).

@@ -84,6 +84,21 @@ impl Server {
         tonic_health::pb::health_check_response::ServingStatus::try_from(status).unwrap()
     }
 
+    /// Waits (up to 30 s) until the server reports SERVING: its device worker is up, which
+    /// takes longer than its port does when other tests share the cores.
+    pub async fn until_serving(&self) {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let now = self.health().await;
+            if now == ServingStatus::Serving {
+                return;
+            }
+            assert!(Instant::now() < deadline, "still {now:?} after 30 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub async fn training(&self) -> TrainingServiceClient<Channel> {
         TrainingServiceClient::new(self.channel().await)
     }

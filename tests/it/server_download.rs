@@ -1,7 +1,7 @@
 //! `--allow-download`: a missing CIFAR set is fetched (from a local HTTP server serving an
 //! archive made here), checked against its MD5, installed, and trained on.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;

@@ -1,7 +1,7 @@
 //! The fused CPU block against burn's composition of the same maths: logits and every
 //! parameter's gradient, with dropout on (both draw the same masks from the stream).
 
-mod common;
+use crate::common;
 
 use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
 use burn::tensor::backend::AutodiffBackend;

@@ -1,6 +1,6 @@
 //! The offline CLI end to end: train, eval, plot, attention overlay, export, bench.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1,0 +1,22 @@
+//! Every integration test, in one binary: burn, sqlx and tonic are linked once instead of once
+//! per file. A module per area; `common` holds what they share. Tests of different modules
+//! run side by side in this one process, so anything process-wide (burn's CPU RNG) is taken
+//! through `common::serial` or the library's own lock.
+
+mod common;
+
+mod checkpoint_faults;
+mod cli;
+mod data;
+mod fused;
+mod hardening;
+mod model;
+mod replicas;
+mod server;
+mod server_auth;
+mod server_download;
+mod server_errors;
+mod server_faults;
+mod server_ops;
+mod store;
+mod train;
