@@ -44,6 +44,19 @@ impl From<crate::store::StoreError> for ApiError {
     }
 }
 
+/// The artifact store: FAILED_PRECONDITION when it refuses this server (an operator's
+/// setting), UNAVAILABLE when it cannot be reached, INTERNAL for a local file.
+impl From<crate::artifacts::ArtifactError> for ApiError {
+    fn from(e: crate::artifacts::ArtifactError) -> Self {
+        use crate::artifacts::ArtifactError as E;
+        match e {
+            E::Refused { .. } => Self::FailedPrecondition(e.to_string()),
+            E::Unavailable { .. } => Self::Unavailable(e.to_string()),
+            E::Local(e) => Self::internal(e),
+        }
+    }
+}
+
 impl ApiError {
     /// An internal error (a bug or an environment failure): logged when it becomes a status.
     pub fn internal(e: anyhow::Error) -> Self {

@@ -3,13 +3,14 @@
 //! Layers, top to bottom (nothing imports upward): `cli` (the `tlb` command) and `server`
 //! (wiring, the data-dir lock, shutdown); `grpc` (the API) with `auth` (tokens and roles, a
 //! tower layer) beside it; `worker` (the thread that owns the device); `store` (job
-//! database), `datasets` (resolution and download), `admission` (whether a new job fits the
-//! machine); `engine` (model, data, training, inference, pictures). Beneath them all, used
-//! by any: `error` (request errors and their gRPC codes), `names` (enums named by strings)
-//! and `metrics` (the Prometheus registry every layer records into, and the tower layer that
-//! counts RPCs).
+//! database), `artifacts` (where checkpoints live: the data dir, or S3), `datasets`
+//! (resolution and download), `admission` (whether a new job fits the machine); `engine`
+//! (model, data, training, inference, pictures). Beneath them all, used by any: `error`
+//! (request errors and their gRPC codes), `names` (enums named by strings) and `metrics` (the
+//! Prometheus registry every layer records into, and the tower layer that counts RPCs).
 
 pub mod admission;
+pub mod artifacts;
 pub mod auth;
 pub mod cli;
 pub mod datasets;

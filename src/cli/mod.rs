@@ -29,7 +29,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the gRPC server (training jobs, Classify, GetAttention, health, reflection).
-    Serve(crate::server::ServeArgs),
+    Serve(Box<crate::server::ServeArgs>),
     /// Start a training job on the server (StartTraining); --watch follows it.
     Train(client::TrainArgs),
     /// List the server's jobs, or show one.
@@ -208,7 +208,7 @@ pub struct ParityArgs {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve(a) => crate::server::serve(a),
+        Command::Serve(a) => crate::server::serve(*a),
         Command::Train(a) => client::train(a),
         Command::Jobs(a) => client::jobs(a),
         Command::Watch(a) => client::watch(a),

@@ -14,7 +14,7 @@ use crate::names::Named;
 use crate::proto::v1 as pb;
 use crate::proto::v1::inference_service_server::InferenceService;
 use crate::store::{job_dir, CheckpointRow};
-use crate::worker::ModelRef;
+use crate::worker::{local_model, ModelRef};
 
 const OVERLAY_DEFAULT: u32 = 256;
 const OVERLAY_RANGE: std::ops::RangeInclusive<u32> = 32..=1024;
@@ -22,8 +22,8 @@ const OVERLAY_RANGE: std::ops::RangeInclusive<u32> = 32..=1024;
 pub struct InferenceApi(pub AppState);
 
 impl InferenceApi {
-    fn model_ref(&self, row: &CheckpointRow) -> ModelRef {
-        ModelRef::of(&self.0.data_dir, row)
+    async fn model_ref(&self, row: &CheckpointRow) -> Result<ModelRef, ApiError> {
+        local_model(&self.0.artifacts, &self.0.data_dir, row).await
     }
 
     /// A job id (its best checkpoint), a checkpoint id, or empty (the default model); while
@@ -31,7 +31,7 @@ impl InferenceApi {
     async fn resolve_model(&self, model: &str) -> Result<ModelRef, ApiError> {
         let answer = self.lookup_model(model).await;
         let row = self.0.remembered(&format!("tlb.v1/{model}"), answer)?;
-        Ok(self.model_ref(&row))
+        self.model_ref(&row).await
     }
 
     async fn lookup_model(&self, model: &str) -> Result<CheckpointRow, ApiError> {

@@ -18,6 +18,7 @@ pub use oip::{OipApi, OnlyOpenInference};
 pub use training::TrainingApi;
 
 use crate::admission::Admission;
+use crate::artifacts::Artifacts;
 use crate::datasets::Datasets;
 use crate::store::{CheckpointRow, LastKnown, Store};
 use crate::worker::{JobEvent, RunningJobs, WorkerHandle};
@@ -90,6 +91,8 @@ pub struct AppState {
     pub max_queued_jobs: usize,
     /// The checkpoint each model name last stood for, served while the store is down.
     pub models: Arc<LastKnown<CheckpointRow>>,
+    /// Where checkpoints live beyond the data dir (none by default).
+    pub artifacts: Artifacts,
 }
 
 impl AppState {

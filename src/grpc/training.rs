@@ -104,6 +104,8 @@ impl TrainingService for TrainingApi {
         }
         // Only now the state of the machine: arguments are judged first.
         self.0.admission.check(&config)?;
+        // A job whose checkpoints could not be kept is refused before it queues.
+        self.0.artifacts.check().await.map_err(ApiError::from)?;
         let queued = self
             .0
             .store

@@ -90,6 +90,8 @@ pub struct ServeArgs {
     /// warning.
     #[arg(long, env = "TLB_ON_MISSING_CHECKPOINT", value_enum, default_value_t = MissingCheckpoint::Fail)]
     pub on_missing_checkpoint: MissingCheckpoint,
+    #[command(flatten)]
+    pub artifacts: crate::artifacts::ArtifactArgs,
     /// Queued training jobs; StartTraining is refused beyond it (RESOURCE_EXHAUSTED).
     #[arg(long, env = "TLB_MAX_QUEUED_JOBS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_queued_jobs: u64,

@@ -13,9 +13,10 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context, Result};
 use tokio::sync::{broadcast, watch};
 use tonic::codegen::http;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::admission::Admission;
+use crate::artifacts::Artifacts;
 use crate::auth::{AuthLayer, Tokens};
 use crate::datasets::{Datasets, DownloadSource};
 use crate::engine::train::remove_stale_temp_files;
@@ -103,6 +104,7 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
         .then(|| DataDirLock::acquire(&args.data_dir))
         .transpose()?;
     let store = open_store(&args, &replica_id, exclusive).await?;
+    let artifacts = open_artifacts(&args).await?;
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let health = health::Health::new(reporter).await;
     health.follow_store(store.watch_availability());
@@ -111,6 +113,7 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
     let (state, fatal_rx) = start_worker(
         &args,
         store,
+        artifacts,
         replica_id.clone(),
         &health,
         shutdown_rx,
@@ -254,6 +257,19 @@ async fn open_store(args: &ServeArgs, replica_id: &str, exclusive: bool) -> Resu
     Ok(store)
 }
 
+/// The artifact store `--artifact-store` names. One that cannot be reached yet is reported,
+/// not fatal: StartTraining refuses jobs until it answers, and models already here serve.
+async fn open_artifacts(args: &ServeArgs) -> Result<Artifacts> {
+    let artifacts = Artifacts::open(&args.artifacts, &args.data_dir)?;
+    if artifacts.is_remote() {
+        match artifacts.check().await {
+            Ok(()) => info!(store = %artifacts.describe(), "artifact store reachable"),
+            Err(e) => warn!(error = %e, "artifact store not usable yet"),
+        }
+    }
+    Ok(artifacts)
+}
+
 fn datasets(args: &ServeArgs) -> Datasets {
     Datasets {
         root: args.datasets_root.clone(),
@@ -274,6 +290,7 @@ fn datasets(args: &ServeArgs) -> Datasets {
 fn start_worker(
     args: &ServeArgs,
     store: Store,
+    artifacts: Artifacts,
     replica_id: String,
     health: &health::Health,
     shutdown: watch::Receiver<bool>,
@@ -296,6 +313,7 @@ fn start_worker(
         replica_id,
         lease: std::time::Duration::from_secs(args.lease_seconds),
         on_missing_checkpoint: args.on_missing_checkpoint,
+        artifacts: artifacts.clone(),
     };
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let worker = Arc::new(WorkerHandle::start(
@@ -331,6 +349,7 @@ fn start_worker(
         shutdown,
         max_queued_jobs: args.max_queued_jobs as usize,
         models: Arc::new(crate::store::LastKnown::new(1024)),
+        artifacts,
         admission: Admission {
             data_dir: args.data_dir.clone(),
             min_free_bytes: args.min_free_bytes,

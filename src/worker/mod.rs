@@ -8,6 +8,7 @@ mod devices;
 mod inference;
 mod job;
 mod lease;
+mod observer;
 mod watch;
 
 use std::collections::HashMap;
@@ -29,6 +30,7 @@ pub use inference::{AttentionResult, ClassifyResult};
 pub use job::MissingCheckpoint;
 pub use watch::{Watched, Watcher};
 
+use crate::artifacts::Artifacts;
 use crate::datasets::Datasets;
 use crate::engine::backend::DeviceSpec;
 use crate::engine::train::CheckpointDir;
@@ -71,6 +73,23 @@ impl ModelRef {
             _ => &self.path,
         }
     }
+}
+
+/// The model a checkpoint row stands for, with its file present in this replica's data dir:
+/// fetched from the artifact store when another replica wrote it (UNAVAILABLE while the store
+/// cannot be reached; models already here are served meanwhile).
+pub async fn local_model(
+    artifacts: &Artifacts,
+    data_dir: &std::path::Path,
+    row: &CheckpointRow,
+) -> Result<ModelRef, ApiError> {
+    let model = ModelRef::of(data_dir, row);
+    if !artifacts.fetch(&model.path).await? {
+        if let Some(fallback) = &model.fallback {
+            artifacts.fetch(fallback).await?;
+        }
+    }
+    Ok(model)
 }
 
 /// A request's place in the inference queue: its images count against
@@ -164,6 +183,9 @@ pub struct WorkerContext {
     pub lease: Duration,
     /// What a resumed job whose committed checkpoints are all missing does.
     pub on_missing_checkpoint: MissingCheckpoint,
+    /// Where checkpoints are published before the store commits them, and fetched from when
+    /// this replica lacks one.
+    pub artifacts: Artifacts,
 }
 
 impl WorkerContext {

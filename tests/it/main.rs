@@ -5,6 +5,7 @@
 
 mod common;
 
+mod artifacts;
 mod checkpoint_faults;
 mod cli;
 mod data;

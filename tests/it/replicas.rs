@@ -25,12 +25,23 @@ use tlb::store::Store;
 use tonic::transport::Channel;
 
 /// Lease of the replicas; `TLB_TEST_LEASE_SECONDS=30` measures the default's takeover.
-fn lease_seconds() -> String {
+pub(crate) fn lease_seconds() -> String {
     std::env::var("TLB_TEST_LEASE_SECONDS").unwrap_or_else(|_| "3".into())
 }
 
 /// A replica on `root/data` (shared), datasets under `datasets`.
 fn replica(root: &Path, datasets: &Path, url: &str, id: &str, extra: &[&str]) -> Server {
+    Server::spawn(replica_command(root, datasets, url, id, extra), root)
+}
+
+/// The command [`replica`] runs, to adjust before [`Server::spawn`].
+pub(crate) fn replica_command(
+    root: &Path,
+    datasets: &Path,
+    url: &str,
+    id: &str,
+    extra: &[&str],
+) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tlb"));
     cmd.args(["serve", "--addr", "127.0.0.1:0", "--data-dir"])
         .arg(root.join("data"))
@@ -43,11 +54,11 @@ fn replica(root: &Path, datasets: &Path, url: &str, id: &str, extra: &[&str]) ->
     if !extra.contains(&"--lease-seconds") {
         cmd.args(["--lease-seconds", &lease_seconds()]);
     }
-    Server::spawn(cmd, root)
+    cmd
 }
 
 /// The replicas' ids, in the order [`pair`] starts them.
-const IDS: [&str; 2] = ["a", "b"];
+pub(crate) const IDS: [&str; 2] = ["a", "b"];
 
 /// Replicas `a` and `b` on one database and one data dir.
 fn pair(root: &Path, datasets: &Path, url: &str, extra: &[&str]) -> [Server; 2] {
@@ -62,12 +73,12 @@ fn synthetic(root: &Path, train: usize) -> PathBuf {
 }
 
 /// Which replica runs `job` (index into [`IDS`]) and which does not.
-fn owner_and_other(job: &pb::Job) -> (usize, usize) {
+pub(crate) fn owner_and_other(job: &pb::Job) -> (usize, usize) {
     let owner = usize::from(job.worker == IDS[1]);
     (owner, 1 - owner)
 }
 
-fn shared_data() -> PathBuf {
+pub(crate) fn shared_data() -> PathBuf {
     let root = std::env::var("TLB_SHARED_DATA")
         .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data").to_string());
     let root = PathBuf::from(root);
@@ -80,7 +91,7 @@ fn shared_data() -> PathBuf {
 }
 
 /// Polls GetJob until `done` holds (bounded by `timeout`).
-async fn wait_job(
+pub(crate) async fn wait_job(
     client: &mut TrainingServiceClient<Channel>,
     job: &str,
     timeout: Duration,
@@ -102,7 +113,7 @@ async fn wait_job(
 }
 
 /// Waits until replica `new_owner` runs `job` as its second attempt.
-async fn wait_takeover(
+pub(crate) async fn wait_takeover(
     client: &mut TrainingServiceClient<Channel>,
     job: &str,
     timeout: Duration,
@@ -114,11 +125,11 @@ async fn wait_takeover(
     .await
 }
 
-fn ended(j: &pb::Job) -> bool {
+pub(crate) fn ended(j: &pb::Job) -> bool {
     ![pb::JobState::Queued as i32, pb::JobState::Running as i32].contains(&j.state)
 }
 
-fn state(j: &pb::Job) -> pb::JobState {
+pub(crate) fn state(j: &pb::Job) -> pb::JobState {
     pb::JobState::try_from(j.state).unwrap()
 }
 
@@ -199,8 +210,36 @@ async fn a_killed_replicas_job_is_taken_over_and_ends_with_the_same_weights() {
     let datasets = shared_data();
     let mut servers = pair(dir.path(), &datasets, &pg.url, &[]).map(Some);
     let request = || start_request("cpu-small", 2, "cifar10-mini");
+    let (job, other) = kill_the_owner_mid_job(&mut servers, request()).await;
+    let mut client = servers[other].as_ref().unwrap().training().await;
+    assert_eq!(metric_epochs(dir.path(), &job), vec![1, 2]);
+
+    // The same job, uninterrupted, on the survivor.
+    let reference = start_job(&mut client, request()).await;
+    let r = wait_job(
+        &mut client,
+        &reference,
+        Duration::from_secs(900),
+        "the end",
+        ended,
+    )
+    .await;
+    assert_eq!((state(&r), r.attempt), (pb::JobState::Succeeded, 1));
+    let store = Store::connect(Some(&pg.url), &dir.path().join("data"))
+        .await
+        .unwrap();
+    assert_same_weights(&store, &job, &reference).await;
+}
+
+/// Starts `request` through the first replica; once the job is past epoch 1, kills its owner
+/// (kill -9) and waits until the other replica has taken it over and finished it (SUCCEEDED,
+/// one restart). The job, and the index of the replica that finished it.
+pub(crate) async fn kill_the_owner_mid_job(
+    servers: &mut [Option<Server>; 2],
+    request: pb::StartTrainingRequest,
+) -> (String, usize) {
     let mut client = servers[0].as_ref().unwrap().training().await;
-    let job = start_job(&mut client, request()).await;
+    let job = start_job(&mut client, request).await;
     // Past its first checkpoint, into epoch 2.
     let j = wait_job(
         &mut client,
@@ -220,8 +259,7 @@ async fn a_killed_replicas_job_is_taken_over_and_ends_with_the_same_weights() {
     let killed = Instant::now();
     servers[owner] = None;
 
-    let survivor = servers[other].as_ref().unwrap();
-    let mut client = survivor.training().await;
+    let mut client = servers[other].as_ref().unwrap().training().await;
     let j = wait_takeover(&mut client, &job, Duration::from_secs(120), IDS[other]).await;
     println!(
         "takeover after kill -9 with --lease-seconds {}: {:.1} s",
@@ -238,25 +276,14 @@ async fn a_killed_replicas_job_is_taken_over_and_ends_with_the_same_weights() {
     )
     .await;
     assert_eq!(state(&j), pb::JobState::Succeeded, "{j:?}");
-    assert_eq!(metric_epochs(dir.path(), &job), vec![1, 2]);
+    (job, other)
+}
 
-    // The same job, uninterrupted, on the survivor.
-    let reference = start_job(&mut client, request()).await;
-    let r = wait_job(
-        &mut client,
-        &reference,
-        Duration::from_secs(900),
-        "the end",
-        ended,
-    )
-    .await;
-    assert_eq!((state(&r), r.attempt), (pb::JobState::Succeeded, 1));
-    let store = Store::connect(Some(&pg.url), &dir.path().join("data"))
-        .await
-        .unwrap();
+/// The final weights of the two jobs are the same, bit for bit.
+pub(crate) async fn assert_same_weights(store: &Store, job: &str, reference: &str) {
     let (taken_over, uninterrupted) = (
-        final_weights(&store, &job).await,
-        final_weights(&store, &reference).await,
+        final_weights(store, job).await,
+        final_weights(store, reference).await,
     );
     assert_eq!(taken_over.len(), uninterrupted.len());
     let differing = taken_over

@@ -19,7 +19,7 @@ use crate::error::ApiError;
 use crate::proto::inference as oip;
 use crate::proto::inference::grpc_inference_service_server::GrpcInferenceService;
 use crate::store::{job_dir, CheckpointRow};
-use crate::worker::ModelRef;
+use crate::worker::local_model;
 use tensors::{Output, ATTENTION, ENCODED, IMAGES, LABELS, PROBABILITIES};
 pub use unimplemented::OnlyOpenInference;
 
@@ -157,8 +157,8 @@ impl GrpcInferenceService for OipApi {
         let r = request.into_inner();
         let ready = match self.checkpoint(&r.name, &r.version).await {
             Ok(row) => {
-                let model = ModelRef::of(&self.0.data_dir, &row);
-                self.ready() && model.file().exists()
+                let model = local_model(&self.0.artifacts, &self.0.data_dir, &row).await;
+                self.ready() && model.is_ok_and(|m| m.file().exists())
             }
             Err(ApiError::NotFound(_) | ApiError::FailedPrecondition(_)) => false,
             Err(e) => return Err(e.into()),
@@ -226,7 +226,7 @@ impl OipApi {
         let ticket = self.0.worker.reserve(n, deadline)?;
         let decoded = decode_all(images, false).await?;
         let row = self.checkpoint(&r.model_name, &r.model_version).await?;
-        let model = ModelRef::of(&self.0.data_dir, &row);
+        let model = local_model(&self.0.artifacts, &self.0.data_dir, &row).await?;
         let planar: Vec<Vec<u8>> = decoded.into_iter().map(|d| d.planar).collect();
         let wants = |name| outputs.contains(&name);
         let mut attention: Vec<f32> = Vec::new();

@@ -46,112 +46,127 @@ pub fn images(r: &mut oip::ModelInferRequest) -> Result<Vec<pb::Image>, ApiError
             "has both contents and raw_input_contents; send one",
         ));
     }
-    let shape: Vec<i64> = input.shape.clone();
-    let datatype = input.datatype.as_str();
     match input.name.as_str() {
-        IMAGES => {
-            if datatype != "UINT8" {
-                return Err(bad(
-                    &field,
-                    format!("datatype is {datatype}; it must be UINT8"),
-                ));
-            }
-            let [n, h, w, 3] = shape[..] else {
-                return Err(bad(
-                    &field,
-                    format!("shape is {shape:?}; it must be [batch, height, width, 3]"),
-                ));
-            };
-            if n <= 0 || h <= 0 || w <= 0 {
-                return Err(bad(
-                    &field,
-                    format!("shape {shape:?} has an empty dimension"),
-                ));
-            }
-            let (n, h, w) = (n as usize, h as usize, w as usize);
-            let per_image = h
-                .checked_mul(w)
-                .and_then(|p| p.checked_mul(3))
-                .ok_or_else(|| bad(&field, format!("shape {shape:?} is too large")))?;
-            let data = match bytes {
-                Some(b) => b,
-                None => uint8_contents(&field, input.contents.take())?,
-            };
-            if Some(data.len()) != per_image.checked_mul(n) {
-                return Err(bad(
-                    &field,
-                    format!(
-                        "holds {} bytes; shape {shape:?} of UINT8 needs {}",
-                        data.len(),
-                        per_image.saturating_mul(n)
-                    ),
-                ));
-            }
-            within_batch_limit(n)?;
-            Ok(data
-                .chunks_exact(per_image)
-                .map(|rgb8| pb::Image {
-                    source: Some(pb::image::Source::Raw(pb::RawImage {
-                        width: w as u32,
-                        height: h as u32,
-                        rgb8: rgb8.to_vec(),
-                    })),
-                })
-                .collect())
-        }
-        ENCODED => {
-            if datatype != "BYTES" {
-                return Err(bad(
-                    &field,
-                    format!("datatype is {datatype}; it must be BYTES"),
-                ));
-            }
-            let n = match shape[..] {
-                [n] | [n, 1] if n > 0 => n as usize,
-                _ => {
-                    return Err(bad(
-                        &field,
-                        format!("shape is {shape:?}; it must be [batch] (or [batch, 1])"),
-                    ))
-                }
-            };
-            // Counted before any element is copied out.
-            let held = match &bytes {
-                Some(b) => bytes_elements(&field, b).try_fold(0, |n, e| e.map(|_| n + 1))?,
-                None => input
-                    .contents
-                    .as_ref()
-                    .map_or(0, |c| c.bytes_contents.len()),
-            };
-            if held != n {
-                return Err(bad(
-                    &field,
-                    format!("holds {held} elements; shape {shape:?} needs {n}"),
-                ));
-            }
-            within_batch_limit(n)?;
-            let files: Vec<Vec<u8>> = match bytes {
-                Some(b) => bytes_elements(&field, &b)
-                    .map(|e| e.map(<[u8]>::to_vec))
-                    .collect::<Result<_, _>>()?,
-                None => input
-                    .contents
-                    .take()
-                    .map(|c| c.bytes_contents)
-                    .unwrap_or_default(),
-            };
-            Ok(files
-                .into_iter()
-                .map(|f| pb::Image {
-                    source: Some(pb::image::Source::Encoded(f)),
-                })
-                .collect())
-        }
+        IMAGES => raw_images(&field, input, bytes),
+        ENCODED => encoded_images(&field, input, bytes),
         other => Err(bad(
             &field,
             format!("unknown input '{other}'; {}", what_inputs()),
         )),
     }
+}
+
+/// `images`: UINT8 `[batch, height, width, 3]`, RGB8 pixels.
+fn raw_images(
+    field: &str,
+    input: &mut oip::model_infer_request::InferInputTensor,
+    bytes: Option<Vec<u8>>,
+) -> Result<Vec<pb::Image>, ApiError> {
+    let shape = &input.shape;
+    if input.datatype != "UINT8" {
+        return Err(bad(
+            field,
+            format!("datatype is {}; it must be UINT8", input.datatype),
+        ));
+    }
+    let [n, h, w, 3] = shape[..] else {
+        return Err(bad(
+            field,
+            format!("shape is {shape:?}; it must be [batch, height, width, 3]"),
+        ));
+    };
+    if n <= 0 || h <= 0 || w <= 0 {
+        return Err(bad(
+            field,
+            format!("shape {shape:?} has an empty dimension"),
+        ));
+    }
+    let (n, h, w) = (n as usize, h as usize, w as usize);
+    let per_image = h
+        .checked_mul(w)
+        .and_then(|p| p.checked_mul(3))
+        .ok_or_else(|| bad(field, format!("shape {shape:?} is too large")))?;
+    let data = match bytes {
+        Some(b) => b,
+        None => uint8_contents(field, input.contents.take())?,
+    };
+    if Some(data.len()) != per_image.checked_mul(n) {
+        return Err(bad(
+            field,
+            format!(
+                "holds {} bytes; shape {:?} of UINT8 needs {}",
+                data.len(),
+                input.shape,
+                per_image.saturating_mul(n)
+            ),
+        ));
+    }
+    within_batch_limit(n)?;
+    Ok(data
+        .chunks_exact(per_image)
+        .map(|rgb8| pb::Image {
+            source: Some(pb::image::Source::Raw(pb::RawImage {
+                width: w as u32,
+                height: h as u32,
+                rgb8: rgb8.to_vec(),
+            })),
+        })
+        .collect())
+}
+
+/// `encoded_images`: BYTES `[batch]` (or `[batch, 1]`), one PNG or JPEG file each.
+fn encoded_images(
+    field: &str,
+    input: &mut oip::model_infer_request::InferInputTensor,
+    bytes: Option<Vec<u8>>,
+) -> Result<Vec<pb::Image>, ApiError> {
+    let shape = &input.shape;
+    if input.datatype != "BYTES" {
+        return Err(bad(
+            field,
+            format!("datatype is {}; it must be BYTES", input.datatype),
+        ));
+    }
+    let n = match shape[..] {
+        [n] | [n, 1] if n > 0 => n as usize,
+        _ => {
+            return Err(bad(
+                field,
+                format!("shape is {shape:?}; it must be [batch] (or [batch, 1])"),
+            ))
+        }
+    };
+    // Counted before any element is copied out.
+    let held = match &bytes {
+        Some(b) => bytes_elements(field, b).try_fold(0, |n, e| e.map(|_| n + 1))?,
+        None => input
+            .contents
+            .as_ref()
+            .map_or(0, |c| c.bytes_contents.len()),
+    };
+    if held != n {
+        return Err(bad(
+            field,
+            format!("holds {held} elements; shape {shape:?} needs {n}"),
+        ));
+    }
+    within_batch_limit(n)?;
+    let files: Vec<Vec<u8>> = match bytes {
+        Some(b) => bytes_elements(field, &b)
+            .map(|e| e.map(<[u8]>::to_vec))
+            .collect::<Result<_, _>>()?,
+        None => input
+            .contents
+            .take()
+            .map(|c| c.bytes_contents)
+            .unwrap_or_default(),
+    };
+    Ok(files
+        .into_iter()
+        .map(|f| pb::Image {
+            source: Some(pb::image::Source::Encoded(f)),
+        })
+        .collect())
 }
 
 /// UINT8 elements sent as typed contents (`uint_contents`, one element per entry).

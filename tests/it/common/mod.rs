@@ -5,6 +5,7 @@
 
 pub mod faults;
 pub mod postgres;
+pub mod s3;
 pub mod server;
 
 use std::path::Path;

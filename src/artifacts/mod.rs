@@ -1,0 +1,247 @@
+//! The artifact store: where checkpoints live beyond one replica's disk.
+//!
+//! Without `--artifact-store` it is the data dir itself and nothing is copied (today's layout,
+//! nothing to run). With `s3://BUCKET/PREFIX` (any S3-compatible service, through Apache
+//! Arrow's `object_store`) every checkpoint is uploaded before the job store commits its row,
+//! and a replica that lacks a committed file (another replica wrote it) downloads it into its
+//! own data dir before reading it, where it stays as the local copy. Keys are the files' paths
+//! relative to the data dir (`PREFIX/jobs/<id>/checkpoints/epoch-0001.a1.ckpt`), the same on
+//! every replica; each attempt writes its own names, so a paused owner cannot overwrite what
+//! the new owner committed. What is read is verified by the checkpoint's own checksum.
+
+mod config;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use object_store::path::Path as Key;
+use object_store::{ObjectStore, PutPayload};
+
+pub use config::{Addressing, ArtifactArgs};
+
+/// Why the artifact store could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum ArtifactError {
+    /// It refused this server's credentials, or the bucket does not exist: an operator's
+    /// setting to change.
+    #[error("the artifact store {url} refuses this server: {reason}")]
+    Refused { url: String, reason: String },
+    /// It could not be reached, or failed: retry later.
+    #[error("the artifact store {url} is unavailable ({reason}); retry later")]
+    Unavailable { url: String, reason: String },
+    /// A local file to publish or fetch into could not be read or written.
+    #[error("{0:#}")]
+    Local(anyhow::Error),
+}
+
+/// Where artifacts are kept; cheap to clone.
+#[derive(Clone)]
+pub struct Artifacts {
+    data_dir: PathBuf,
+    remote: Option<Arc<Remote>>,
+}
+
+struct Remote {
+    store: Arc<dyn ObjectStore>,
+    prefix: Key,
+    /// `s3://bucket/prefix`, for messages (holds no secret).
+    url: String,
+}
+
+impl std::fmt::Debug for Artifacts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+impl Artifacts {
+    /// The data dir itself: nothing is copied anywhere.
+    pub fn local(data_dir: &Path) -> Self {
+        Self {
+            data_dir: data_dir.to_path_buf(),
+            remote: None,
+        }
+    }
+
+    /// The store `args` name, for a server whose data dir is `data_dir`.
+    pub fn open(args: &ArtifactArgs, data_dir: &Path) -> anyhow::Result<Self> {
+        let Some(url) = args.artifact_store.as_deref() else {
+            return Ok(Self::local(data_dir));
+        };
+        if let Some(path) = url.strip_prefix("file://") {
+            let same = Path::new(path).canonicalize().ok() == data_dir.canonicalize().ok();
+            anyhow::ensure!(
+                same,
+                "--artifact-store {url}: a file:// store is the data dir ({}); for a store \
+                 that several replicas share, use s3://BUCKET/PREFIX",
+                data_dir.display()
+            );
+            return Ok(Self::local(data_dir));
+        }
+        let (store, prefix) = config::s3(args, url)?;
+        Ok(Self {
+            data_dir: data_dir.to_path_buf(),
+            remote: Some(Arc::new(Remote {
+                store,
+                prefix,
+                url: url.trim_end_matches('/').to_string(),
+            })),
+        })
+    }
+
+    /// A remote store given as an `ObjectStore` (the unit tests' in-memory one).
+    #[cfg(test)]
+    fn with_store(data_dir: &Path, store: Arc<dyn ObjectStore>, prefix: &str) -> Self {
+        Self {
+            data_dir: data_dir.to_path_buf(),
+            remote: Some(Arc::new(Remote {
+                store,
+                prefix: Key::from(prefix),
+                url: format!("test://{prefix}"),
+            })),
+        }
+    }
+
+    /// `s3://bucket/prefix`, or `file://<data dir>`.
+    pub fn describe(&self) -> String {
+        match &self.remote {
+            Some(r) => r.url.clone(),
+            None => format!("file://{}", self.data_dir.display()),
+        }
+    }
+
+    /// Whether files are copied to a store beyond the data dir.
+    pub fn is_remote(&self) -> bool {
+        self.remote.is_some()
+    }
+
+    /// Lists the prefix: wrong credentials or a missing bucket are `Refused`, an unreachable
+    /// service `Unavailable`. The data dir alone always passes.
+    pub async fn check(&self) -> Result<(), ArtifactError> {
+        let Some(r) = &self.remote else {
+            return Ok(());
+        };
+        r.store
+            .list_with_delimiter(Some(&r.prefix))
+            .await
+            .map(|_| ())
+            .map_err(|e| r.error(e, true))
+    }
+
+    /// Uploads `file` (under the data dir) to its key. Nothing to do without a remote store.
+    pub async fn publish(&self, file: &Path) -> Result<(), ArtifactError> {
+        let Some(r) = &self.remote else {
+            return Ok(());
+        };
+        let key = self.key(r, file)?;
+        let bytes = tokio::fs::read(file)
+            .await
+            .map_err(|e| local(format!("reading {}", file.display()), e))?;
+        r.store
+            .put(&key, PutPayload::from(bytes))
+            .await
+            .map(|_| ())
+            .map_err(|e| r.error(e, false))
+    }
+
+    /// Makes `file` (under the data dir) present locally: true when it is there already or was
+    /// downloaded, false when the store does not hold it either.
+    pub async fn fetch(&self, file: &Path) -> Result<bool, ArtifactError> {
+        if file.exists() {
+            return Ok(true);
+        }
+        let Some(r) = &self.remote else {
+            return Ok(false);
+        };
+        let key = self.key(r, file)?;
+        let got = match r.store.get(&key).await {
+            Ok(got) => got,
+            Err(object_store::Error::NotFound { .. }) => return Ok(false),
+            Err(e) => return Err(r.error(e, false)),
+        };
+        let bytes = got.bytes().await.map_err(|e| r.error(e, false))?;
+        let file = file.to_path_buf();
+        tokio::task::spawn_blocking(move || write_atomic(&file, &bytes))
+            .await
+            .map_err(|e| ArtifactError::Local(e.into()))?
+            .map_err(ArtifactError::Local)?;
+        Ok(true)
+    }
+
+    /// The key of a file under the data dir.
+    fn key(&self, r: &Remote, file: &Path) -> Result<Key, ArtifactError> {
+        let rel = file.strip_prefix(&self.data_dir).map_err(|_| {
+            ArtifactError::Local(anyhow::anyhow!(
+                "{} is outside the data dir {}",
+                file.display(),
+                self.data_dir.display()
+            ))
+        })?;
+        let mut key = r.prefix.clone();
+        for part in rel.components() {
+            let part = part.as_os_str().to_string_lossy();
+            key = key.child(part.as_ref());
+        }
+        Ok(key)
+    }
+}
+
+impl Remote {
+    fn error(&self, e: object_store::Error, listing: bool) -> ArtifactError {
+        use object_store::Error as E;
+        let url = self.url.clone();
+        let text = e.to_string();
+        // object_store reports some HTTP statuses only in its message (a list request's 403).
+        let refused = matches!(e, E::PermissionDenied { .. } | E::Unauthenticated { .. })
+            || [
+                "403 Forbidden",
+                "401 Unauthorized",
+                "SignatureDoesNotMatch",
+                "InvalidAccessKeyId",
+            ]
+            .iter()
+            .any(|s| text.contains(s));
+        // Listing a prefix finds nothing rather than failing: there only a missing bucket is
+        // "not found".
+        let no_bucket =
+            text.contains("NoSuchBucket") || (listing && matches!(e, E::NotFound { .. }));
+        if refused {
+            ArtifactError::Refused {
+                url,
+                reason: format!("credentials refused: {text}"),
+            }
+        } else if no_bucket {
+            ArtifactError::Refused {
+                url,
+                reason: format!("no such bucket: {text}"),
+            }
+        } else {
+            ArtifactError::Unavailable { url, reason: text }
+        }
+    }
+}
+
+fn local(what: String, e: std::io::Error) -> ArtifactError {
+    ArtifactError::Local(anyhow::Error::new(e).context(what))
+}
+
+/// Writes `bytes` to `path` through a temp file renamed into place (and synced), so a reader
+/// never sees a partial download.
+fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::io::Write;
+    let dir = path.parent().context("a file path has a parent")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".download-")
+        .tempfile_in(dir)
+        .with_context(|| format!("creating a temp file in {}", dir.display()))?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path)
+        .with_context(|| format!("renaming into {}", path.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

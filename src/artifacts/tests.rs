@@ -1,0 +1,122 @@
+//! The artifact store's rules, on the data dir alone and on object_store's in-memory store
+//! (the integration tests run a real S3 server).
+
+use std::sync::Arc;
+
+use object_store::memory::InMemory;
+use object_store::ObjectStore;
+
+use super::*;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn without_a_store_the_data_dir_is_all_there_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Artifacts::local(dir.path());
+    assert!(!a.is_remote());
+    assert_eq!(a.describe(), format!("file://{}", dir.path().display()));
+    let file = dir.path().join("jobs/x/checkpoints/epoch-0001.a1.ckpt");
+    let rt = runtime();
+    rt.block_on(a.check()).unwrap();
+    // Publishing copies nothing; a file that is not there cannot be fetched.
+    rt.block_on(a.publish(&file)).unwrap();
+    assert!(!rt.block_on(a.fetch(&file)).unwrap());
+    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+    std::fs::write(&file, b"weights").unwrap();
+    assert!(rt.block_on(a.fetch(&file)).unwrap());
+}
+
+#[test]
+fn a_file_published_by_one_replica_is_fetched_by_another_under_the_same_key() {
+    let memory: Arc<InMemory> = Arc::new(InMemory::new());
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Artifacts::with_store(a_dir.path(), memory.clone(), "runs");
+    let b = Artifacts::with_store(b_dir.path(), memory.clone(), "runs");
+    let rel = "jobs/j1/checkpoints/epoch-0001.a1.ckpt";
+    let rt = runtime();
+    std::fs::create_dir_all(a_dir.path().join("jobs/j1/checkpoints")).unwrap();
+    std::fs::write(a_dir.path().join(rel), b"epoch one").unwrap();
+    rt.block_on(a.publish(&a_dir.path().join(rel))).unwrap();
+    // Stored under the prefix and the path relative to the data dir.
+    let stored = rt
+        .block_on(memory.get(&Key::from(format!("runs/{rel}").as_str())))
+        .unwrap();
+    assert_eq!(&rt.block_on(stored.bytes()).unwrap()[..], b"epoch one");
+    // The other replica has no such file, and downloads it into its own data dir.
+    let theirs = b_dir.path().join(rel);
+    assert!(rt.block_on(b.fetch(&theirs)).unwrap());
+    assert_eq!(std::fs::read(&theirs).unwrap(), b"epoch one");
+    // Nothing left behind by the download but the file.
+    let names: Vec<_> = std::fs::read_dir(theirs.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("epoch-0001.a1.ckpt")]);
+    // What neither holds is absent, not an error.
+    let missing = b_dir.path().join("jobs/j1/checkpoints/epoch-0002.a1.ckpt");
+    assert!(!rt.block_on(b.fetch(&missing)).unwrap());
+    // A path outside the data dir has no key.
+    let outside = rt.block_on(b.fetch(Path::new("/etc/passwd-not-here")));
+    assert!(
+        matches!(outside, Err(ArtifactError::Local(_))),
+        "{outside:?}"
+    );
+}
+
+#[test]
+fn store_urls_are_checked_before_anything_is_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = |url: &str| {
+        let args = ArtifactArgs {
+            artifact_store: Some(url.into()),
+            s3_endpoint: Some("http://127.0.0.1:9".into()),
+            ..Default::default()
+        };
+        Artifacts::open(&args, dir.path()).map(|a| a.describe())
+    };
+    assert_eq!(
+        open("s3://bucket/some/prefix/").unwrap(),
+        "s3://bucket/some/prefix"
+    );
+    let data_dir_url = format!("file://{}", dir.path().display());
+    assert_eq!(open(&data_dir_url).unwrap(), data_dir_url);
+    for (url, says) in [
+        ("s3:///prefix", "the bucket name is missing"),
+        ("gs://bucket", "expected s3://BUCKET/PREFIX"),
+        ("file:///elsewhere", "a file:// store is the data dir"),
+    ] {
+        let e = format!("{:#}", open(url).unwrap_err());
+        assert!(e.contains(says), "{url}: {e}");
+    }
+    let unset = Artifacts::open(&ArtifactArgs::default(), dir.path()).unwrap();
+    assert!(!unset.is_remote());
+}
+
+#[test]
+fn an_unreachable_store_is_unavailable_and_names_itself_without_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ArtifactArgs {
+        // Nothing listens on the discard port.
+        s3_endpoint: Some("http://127.0.0.1:9".into()),
+        ..Default::default()
+    };
+    let credentials = object_store::aws::AmazonS3Builder::new()
+        .with_access_key_id("test-access-key")
+        .with_secret_access_key("test-secret-key");
+    let (store, prefix) = config::s3_from(credentials, &args, "s3://bucket/p").unwrap();
+    let a = Artifacts::with_store(dir.path(), store, prefix.as_ref());
+    let e = runtime().block_on(a.check()).unwrap_err();
+    assert!(matches!(e, ArtifactError::Unavailable { .. }), "{e:?}");
+    assert!(
+        e.to_string()
+            .starts_with("the artifact store test://p is unavailable"),
+        "{e}"
+    );
+    assert!(!format!("{e:?}").contains("test-secret-key"), "{e:?}");
+}

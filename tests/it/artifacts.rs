@@ -1,0 +1,245 @@
+//! Checkpoints in object storage (a real S3 server, s3s-fs): replicas with no shared disk
+//! take over each other's jobs and serve each other's models, and a store that refuses this
+//! server or cannot be reached is reported before a job queues.
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::common;
+use crate::replicas::{
+    assert_same_weights, ended, kill_the_owner_mid_job, replica_command, shared_data, state,
+    wait_job, IDS,
+};
+use common::postgres::Postgres;
+use common::s3::S3;
+use common::server::{encoded, png, start_job, start_request, Server};
+use common::write_synthetic_cifar;
+use tlb::proto::v1 as pb;
+use tlb::store::Store;
+use tonic::Code;
+
+const BUCKET: &str = "tlb";
+
+fn store_flags(s3: &S3, prefix: &str) -> Vec<String> {
+    vec![
+        "--artifact-store".into(),
+        format!("s3://{BUCKET}/{prefix}"),
+        "--s3-endpoint".into(),
+        s3.endpoint(),
+    ]
+}
+
+/// A replica with a data dir of its own under `root`, on the shared job store and S3.
+fn replica(root: &Path, pg: &Postgres, s3: &S3, id: &str) -> Server {
+    let datasets = shared_data();
+    let flags = store_flags(s3, "runs");
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut cmd = replica_command(root, &datasets, &pg.url, id, &flags);
+    s3.credentials(&mut cmd);
+    Server::spawn(cmd, root)
+}
+
+/// The job's checkpoint files in a data dir, by name.
+fn checkpoint_files(root: &Path, job: &str) -> Vec<String> {
+    let dir = root.join("data/jobs").join(job).join("checkpoints");
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".ckpt"))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// kill -9 of the replica running a job, where no disk is shared: the other one downloads the
+/// committed checkpoint from S3, resumes, and ends with the weights of an uninterrupted run;
+/// a third replica with an empty data dir classifies with the model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_with_no_shared_disk_take_over_through_object_storage() {
+    let Some(pg) = Postgres::start() else { return };
+    let s3 = S3::start(BUCKET);
+    let roots = [(); 3].map(|_| tempfile::tempdir().unwrap());
+    let mut servers = [0, 1].map(|i| Some(replica(roots[i].path(), &pg, &s3, IDS[i])));
+    let request = || start_request("cpu-small", 2, "cifar10-mini");
+    let (job, other) = kill_the_owner_mid_job(&mut servers, request()).await;
+    let owner = 1 - other;
+    let mut client = servers[other].as_ref().unwrap().training().await;
+
+    // The killed owner's epoch-1 checkpoint: in S3 (read from the server's disk), and
+    // downloaded by the survivor, the same bytes as the owner wrote.
+    let first = "epoch-0001.a1.ckpt";
+    let key = format!("runs/jobs/{job}/checkpoints/{first}");
+    let stored = s3
+        .stored(BUCKET, &key)
+        .expect("the owner's checkpoint in S3");
+    let rel = format!("data/jobs/{job}/checkpoints/{first}");
+    assert_eq!(
+        std::fs::read(roots[owner].path().join(&rel)).unwrap(),
+        stored
+    );
+    assert_eq!(
+        std::fs::read(roots[other].path().join(&rel)).unwrap(),
+        stored
+    );
+    // Everything the survivor wrote is in S3 too, byte for byte.
+    assert_all_stored(&s3, roots[other].path(), "runs", &job);
+
+    // The same job, uninterrupted, on the survivor: the same weights, bit for bit.
+    let reference = start_job(&mut client, request()).await;
+    let r = wait_job(
+        &mut client,
+        &reference,
+        Duration::from_secs(900),
+        "the end",
+        ended,
+    )
+    .await;
+    assert_eq!((state(&r), r.attempt), (pb::JobState::Succeeded, 1));
+    let store = Store::connect(Some(&pg.url), &roots[other].path().join("data"))
+        .await
+        .unwrap();
+    assert_same_weights(&store, &job, &reference).await;
+
+    // A new replica with an empty data dir serves both models, fetched from S3.
+    let fresh = replica(roots[2].path(), &pg, &s3, "c");
+    for model in [&job, &reference] {
+        let answer = fresh
+            .inference()
+            .await
+            .classify(pb::ClassifyRequest {
+                model: model.clone(),
+                images: vec![encoded(png(32, 9))],
+                top_k: 1,
+            })
+            .await;
+        assert!(answer.is_ok(), "{answer:?}");
+    }
+    assert!(!checkpoint_files(roots[2].path(), &job).is_empty());
+}
+
+/// A server on the embedded store with `flags`, the S3 credentials in its environment.
+fn server(root: &Path, s3: &S3, flags: &[String], secret: Option<&str>) -> Server {
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut cmd = Server::command(root, &flags);
+    s3.credentials(&mut cmd);
+    if let Some(secret) = secret {
+        cmd.env("AWS_SECRET_ACCESS_KEY", secret);
+    }
+    Server::spawn(cmd, root)
+}
+
+async fn start_status(server: &Server) -> Result<String, (Code, String)> {
+    let mut client = server.training().await;
+    client
+        .start_training(start_request("tiny", 1, "synth"))
+        .await
+        .map(|r| r.into_inner().job_id)
+        .map_err(|s| (s.code(), s.message().to_string()))
+}
+
+/// Wrong credentials and a missing bucket are FAILED_PRECONDITION at StartTraining, a store
+/// that is down UNAVAILABLE, before anything queues; once it is back, jobs train into it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_refuses_or_is_down_is_reported_before_a_job_queues() {
+    let mut s3 = S3::start(BUCKET);
+    let dir = tempfile::tempdir().unwrap();
+    write_synthetic_cifar(&dir.path().join("datasets/synth"), 200, 50);
+
+    let wrong_key = server(
+        dir.path(),
+        &s3,
+        &store_flags(&s3, "p"),
+        Some("not-the-secret-key"),
+    );
+    let (code, message) = start_status(&wrong_key).await.unwrap_err();
+    assert_eq!(code, Code::FailedPrecondition, "{message}");
+    assert!(
+        message.contains(&format!("s3://{BUCKET}/p refuses this server")),
+        "{message}"
+    );
+    assert!(!message.contains(common::s3::SECRET_KEY) && !message.contains("not-the-secret"));
+    drop(wrong_key);
+
+    let mut flags = store_flags(&s3, "p");
+    flags[1] = "s3://no-such-bucket/p".into();
+    let no_bucket = server(dir.path(), &s3, &flags, None);
+    let (code, message) = start_status(&no_bucket).await.unwrap_err();
+    assert_eq!(code, Code::FailedPrecondition, "{message}");
+    assert!(message.contains("no such bucket"), "{message}");
+    drop(no_bucket);
+
+    let server = server(dir.path(), &s3, &store_flags(&s3, "p"), None);
+    s3.stop();
+    let (code, message) = start_status(&server).await.unwrap_err();
+    assert_eq!(code, Code::Unavailable, "{message}");
+    // Nothing was queued by the refusals.
+    let listed = server
+        .training()
+        .await
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.jobs.is_empty(), "{listed:?}");
+
+    s3.restart();
+    let job = start_status(&server).await.expect("the store is back");
+    let mut client = server.training().await;
+    let j = wait_job(
+        &mut client,
+        &job,
+        Duration::from_secs(300),
+        "the end",
+        ended,
+    )
+    .await;
+    assert_eq!(state(&j), pb::JobState::Succeeded, "{j:?}");
+    assert_all_stored(&s3, dir.path(), "p", &job);
+
+    // The S3 server stops while a job trains: its checkpoints wait (the job does not end on
+    // partial data), and once the server is back the job goes on and ends with all of them
+    // stored.
+    let mut request = start_request("tiny", 6, "synth");
+    request.config.as_mut().unwrap().batch_size = Some(50);
+    let job = client
+        .start_training(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
+    s3.stop();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let j = crate::common::server::get_job(&mut client, &job).await;
+    assert_eq!(state(&j), pb::JobState::Running, "{j:?}");
+    assert!(j.epochs_completed < 6, "{j:?}");
+    s3.restart();
+    let j = wait_job(
+        &mut client,
+        &job,
+        Duration::from_secs(300),
+        "the end",
+        ended,
+    )
+    .await;
+    assert_eq!(
+        (state(&j), j.epochs_completed),
+        (pb::JobState::Succeeded, 6),
+        "{j:?}"
+    );
+    assert_all_stored(&s3, dir.path(), "p", &job);
+}
+
+/// Every checkpoint file of `job` in the data dir under `root` is in S3 under `prefix`, the
+/// same bytes (read from the S3 server's disk).
+fn assert_all_stored(s3: &S3, root: &Path, prefix: &str, job: &str) {
+    let names = checkpoint_files(root, job);
+    assert!(!names.is_empty());
+    for name in names {
+        let key = format!("{prefix}/jobs/{job}/checkpoints/{name}");
+        let local = std::fs::read(root.join(format!("data/jobs/{job}/checkpoints/{name}")));
+        assert_eq!(s3.stored(BUCKET, &key), local.ok(), "{name}");
+    }
+}
