@@ -18,7 +18,7 @@ pub enum Addressing {
 }
 
 /// `tlb serve`'s artifact-store flags.
-#[derive(clap::Args, Clone, Debug, Default)]
+#[derive(clap::Args, Clone, Debug)]
 pub struct ArtifactArgs {
     /// Where checkpoints are kept: unset, the data dir; `s3://BUCKET/PREFIX`, any
     /// S3-compatible service that every replica reaches (credentials from AWS_ACCESS_KEY_ID,
@@ -28,9 +28,27 @@ pub struct ArtifactArgs {
     /// The S3 service's URL, for one that is not AWS (e.g. http://127.0.0.1:8014)
     #[arg(long, env = "TLB_S3_ENDPOINT", value_name = "URL")]
     pub s3_endpoint: Option<String>,
+    /// With a remote store: bytes of checkpoint copies the data dir keeps (least recently used
+    /// ones beyond it are removed; the store still holds them)
+    #[arg(long, env = "TLB_CACHE_BYTES", default_value_t = DEFAULT_CACHE_BYTES)]
+    pub cache_bytes: u64,
     /// How bucket names go into S3 requests
     #[arg(long, env = "TLB_S3_ADDRESSING", value_enum, default_value_t = Addressing::Path)]
     pub s3_addressing: Addressing,
+}
+
+/// `--cache-bytes` unless given: 10 GiB.
+pub const DEFAULT_CACHE_BYTES: u64 = 10 << 30;
+
+impl Default for ArtifactArgs {
+    fn default() -> Self {
+        Self {
+            artifact_store: None,
+            s3_endpoint: None,
+            cache_bytes: DEFAULT_CACHE_BYTES,
+            s3_addressing: Addressing::Path,
+        }
+    }
 }
 
 /// An S3 client for `s3://BUCKET/PREFIX`, and the prefix. Requests give up after a few quick

@@ -9,6 +9,7 @@
 //! every replica; each attempt writes its own names, so a paused owner cannot overwrite what
 //! the new owner committed. What is read is verified by the checkpoint's own checksum.
 
+mod cache;
 mod config;
 
 use std::path::{Path, PathBuf};
@@ -17,6 +18,7 @@ use std::sync::Arc;
 use object_store::path::Path as Key;
 use object_store::{ObjectStore, PutPayload};
 
+pub use cache::Held;
 pub use config::{Addressing, ArtifactArgs};
 
 /// Why the artifact store could not do what was asked.
@@ -42,6 +44,8 @@ pub struct Artifacts {
 }
 
 struct Remote {
+    /// The data dir's copies of what the store holds, bounded.
+    cache: cache::Cache,
     store: Arc<dyn ObjectStore>,
     prefix: Key,
     /// `s3://bucket/prefix`, for messages (holds no secret).
@@ -82,6 +86,7 @@ impl Artifacts {
         Ok(Self {
             data_dir: data_dir.to_path_buf(),
             remote: Some(Arc::new(Remote {
+                cache: cache::Cache::new(args.cache_bytes, data_dir),
                 store,
                 prefix,
                 url: url.trim_end_matches('/').to_string(),
@@ -91,10 +96,11 @@ impl Artifacts {
 
     /// A remote store given as an `ObjectStore` (the unit tests' in-memory one).
     #[cfg(test)]
-    fn with_store(data_dir: &Path, store: Arc<dyn ObjectStore>, prefix: &str) -> Self {
+    fn with_store(data_dir: &Path, store: Arc<dyn ObjectStore>, prefix: &str, limit: u64) -> Self {
         Self {
             data_dir: data_dir.to_path_buf(),
             remote: Some(Arc::new(Remote {
+                cache: cache::Cache::new(limit, data_dir),
                 store,
                 prefix: Key::from(prefix),
                 url: format!("test://{prefix}"),
@@ -137,22 +143,26 @@ impl Artifacts {
         let bytes = tokio::fs::read(file)
             .await
             .map_err(|e| local(format!("reading {}", file.display()), e))?;
+        let len = bytes.len() as u64;
         r.store
             .put(&key, PutPayload::from(bytes))
             .await
-            .map(|_| ())
-            .map_err(|e| r.error(e, false))
+            .map_err(|e| r.error(e, false))?;
+        r.cache.stored(file, len);
+        self.evict(r, file).await;
+        Ok(())
     }
 
     /// Makes `file` (under the data dir) present locally: true when it is there already or was
     /// downloaded, false when the store does not hold it either.
     pub async fn fetch(&self, file: &Path) -> Result<bool, ArtifactError> {
+        let Some(r) = &self.remote else {
+            return Ok(file.exists());
+        };
         if file.exists() {
+            r.cache.touch(file);
             return Ok(true);
         }
-        let Some(r) = &self.remote else {
-            return Ok(false);
-        };
         let key = self.key(r, file)?;
         let got = match r.store.get(&key).await {
             Ok(got) => got,
@@ -160,12 +170,52 @@ impl Artifacts {
             Err(e) => return Err(r.error(e, false)),
         };
         let bytes = got.bytes().await.map_err(|e| r.error(e, false))?;
-        let file = file.to_path_buf();
-        tokio::task::spawn_blocking(move || write_atomic(&file, &bytes))
+        let len = bytes.len() as u64;
+        let target = file.to_path_buf();
+        tokio::task::spawn_blocking(move || write_atomic(&target, &bytes))
             .await
             .map_err(|e| ArtifactError::Local(e.into()))?
             .map_err(ArtifactError::Local)?;
+        r.cache.stored(file, len);
+        self.evict(r, file).await;
         Ok(true)
+    }
+
+    /// Keeps the job's run directory `dir` out of the cache's evictions while the guard lives
+    /// (a job training here).
+    pub fn hold(&self, dir: &Path) -> Option<Held<'_>> {
+        self.remote.as_ref().map(|r| r.cache.hold(dir))
+    }
+
+    /// Removes the least recently used copies past `--cache-bytes` (never `keep`, a held run
+    /// directory, or a copy the store does not hold: one found on disk at start is checked
+    /// by its size in the store first). A copy removed is fetched again when next needed.
+    async fn evict(&self, r: &Remote, keep: &Path) {
+        let (mut excess, candidates) = r.cache.candidates(keep);
+        for (file, bytes, stored) in candidates {
+            if excess == 0 {
+                break;
+            }
+            if !stored {
+                let Ok(key) = self.key(r, &file) else {
+                    continue;
+                };
+                match r.store.head(&key).await {
+                    Ok(meta) if meta.size == bytes => {}
+                    _ => continue,
+                }
+            }
+            match std::fs::remove_file(&file) {
+                Ok(()) => {
+                    r.cache.removed(&file);
+                    excess = excess.saturating_sub(bytes);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => r.cache.removed(&file),
+                Err(e) => {
+                    tracing::warn!(error = %e, file = %file.display(), "evicting a cached checkpoint")
+                }
+            }
+        }
     }
 
     /// The key of a file under the data dir.

@@ -1,6 +1,7 @@
 //! The artifact store's rules, on the data dir alone and on object_store's in-memory store
 //! (the integration tests run a real S3 server).
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use object_store::memory::InMemory;
@@ -36,8 +37,8 @@ fn without_a_store_the_data_dir_is_all_there_is() {
 fn a_file_published_by_one_replica_is_fetched_by_another_under_the_same_key() {
     let memory: Arc<InMemory> = Arc::new(InMemory::new());
     let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = Artifacts::with_store(a_dir.path(), memory.clone(), "runs");
-    let b = Artifacts::with_store(b_dir.path(), memory.clone(), "runs");
+    let a = Artifacts::with_store(a_dir.path(), memory.clone(), "runs", u64::MAX);
+    let b = Artifacts::with_store(b_dir.path(), memory.clone(), "runs", u64::MAX);
     let rel = "jobs/j1/checkpoints/epoch-0001.a1.ckpt";
     let rt = runtime();
     std::fs::create_dir_all(a_dir.path().join("jobs/j1/checkpoints")).unwrap();
@@ -110,7 +111,7 @@ fn an_unreachable_store_is_unavailable_and_names_itself_without_secrets() {
         .with_access_key_id("test-access-key")
         .with_secret_access_key("test-secret-key");
     let (store, prefix) = config::s3_from(credentials, &args, "s3://bucket/p").unwrap();
-    let a = Artifacts::with_store(dir.path(), store, prefix.as_ref());
+    let a = Artifacts::with_store(dir.path(), store, prefix.as_ref(), u64::MAX);
     let e = runtime().block_on(a.check()).unwrap_err();
     assert!(matches!(e, ArtifactError::Unavailable { .. }), "{e:?}");
     assert!(
@@ -119,4 +120,62 @@ fn an_unreachable_store_is_unavailable_and_names_itself_without_secrets() {
         "{e}"
     );
     assert!(!format!("{e:?}").contains("test-secret-key"), "{e:?}");
+}
+
+/// A checkpoint file of 100 bytes, `name`, in job `job`'s run directory under `root`.
+fn checkpoint(root: &Path, job: &str, name: &str) -> PathBuf {
+    let dir = root.join("jobs").join(job).join("checkpoints");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join(name);
+    std::fs::write(&file, [name.len() as u8; 100]).unwrap();
+    file
+}
+
+#[test]
+fn the_data_dir_keeps_the_most_recently_used_copies_within_the_cache_bound() {
+    let memory: Arc<InMemory> = Arc::new(InMemory::new());
+    let dir = tempfile::tempdir().unwrap();
+    // On disk before the server started, and not in the store: never removed.
+    let unknown = checkpoint(dir.path(), "old", "epoch-0001.a1.ckpt");
+    let a = Artifacts::with_store(dir.path(), memory.clone(), "p", 250);
+    let rt = runtime();
+    let files: Vec<PathBuf> = ["e1.ckpt", "e2.ckpt", "e3.ckpt"]
+        .iter()
+        .map(|n| checkpoint(dir.path(), "j", n))
+        .collect();
+    for f in &files {
+        rt.block_on(a.publish(f)).unwrap();
+    }
+    // 400 bytes on disk, 250 allowed: the least recently used stored copies went (the first
+    // two: the unknown one stays, the newest is the one just written).
+    assert!(unknown.exists());
+    assert_eq!(
+        files.iter().map(|f| f.exists()).collect::<Vec<_>>(),
+        [false, false, true]
+    );
+    // Fetched again when needed, which pushes out the next least recently used.
+    assert!(rt.block_on(a.fetch(&files[0])).unwrap());
+    assert_eq!(std::fs::read(&files[0]).unwrap(), [7u8; 100]);
+    assert_eq!(
+        files.iter().map(|f| f.exists()).collect::<Vec<_>>(),
+        [true, false, false]
+    );
+    // Once the store holds the unknown copy (same size), it may go too.
+    rt.block_on(a.publish(&unknown)).unwrap();
+    rt.block_on(a.fetch(&files[1])).unwrap();
+    assert!(!files[0].exists() || !unknown.exists());
+
+    // A held run directory (a job training here) keeps everything.
+    let held = a.hold(&dir.path().join("jobs/h")).unwrap();
+    let busy: Vec<PathBuf> = ["b1.ckpt", "b2.ckpt", "b3.ckpt"]
+        .iter()
+        .map(|n| checkpoint(dir.path(), "h", n))
+        .collect();
+    for f in &busy {
+        rt.block_on(a.publish(f)).unwrap();
+    }
+    assert!(busy.iter().all(|f| f.exists()));
+    drop(held);
+    rt.block_on(a.fetch(&files[2])).unwrap();
+    assert!(busy.iter().filter(|f| f.exists()).count() < 3);
 }

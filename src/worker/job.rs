@@ -243,6 +243,8 @@ fn train_job<B: AutodiffBackend>(
     };
     let out = job_dir(&ctx.data_dir, id);
     std::fs::create_dir_all(&out)?;
+    // Its checkpoints stay on this disk while it trains here, whatever the cache's bound.
+    let _held = ctx.artifacts.hold(&out);
     write_json(&out.join("labels.json"), &splits.class_names())?;
     let mut config = job.config.clone();
     if config.replicas == 0 {

@@ -8,6 +8,7 @@ mod devices;
 mod inference;
 mod job;
 mod lease;
+mod models;
 mod observer;
 mod watch;
 
@@ -28,69 +29,16 @@ use devices::{ReadyAll, Slot};
 use inference::Serve as _;
 pub use inference::{AttentionResult, ClassifyResult};
 pub use job::MissingCheckpoint;
+pub use models::{local_model, ModelRef};
 pub use watch::{Watched, Watcher};
 
 use crate::artifacts::Artifacts;
 use crate::datasets::Datasets;
 use crate::engine::backend::DeviceSpec;
-use crate::engine::train::CheckpointDir;
 use crate::engine::train::{EpochMetrics, Progress};
 use crate::error::ApiError;
 use crate::metrics::metrics;
 use crate::store::{CheckpointRow, JobRow, Store};
-
-/// A checkpoint to run inference with.
-#[derive(Clone, Debug)]
-pub struct ModelRef {
-    pub checkpoint_id: Uuid,
-    pub path: PathBuf,
-    /// Read instead when `path` was pruned (a job's `best.ckpt` holds its best epoch).
-    pub fallback: Option<PathBuf>,
-}
-
-impl ModelRef {
-    /// The model a checkpoint row stands for, under this replica's data dir.
-    pub fn of(data_dir: &std::path::Path, row: &CheckpointRow) -> Self {
-        Self {
-            checkpoint_id: row.id,
-            path: row.path.clone(),
-            fallback: row.is_best.then(|| {
-                row.copy_path.clone().unwrap_or_else(|| {
-                    // Written before copies were recorded: the run's untagged best copy.
-                    CheckpointDir::new(
-                        crate::store::job_dir(data_dir, row.job_id).join("checkpoints"),
-                    )
-                    .best_path()
-                })
-            }),
-        }
-    }
-
-    /// The file to read: `path`, or the fallback when `path` was pruned.
-    pub fn file(&self) -> &std::path::Path {
-        match (&self.fallback, self.path.exists()) {
-            (Some(fallback), false) => fallback,
-            _ => &self.path,
-        }
-    }
-}
-
-/// The model a checkpoint row stands for, with its file present in this replica's data dir:
-/// fetched from the artifact store when another replica wrote it (UNAVAILABLE while the store
-/// cannot be reached; models already here are served meanwhile).
-pub async fn local_model(
-    artifacts: &Artifacts,
-    data_dir: &std::path::Path,
-    row: &CheckpointRow,
-) -> Result<ModelRef, ApiError> {
-    let model = ModelRef::of(data_dir, row);
-    if !artifacts.fetch(&model.path).await? {
-        if let Some(fallback) = &model.fallback {
-            artifacts.fetch(fallback).await?;
-        }
-    }
-    Ok(model)
-}
 
 /// A request's place in the inference queue: its images count against
 /// `--max-queued-images` from the moment it is accepted (before decoding) until it is answered
