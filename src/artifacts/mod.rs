@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use object_store::path::Path as Key;
+
+use crate::engine::train::write_atomic;
 use object_store::{ObjectStore, PutPayload};
 
 pub use cache::Held;
@@ -273,24 +275,6 @@ impl Remote {
 
 fn local(what: String, e: std::io::Error) -> ArtifactError {
     ArtifactError::Local(anyhow::Error::new(e).context(what))
-}
-
-/// Writes `bytes` to `path` through a temp file renamed into place (and synced), so a reader
-/// never sees a partial download.
-fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use anyhow::Context;
-    use std::io::Write;
-    let dir = path.parent().context("a file path has a parent")?;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".download-")
-        .tempfile_in(dir)
-        .with_context(|| format!("creating a temp file in {}", dir.display()))?;
-    tmp.write_all(bytes)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path)
-        .with_context(|| format!("renaming into {}", path.display()))?;
-    Ok(())
 }
 
 #[cfg(test)]
