@@ -226,6 +226,7 @@ fn needs(path: &str) -> Need {
     match path {
         "/tlb.v1.TrainingService/StartTraining" => Need::Role(Role::Train, "StartTraining"),
         "/tlb.v1.TrainingService/CancelJob" => Need::Role(Role::Train, "CancelJob"),
+        "/tlb.v1.InferenceService/ImportModel" => Need::Role(Role::Train, "ImportModel"),
         _ => Need::AnyToken,
     }
 }
@@ -415,6 +416,10 @@ mod tests {
         assert_eq!(
             needs("/tlb.v1.TrainingService/CancelJob"),
             Need::Role(Role::Train, "CancelJob")
+        );
+        assert_eq!(
+            needs("/tlb.v1.InferenceService/ImportModel"),
+            Need::Role(Role::Train, "ImportModel")
         );
     }
 }

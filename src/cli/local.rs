@@ -241,9 +241,10 @@ pub fn attention(a: AttentionArgs) -> Result<()> {
 
 pub fn export(a: ExportArgs) -> Result<()> {
     let ckpt = Checkpoint::read(&a.checkpoint)?;
+    let labels = ckpt.meta.class_names.clone();
     let device = crate::engine::backend::cpu_device();
     let model = ckpt.into_model::<crate::engine::backend::Cpu>(&device)?;
-    export_safetensors(&model, &a.out)?;
+    export_safetensors(&model, &labels, &a.out)?;
     eprintln!("wrote {}", a.out.display());
     Ok(())
 }

@@ -4,6 +4,7 @@ mod bench;
 mod client;
 mod connect;
 mod local;
+mod models;
 mod parity;
 mod serve_bench;
 
@@ -44,6 +45,8 @@ pub enum Command {
     Classify(client::ClassifyArgs),
     /// Fetch a per-chunk attention overlay PNG from the server.
     Attention(client::AttentionClientArgs),
+    /// Add a model to the server from a `tlb export` safetensors file (ImportModel).
+    Import(models::ImportArgs),
     /// Classify latency and throughput through the server; prints one JSON line.
     BenchServe(serve_bench::ServeBenchArgs),
     /// Train a model offline (no server), with a progress bar and a metrics JSONL file.
@@ -215,6 +218,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Cancel(a) => client::cancel(a),
         Command::Checkpoints(a) => client::checkpoints(a),
         Command::Classify(a) => client::classify(a),
+        Command::Import(a) => models::import(a),
         Command::Attention(a) => client::attention(a),
         Command::BenchServe(a) => serve_bench::serve_bench(a),
         Command::TrainLocal(a) => local::train_local(a),

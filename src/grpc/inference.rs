@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 use uuid::Uuid;
 
 use super::images::{check_pixel_budget, decode_all};
@@ -131,6 +131,13 @@ impl InferenceService for InferenceApi {
             });
         }
         Ok(Response::new(pb::ListModelsResponse { models }))
+    }
+
+    async fn import_model(
+        &self,
+        request: Request<Streaming<pb::ImportModelRequest>>,
+    ) -> Result<Response<pb::ModelInfo>, Status> {
+        self.import(request).await.map(Response::new)
     }
 }
 
@@ -265,8 +272,14 @@ impl InferenceApi {
         }))
     }
 
-    /// Class names of a job's dataset (from the run's config file; empty if unreadable).
+    /// Class names of a job's model: from the store (every replica sees them), or for a job
+    /// from before they were stored, from its run's `labels.json`; empty if neither is there.
     async fn labels_of(&self, job: Uuid) -> Vec<String> {
+        if let Ok(Some(row)) = self.0.store.get_job(job).await {
+            if !row.labels.is_empty() {
+                return row.labels;
+            }
+        }
         let path = job_dir(&self.0.data_dir, job).join("labels.json");
         match tokio::fs::read(&path).await {
             Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),

@@ -3,6 +3,7 @@
 
 pub mod convert;
 mod images;
+mod import;
 mod inference;
 mod oip;
 mod training;

@@ -13,6 +13,7 @@ mod checkpoints;
 mod error;
 mod last_known;
 mod lease;
+mod models;
 mod paths;
 mod rows;
 
@@ -60,7 +61,7 @@ pub(super) const JOB_COLUMNS: &str =
     latest_metrics_json, best_checkpoint_id, test_accuracy, error, restarts, \
     CAST(cancel_requested AS INTEGER) AS cancel_requested, unclean_exits, \
     CAST(run_open AS INTEGER) AS run_open, created_by, attempt, worker, device, resume_path, \
-    progress_json, warnings_json";
+    progress_json, warnings_json, labels_json";
 /// Columns of `checkpoints`, to insert.
 pub(super) const CHECKPOINT_COLUMNS: &str =
     "id, job_id, epoch, val_accuracy, path, is_best, created_at_ms, copy_path";
@@ -205,27 +206,7 @@ impl Store {
     }
 
     pub async fn insert_job(&self, job: &JobRow) -> StoreResult<()> {
-        let config = serde_json::to_string(&job.config)?;
-        self.write(async |c| {
-            sqlx::query(
-                "INSERT INTO jobs (id, state, preset, config_json, dataset_format, \
-                 dataset_path, created_at_ms, epochs_total, created_by) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-            )
-            .bind(job.id.to_string())
-            .bind(job.state.name())
-            .bind(&job.preset)
-            .bind(config)
-            .bind(&job.dataset_format)
-            .bind(&job.dataset_path)
-            .bind(job.created_at_ms)
-            .bind(job.epochs_total as i64)
-            .bind(&job.created_by)
-            .execute(c)
-            .await?;
-            Ok(())
-        })
-        .await
+        self.write(async |c| insert_job_on(c, job).await).await
     }
 
     pub async fn get_job(&self, id: Uuid) -> StoreResult<Option<JobRow>> {
@@ -408,6 +389,28 @@ impl Store {
         })
         .await
     }
+}
+
+/// Inserts `job` on `c` (within the caller's transaction).
+async fn insert_job_on(c: &mut AnyConnection, job: &JobRow) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO jobs (id, state, preset, config_json, dataset_format, dataset_path, \
+         created_at_ms, epochs_total, created_by, labels_json) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+    )
+    .bind(job.id.to_string())
+    .bind(job.state.name())
+    .bind(&job.preset)
+    .bind(serde_json::to_string(&job.config)?)
+    .bind(&job.dataset_format)
+    .bind(&job.dataset_path)
+    .bind(job.created_at_ms)
+    .bind(job.epochs_total as i64)
+    .bind(&job.created_by)
+    .bind(models::labels_json(&job.labels)?)
+    .execute(c)
+    .await?;
+    Ok(())
 }
 
 /// A database URL without its password, for messages and logs.

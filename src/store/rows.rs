@@ -86,6 +86,8 @@ pub struct JobRow {
     pub progress: Option<Progress>,
     /// What the owner should know that did not stop the job, oldest first.
     pub warnings: Vec<String>,
+    /// The model's class names (empty: not known yet, or a job from before they were stored).
+    pub labels: Vec<String>,
 }
 
 /// A BOOLEAN column, selected as `CAST(… AS INTEGER)`.
@@ -127,6 +129,7 @@ impl JobRow {
             resume_path: None,
             progress: None,
             warnings: Vec::new(),
+            labels: Vec::new(),
         }
     }
 
@@ -179,6 +182,10 @@ impl JobRow {
                 .try_get::<Option<String>, _>("progress_json")?
                 .and_then(|p| serde_json::from_str(&p).ok()),
             warnings: warnings(r)?,
+            labels: r
+                .try_get::<Option<String>, _>("labels_json")?
+                .and_then(|l| serde_json::from_str(&l).ok())
+                .unwrap_or_default(),
         })
     }
 }

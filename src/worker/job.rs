@@ -246,6 +246,11 @@ fn train_job<B: AutodiffBackend>(
     // Its checkpoints stay on this disk while it trains here, whatever the cache's bound.
     let _held = ctx.artifacts.hold(&out);
     write_json(&out.join("labels.json"), &splits.class_names())?;
+    // In the store too, for replicas without this disk (informative: a failure is logged).
+    let labels = ctx.store.set_labels(lease.fence, splits.class_names());
+    if let Err(e) = ctx.runtime.block_on(labels) {
+        warn!(error = %format!("{e:#}"), "recording the job's class names");
+    }
     let mut config = job.config.clone();
     if config.replicas == 0 {
         config.replicas = ctx.device.replicas();

@@ -29,7 +29,7 @@ use devices::{ReadyAll, Slot};
 use inference::Serve as _;
 pub use inference::{AttentionResult, ClassifyResult};
 pub use job::MissingCheckpoint;
-pub use models::{local_model, ModelRef};
+pub use models::{add_imported, local_model, ModelRef, IMPORTED};
 pub use watch::{Watched, Watcher};
 
 use crate::artifacts::Artifacts;

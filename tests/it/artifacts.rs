@@ -118,6 +118,30 @@ async fn replicas_with_no_shared_disk_take_over_through_object_storage() {
         assert!(answer.is_ok(), "{answer:?}");
     }
     assert!(!checkpoint_files(roots[2].path(), &job).is_empty());
+    // Its class names and output shapes come from the shared store, not a run dir it lacks.
+    let models = fresh
+        .inference()
+        .await
+        .list_models(pb::ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .models;
+    assert_eq!(models.len(), 2, "{models:?}");
+    assert!(models.iter().all(|m| m.labels.len() == 10), "{models:?}");
+    let mut oip =
+        tlb::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient::new(
+            fresh.channel().await,
+        );
+    let meta = oip
+        .model_metadata(tlb::proto::inference::ModelMetadataRequest {
+            name: job.clone(),
+            version: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(meta.outputs[0].shape, vec![-1, 10], "{meta:?}");
 }
 
 /// A server on the embedded store with `flags`, the S3 credentials in its environment.

@@ -11,6 +11,7 @@ mod cli;
 mod data;
 mod fused;
 mod hardening;
+mod import;
 mod model;
 mod replicas;
 mod server;

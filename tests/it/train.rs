@@ -353,12 +353,13 @@ mod resume {
         let model = cfg.init::<Cpu>(&device).unwrap();
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("m.safetensors");
-        tlb::engine::train::export_safetensors(&model, &path).unwrap();
+        let names: Vec<String> = (0..cfg.num_classes).map(|c| format!("c{c}")).collect();
+        tlb::engine::train::export_safetensors(&model, &names, &path).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         // The same weights give the same bytes, every time.
         for i in 0..8 {
             let again = tmp.path().join(format!("again-{i}.safetensors"));
-            tlb::engine::train::export_safetensors(&model, &again).unwrap();
+            tlb::engine::train::export_safetensors(&model, &names, &again).unwrap();
             assert!(
                 std::fs::read(&again).unwrap() == bytes,
                 "export {i} differs"

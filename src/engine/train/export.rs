@@ -6,12 +6,14 @@
 //! layer `i·r`), `bottleneck.*`, `readout_norm.{weight,bias}`, `head.{weight,bias}`.
 //! Block parts: `norm_query`, `norm_key`, `norm_value`, `norm_ffn` (LayerNorm, eps 1e-5) and
 //! `query`, `key`, `value`, `output`, `ffn_in`, `ffn_out` (Linear). Linear weights are stored
-//! `[out, in]` like `torch.nn.Linear`. The model config is in the metadata under `config`.
+//! `[out, in]` like `torch.nn.Linear`. The metadata holds the model config under `config` and
+//! the class names (a JSON array) under `labels`: all that [`super::import`] needs.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::Result;
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::nn::LayerNorm;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
@@ -37,57 +39,105 @@ fn host<B: Backend, const D: usize>(name: String, t: Tensor<B, D>) -> NamedTenso
     }
 }
 
-fn norm<B: Backend>(out: &mut Vec<NamedTensor>, prefix: &str, n: &LayerNorm<B>) {
-    out.push(host(format!("{prefix}.weight"), n.gamma.val()));
-    if let Some(beta) = &n.beta {
-        out.push(host(format!("{prefix}.bias"), beta.val()));
+/// What a walk over the model's parameters does with each one, under its documented name.
+pub(super) trait ParamVisitor<B: Backend> {
+    /// `torch_layout`: a Linear weight, stored `[out, in]` (burn holds it `[in, out]`).
+    fn visit<const D: usize>(
+        &mut self,
+        name: String,
+        param: &mut Param<Tensor<B, D>>,
+        torch_layout: bool,
+    );
+}
+
+fn norm<B: Backend>(v: &mut impl ParamVisitor<B>, prefix: &str, n: &mut LayerNorm<B>) {
+    v.visit(format!("{prefix}.weight"), &mut n.gamma, false);
+    if let Some(beta) = &mut n.beta {
+        v.visit(format!("{prefix}.bias"), beta, false);
     }
 }
 
-fn linear<B: Backend>(out: &mut Vec<NamedTensor>, prefix: &str, p: &Projection<B>) {
-    out.push(host(format!("{prefix}.weight"), p.weight.val().transpose()));
-    out.push(host(format!("{prefix}.bias"), p.bias.val()));
+fn linear<B: Backend>(v: &mut impl ParamVisitor<B>, prefix: &str, p: &mut Projection<B>) {
+    v.visit(format!("{prefix}.weight"), &mut p.weight, true);
+    v.visit(format!("{prefix}.bias"), &mut p.bias, false);
 }
 
-fn block<B: Backend>(out: &mut Vec<NamedTensor>, prefix: &str, b: &Block<B>) {
-    norm(out, &format!("{prefix}.norm_query"), &b.norm_query);
-    norm(out, &format!("{prefix}.norm_key"), &b.norm_key);
-    norm(out, &format!("{prefix}.norm_value"), &b.norm_value);
-    linear(out, &format!("{prefix}.query"), &b.query);
-    linear(out, &format!("{prefix}.key"), &b.key);
-    linear(out, &format!("{prefix}.value"), &b.value);
-    linear(out, &format!("{prefix}.output"), &b.output);
-    norm(out, &format!("{prefix}.norm_ffn"), &b.norm_ffn);
-    linear(out, &format!("{prefix}.ffn_in"), &b.ffn_in);
-    linear(out, &format!("{prefix}.ffn_out"), &b.ffn_out);
+fn block<B: Backend>(v: &mut impl ParamVisitor<B>, prefix: &str, b: &mut Block<B>) {
+    norm(v, &format!("{prefix}.norm_query"), &mut b.norm_query);
+    norm(v, &format!("{prefix}.norm_key"), &mut b.norm_key);
+    norm(v, &format!("{prefix}.norm_value"), &mut b.norm_value);
+    linear(v, &format!("{prefix}.query"), &mut b.query);
+    linear(v, &format!("{prefix}.key"), &mut b.key);
+    linear(v, &format!("{prefix}.value"), &mut b.value);
+    linear(v, &format!("{prefix}.output"), &mut b.output);
+    norm(v, &format!("{prefix}.norm_ffn"), &mut b.norm_ffn);
+    linear(v, &format!("{prefix}.ffn_in"), &mut b.ffn_in);
+    linear(v, &format!("{prefix}.ffn_out"), &mut b.ffn_out);
+}
+
+/// Visits every parameter of `model` under its documented name, in the documented order.
+pub(super) fn walk<B: Backend>(model: &mut Tlb<B>, v: &mut impl ParamVisitor<B>) {
+    v.visit(
+        "patch_embed.weight".into(),
+        &mut model.patch_embed.weight,
+        false,
+    );
+    if let Some(b) = &mut model.patch_embed.bias {
+        v.visit("patch_embed.bias".into(), b, false);
+    }
+    v.visit("pos_embed".into(), &mut model.pos_embed, false);
+    norm(v, "embed_norm", &mut model.embed_norm);
+    for (i, b) in model.perceptual.iter_mut().enumerate() {
+        block(v, &format!("perceptual.{i}"), b);
+    }
+    for (i, b) in model.perceptual_cross.iter_mut().enumerate() {
+        block(v, &format!("perceptual_cross.{i}"), b);
+    }
+    block(v, "bottleneck", &mut model.bottleneck);
+    norm(v, "readout_norm", &mut model.readout_norm);
+    linear(v, "head", &mut model.head);
+}
+
+struct Collect(Vec<NamedTensor>);
+
+impl<B: Backend> ParamVisitor<B> for Collect {
+    fn visit<const D: usize>(
+        &mut self,
+        name: String,
+        param: &mut Param<Tensor<B, D>>,
+        torch_layout: bool,
+    ) {
+        let t = param.val();
+        self.0
+            .push(host(name, if torch_layout { t.transpose() } else { t }));
+    }
+}
+
+/// Initialises every lazy parameter in place (a fresh model's weights are drawn on first use).
+struct Materialise;
+
+impl<B: Backend> ModuleVisitor<B> for Materialise {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let _ = param.val();
+    }
 }
 
 /// Every parameter of `model` under its documented name.
 pub fn named_tensors<B: Backend>(model: &Tlb<B>) -> Vec<NamedTensor> {
-    let mut out = Vec::new();
-    out.push(host(
-        "patch_embed.weight".into(),
-        model.patch_embed.weight.val(),
-    ));
-    if let Some(b) = &model.patch_embed.bias {
-        out.push(host("patch_embed.bias".into(), b.val()));
-    }
-    out.push(host("pos_embed".into(), model.pos_embed.val()));
-    norm(&mut out, "embed_norm", &model.embed_norm);
-    for (i, b) in model.perceptual.iter().enumerate() {
-        block(&mut out, &format!("perceptual.{i}"), b);
-    }
-    for (i, b) in model.perceptual_cross.iter().enumerate() {
-        block(&mut out, &format!("perceptual_cross.{i}"), b);
-    }
-    block(&mut out, "bottleneck", &model.bottleneck);
-    norm(&mut out, "readout_norm", &model.readout_norm);
-    linear(&mut out, "head", &model.head);
-    out
+    // The walk needs a model of its own: a clone, which shares the tensors once they exist
+    // (a clone of a parameter not drawn yet would draw its own weights).
+    model.visit(&mut Materialise);
+    let mut collect = Collect(Vec::new());
+    walk(&mut model.clone(), &mut collect);
+    collect.0
 }
 
 /// Writes `model` to `path` as safetensors (f32, little-endian), atomically.
-pub fn export_safetensors<B: Backend>(model: &Tlb<B>, path: &Path) -> Result<()> {
+pub fn export_safetensors<B: Backend>(
+    model: &Tlb<B>,
+    labels: &[String],
+    path: &Path,
+) -> Result<()> {
     let tensors = named_tensors(model);
     let bytes: Vec<Vec<u8>> = tensors
         .iter()
@@ -104,6 +154,7 @@ pub fn export_safetensors<B: Backend>(model: &Tlb<B>, path: &Path) -> Result<()>
     let metadata = HashMap::from([
         ("format".to_string(), "pt".to_string()),
         ("config".to_string(), serde_json::to_string(model.config())?),
+        ("labels".to_string(), serde_json::to_string(labels)?),
     ]);
     let mut data = safetensors::serialize(views, Some(metadata))?;
     sort_header(&mut data)?;

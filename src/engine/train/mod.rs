@@ -6,6 +6,7 @@ mod config;
 mod eval;
 mod events;
 mod export;
+mod import;
 mod memory;
 mod run_dir;
 mod step;
@@ -23,6 +24,7 @@ pub use events::{
     TrainEvent, TrainObserver,
 };
 pub use export::{export_safetensors, named_tensors, NamedTensor};
+pub use import::{import_safetensors, ImportError, Imported, MAX_HEADER_BYTES};
 pub use memory::{human_bytes, param_count, Footprint};
 pub use run_dir::{read_epochs_text, RunDir};
 pub use step::{gradient_model, replica, step_grads, step_grads_with, StepGrads};

@@ -18,7 +18,7 @@ use crate::engine::train::TrainConfig;
 use crate::error::ApiError;
 use crate::proto::inference as oip;
 use crate::proto::inference::grpc_inference_service_server::GrpcInferenceService;
-use crate::store::{job_dir, CheckpointRow};
+use crate::store::CheckpointRow;
 use crate::worker::local_model;
 use tensors::{Output, ATTENTION, ENCODED, IMAGES, LABELS, PROBABILITIES};
 pub use unimplemented::OnlyOpenInference;
@@ -101,15 +101,20 @@ impl OipApi {
         }
     }
 
-    /// Shapes of the model's outputs, from its run's `config.json` and `labels.json`.
+    /// Shapes of the model's outputs, from its job's config in the store (every replica
+    /// reads the same, whichever trained or imported the model).
     async fn shapes(&self, row: &CheckpointRow) -> Result<Shapes, ApiError> {
-        let dir = job_dir(&self.0.data_dir, row.job_id);
-        let config: TrainConfig = tokio::fs::read(dir.join("config.json"))
-            .await
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
+        let config: TrainConfig = self
+            .0
+            .store
+            .get_job(row.job_id)
+            .await?
+            .map(|job| job.config)
             .ok_or_else(|| {
-                ApiError::FailedPrecondition(format!("the run of job {} has no config", row.job_id))
+                ApiError::FailedPrecondition(format!(
+                    "the job {} of this model is gone",
+                    row.job_id
+                ))
             })?;
         let m = &config.model;
         Ok(Shapes {
