@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "proto/tlb/v1/training.proto",
         "proto/tlb/v1/inference.proto",
+        "proto/tlb/v1/datasets.proto",
         // The Open Inference Protocol (KServe v2), for Triton/KServe clients.
         "proto/inference/grpc_predict_v2.proto",
     ];

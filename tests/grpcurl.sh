@@ -32,6 +32,7 @@ G=("$GRPCURL" -plaintext -max-time 60)
 services=$("${G[@]}" "$ADDR" list)
 check "reflection lists tlb.v1.TrainingService" grep -qx tlb.v1.TrainingService <<<"$services"
 check "reflection lists tlb.v1.InferenceService" grep -qx tlb.v1.InferenceService <<<"$services"
+check "reflection lists tlb.v1.DatasetService" grep -qx tlb.v1.DatasetService <<<"$services"
 check "reflection lists grpc.health.v1.Health" grep -qx grpc.health.v1.Health <<<"$services"
 check "reflection lists v1 and v1alpha" bash -c "grep -qx grpc.reflection.v1.ServerReflection <<<'$services' && grep -qx grpc.reflection.v1alpha.ServerReflection <<<'$services'"
 check "describe Classify" bash -c "${G[*]} $ADDR describe tlb.v1.InferenceService.Classify | grep -q ClassifyRequest"

@@ -227,6 +227,8 @@ fn needs(path: &str) -> Need {
         "/tlb.v1.TrainingService/StartTraining" => Need::Role(Role::Train, "StartTraining"),
         "/tlb.v1.TrainingService/CancelJob" => Need::Role(Role::Train, "CancelJob"),
         "/tlb.v1.InferenceService/ImportModel" => Need::Role(Role::Train, "ImportModel"),
+        "/tlb.v1.DatasetService/UploadDataset" => Need::Role(Role::Train, "UploadDataset"),
+        "/tlb.v1.DatasetService/DeleteDataset" => Need::Role(Role::Train, "DeleteDataset"),
         _ => Need::AnyToken,
     }
 }

@@ -20,7 +20,9 @@ pub struct TrainArgs {
     /// cifar10, cifar100 or image-folder.
     #[arg(long, default_value = "cifar10")]
     pub format: String,
-    /// Dataset folder relative to the server's datasets root.
+    /// Dataset folder relative to the server's datasets root; or a local folder or archive
+    /// (a path starting with `./`, `../` or `/`): uploaded first (or found there already)
+    /// and trained on as an uploaded dataset.
     #[arg(long)]
     pub dataset: String,
     #[arg(long)]
@@ -151,14 +153,33 @@ pub fn train(a: TrainArgs) -> Result<()> {
             } as i32,
             ..Default::default()
         };
+        let local = std::path::Path::new(&a.dataset);
+        // `./x`, `../x` or `/x`: a folder here; a bare name is the server's.
+        let is_local = a.dataset.starts_with('.') || a.dataset.starts_with('/');
+        let dataset = if is_local && local.exists() {
+            let format = if a.format == "cifar10" && local.is_dir() && !has_cifar(local) {
+                "image-folder"
+            } else {
+                &a.format
+            };
+            let info = super::datasets::upload(&a.server, local, None, format).await?;
+            eprintln!("dataset {} ({} images)", info.name, info.images);
+            pb::Dataset {
+                id: info.name,
+                ..Default::default()
+            }
+        } else {
+            pb::Dataset {
+                format: a.format.clone(),
+                path: a.dataset.clone(),
+                id: String::new(),
+            }
+        };
         let job_id = client
             .start_training(pb::StartTrainingRequest {
                 preset: a.preset.clone(),
                 config: Some(config),
-                dataset: Some(pb::Dataset {
-                    format: a.format.clone(),
-                    path: a.dataset.clone(),
-                }),
+                dataset: Some(dataset),
             })
             .await
             .map_err(status_err)?
@@ -170,6 +191,11 @@ pub fn train(a: TrainArgs) -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// Whether a local folder holds the CIFAR binary files (else it is taken for an image folder).
+fn has_cifar(dir: &std::path::Path) -> bool {
+    dir.join("data_batch_1.bin").exists() || dir.join("train.bin").exists()
 }
 
 pub fn watch(a: JobArg) -> Result<()> {

@@ -3,6 +3,7 @@
 mod bench;
 mod client;
 mod connect;
+mod datasets;
 mod local;
 mod models;
 mod parity;
@@ -45,6 +46,8 @@ pub enum Command {
     Classify(client::ClassifyArgs),
     /// Fetch a per-chunk attention overlay PNG from the server.
     Attention(client::AttentionClientArgs),
+    /// Your own data on the server: upload a folder or archive, list, show, delete.
+    Datasets(datasets::DatasetsArgs),
     /// Add a model to the server from a `tlb export` safetensors file (ImportModel).
     Import(models::ImportArgs),
     /// Classify latency and throughput through the server; prints one JSON line.
@@ -219,6 +222,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Checkpoints(a) => client::checkpoints(a),
         Command::Classify(a) => client::classify(a),
         Command::Import(a) => models::import(a),
+        Command::Datasets(a) => datasets::datasets(a),
         Command::Attention(a) => client::attention(a),
         Command::BenchServe(a) => serve_bench::serve_bench(a),
         Command::TrainLocal(a) => local::train_local(a),

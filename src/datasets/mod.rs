@@ -2,8 +2,10 @@
 //! known before training starts, and CIFAR archives downloaded on demand.
 
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 
 mod download;
+pub mod upload;
 
 use crate::engine::data::{DatasetFormat, DatasetSpec, Splits};
 use crate::error::ApiError;
@@ -23,6 +25,8 @@ pub struct Datasets {
     pub allow_download: bool,
     pub cifar10: DownloadSource,
     pub cifar100: DownloadSource,
+    /// Uploaded datasets (`dataset_path` `upload:<sha256>/<root>`).
+    pub uploads: Arc<upload::Uploads>,
 }
 
 /// A dataset request that passed validation.
@@ -49,6 +53,10 @@ impl Datasets {
         let format: DatasetFormat = format
             .parse()
             .map_err(|e: String| ApiError::field("dataset.format", e))?;
+        let (base, path) = match path.strip_prefix(upload::UPLOAD_PREFIX) {
+            Some(rest) => (&self.uploads.dir, rest),
+            None => (&self.root, path),
+        };
         let rel = Path::new(path);
         if path.is_empty() {
             return Err(ApiError::field(
@@ -65,10 +73,10 @@ impl Datasets {
                 format!("'{path}' escapes the datasets root (use a relative path without '..')"),
             ));
         }
-        let full = self.root.join(rel);
+        let full = base.join(rel);
         if full.exists() {
             // A symlink may still lead outside the root.
-            let (canon, root) = (full.canonicalize(), self.root.canonicalize());
+            let (canon, root) = (full.canonicalize(), base.canonicalize());
             if let (Ok(canon), Ok(root)) = (canon, root) {
                 if !canon.starts_with(&root) {
                     return Err(ApiError::field(

@@ -15,6 +15,15 @@ fn datasets(root: &Path, allow_download: bool) -> Datasets {
         allow_download,
         cifar10: source(CIFAR10_URL),
         cifar100: source(CIFAR100_URL),
+        uploads: std::sync::Arc::new(upload::Uploads::new(
+            root,
+            upload::Limits {
+                bytes: 1 << 30,
+                entries: 1000,
+            },
+            0,
+            std::time::Duration::from_secs(3600),
+        )),
     }
 }
 

@@ -87,6 +87,8 @@ pub fn job(j: &JobRow) -> pb::Job {
         dataset: Some(pb::Dataset {
             format: j.dataset_format.clone(),
             path: j.dataset_path.clone(),
+            // An uploaded dataset's path names its content: `upload:<sha256>/<folder>`.
+            id: String::new(),
         }),
         created_at: Some(timestamp(j.created_at_ms)),
         started_at: j.started_at_ms.map(timestamp),

@@ -13,8 +13,8 @@ use crate::proto::v1 as pb;
 use crate::proto::v1::import_model_request::Part;
 use crate::worker::add_imported;
 
-/// Largest file ImportModel takes.
-pub const MAX_IMPORT_BYTES: u64 = 256 << 20;
+/// Largest file ImportModel takes (held in memory until it is checked: a model, not a dataset).
+pub const MAX_IMPORT_BYTES: u64 = 128 << 20;
 /// Largest model an import may describe: as many parameters as the largest file holds.
 const MAX_IMPORT_PARAMS: u64 = MAX_IMPORT_BYTES / 4;
 const MAX_NAME_CHARS: usize = 200;
@@ -104,7 +104,7 @@ fn check_header(h: &pb::ImportModelHeader) -> Result<(), ApiError> {
     }
     if h.total_bytes > MAX_IMPORT_BYTES {
         return Err(ApiError::ResourceExhausted(format!(
-            "total_bytes: {} bytes; the limit is {MAX_IMPORT_BYTES} (256 MiB)",
+            "total_bytes: {} bytes; the limit is {MAX_IMPORT_BYTES} (128 MiB)",
             h.total_bytes
         )));
     }

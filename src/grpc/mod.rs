@@ -2,6 +2,7 @@
 //! into responses. No training or inference logic lives here.
 
 pub mod convert;
+mod datasets;
 mod images;
 mod import;
 mod inference;
@@ -14,6 +15,7 @@ use std::sync::Arc;
 
 use tokio::sync::{broadcast, watch};
 
+pub use datasets::DatasetApi;
 pub use inference::InferenceApi;
 pub use oip::{OipApi, OnlyOpenInference};
 pub use training::TrainingApi;

@@ -50,6 +50,23 @@ impl TrainingApi {
             .await?
             .ok_or_else(|| ApiError::NotFound(format!("no job with id {id}")))
     }
+
+    /// The `(format, path)` a request's dataset names: as given, or an uploaded dataset's.
+    async fn dataset_of(&self, d: pb::Dataset) -> Result<(String, String), ApiError> {
+        if d.id.is_empty() {
+            return Ok((d.format, d.path));
+        }
+        if !d.path.is_empty() {
+            return Err(ApiError::field(
+                "dataset.id",
+                "names an uploaded dataset; leave dataset.path empty",
+            ));
+        }
+        let row = self.0.store.get_dataset(&d.id).await?.ok_or_else(|| {
+            ApiError::NotFound(format!("dataset.id: no uploaded dataset named '{}'", d.id))
+        })?;
+        Ok((row.format.clone(), super::datasets::job_path(&row)))
+    }
 }
 
 fn parse_page_token(token: &str) -> Result<Option<(i64, String)>, ApiError> {
@@ -86,7 +103,8 @@ impl TrainingService for TrainingApi {
                 "is required: {format: cifar10|cifar100|image-folder, path}",
             )
         })?;
-        let resolved = self.0.datasets.resolve(&dataset.format, &dataset.path)?;
+        let (format, path) = self.dataset_of(dataset).await?;
+        let resolved = self.0.datasets.resolve(&format, &path)?;
         let mut config = preset.config();
         if let Some(overrides) = &r.config {
             convert::apply_overrides(&mut config, overrides)?;
@@ -123,14 +141,14 @@ impl TrainingService for TrainingApi {
             ))
             .into());
         }
-        let mut job = JobRow::queued(preset_name, config, &dataset.format, &dataset.path);
+        let mut job = JobRow::queued(preset_name, config, &format, &path);
         job.created_by = caller.map(|c| c.name).unwrap_or_default();
         self.0
             .store
             .insert_job(&job)
             .await
             .map_err(ApiError::from)?;
-        info!(job = %job.id, preset = preset_name, dataset = %dataset.path, "job queued");
+        info!(job = %job.id, preset = preset_name, dataset = %path, "job queued");
         self.0.worker.wake();
         Ok(Response::new(pb::StartTrainingResponse {
             job_id: job.id.to_string(),

@@ -92,6 +92,8 @@ pub struct ServeArgs {
     pub on_missing_checkpoint: MissingCheckpoint,
     #[command(flatten)]
     pub artifacts: crate::artifacts::ArtifactArgs,
+    #[command(flatten)]
+    pub uploads: crate::datasets::upload::UploadArgs,
     /// Queued training jobs; StartTraining is refused beyond it (RESOURCE_EXHAUSTED).
     #[arg(long, env = "TLB_MAX_QUEUED_JOBS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_queued_jobs: u64,

@@ -3,6 +3,7 @@
 //! stops accepting, checkpoints the running job (it resumes on the next start) and exits.
 
 mod args;
+mod datasets;
 mod endpoints;
 mod health;
 pub mod lock;
@@ -18,14 +19,14 @@ use tracing::{info, warn};
 use crate::admission::Admission;
 use crate::artifacts::Artifacts;
 use crate::auth::{AuthLayer, Tokens};
-use crate::datasets::{Datasets, DownloadSource};
 use crate::engine::train::remove_stale_temp_files;
 use crate::grpc::{
-    wire::RequestBytesLayer, AppState, InferenceApi, OipApi, OnlyOpenInference, TrainingApi,
-    MAX_MESSAGE_BYTES,
+    wire::RequestBytesLayer, AppState, DatasetApi, InferenceApi, OipApi, OnlyOpenInference,
+    TrainingApi, MAX_MESSAGE_BYTES,
 };
 use crate::metrics::RpcMetricsLayer;
 use crate::proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
+use crate::proto::v1::dataset_service_server::DatasetServiceServer;
 use crate::proto::v1::inference_service_server::InferenceServiceServer;
 use crate::proto::v1::training_service_server::TrainingServiceServer;
 use crate::store::Store;
@@ -158,6 +159,7 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
         ))
         .add_service(services.training)
         .add_service(services.inference)
+        .add_service(services.datasets)
         .add_service(services.open_inference)
         .add_service(health_service)
         .add_service(services.reflection_v1)
@@ -270,21 +272,6 @@ async fn open_artifacts(args: &ServeArgs) -> Result<Artifacts> {
     Ok(artifacts)
 }
 
-fn datasets(args: &ServeArgs) -> Datasets {
-    Datasets {
-        root: args.datasets_root.clone(),
-        allow_download: args.allow_download,
-        cifar10: DownloadSource {
-            url: args.cifar10_url.clone(),
-            md5: args.cifar10_md5.clone(),
-        },
-        cifar100: DownloadSource {
-            url: args.cifar100_url.clone(),
-            md5: args.cifar100_md5.clone(),
-        },
-    }
-}
-
 /// Starts the device workers and returns what the services share, and the reason the
 /// server must stop if no device can be used. Health turns SERVING once a device works.
 fn start_worker(
@@ -298,7 +285,8 @@ fn start_worker(
 ) -> (AppState, tokio::sync::oneshot::Receiver<String>) {
     let (events, _) = broadcast::channel(4096);
     let running = Arc::default();
-    let datasets = datasets(args);
+    let datasets = datasets::datasets(args);
+    datasets::sweep_uploads(datasets.uploads.clone());
     let ctx = WorkerContext {
         store: store.clone(),
         runtime: tokio::runtime::Handle::current(),
@@ -364,6 +352,7 @@ fn start_worker(
 struct Services<R1, R2> {
     training: TrainingServiceServer<TrainingApi>,
     inference: InferenceServiceServer<InferenceApi>,
+    datasets: DatasetServiceServer<DatasetApi>,
     open_inference: OnlyOpenInference<GrpcInferenceServiceServer<OipApi>>,
     reflection_v1: tonic_reflection::server::v1::ServerReflectionServer<R1>,
     reflection_v1alpha: tonic_reflection::server::v1alpha::ServerReflectionServer<R2>,
@@ -389,6 +378,8 @@ fn services(
         inference: InferenceServiceServer::new(InferenceApi(state.clone()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        datasets: DatasetServiceServer::new(DatasetApi(state.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
         // The Open Inference Protocol (KServe v2) on the same port, for Triton/KServe clients.
         open_inference: OnlyOpenInference(
             GrpcInferenceServiceServer::new(OipApi(state))

@@ -10,6 +10,7 @@
 
 mod availability;
 mod checkpoints;
+mod datasets;
 mod error;
 mod last_known;
 mod lease;
@@ -26,6 +27,7 @@ use sqlx::{Any, AnyConnection, AnyPool, Connection, Executor};
 use uuid::Uuid;
 
 pub use availability::{unavailable, StoreUnavailable};
+pub use datasets::DatasetRow;
 pub use error::{StoreError, StoreResult};
 pub use last_known::LastKnown;
 pub use lease::{Claimed, Fence, Heartbeat, LeaseLost};

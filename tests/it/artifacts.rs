@@ -119,14 +119,7 @@ async fn replicas_with_no_shared_disk_take_over_through_object_storage() {
     }
     assert!(!checkpoint_files(roots[2].path(), &job).is_empty());
     // Its class names and output shapes come from the shared store, not a run dir it lacks.
-    let models = fresh
-        .inference()
-        .await
-        .list_models(pb::ListModelsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .models;
+    let models = fresh.models().await;
     assert_eq!(models.len(), 2, "{models:?}");
     assert!(models.iter().all(|m| m.labels.len() == 10), "{models:?}");
     let mut oip =

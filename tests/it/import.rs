@@ -174,22 +174,8 @@ async fn a_model_trained_on_one_server_serves_on_another_with_the_same_probabili
     );
     assert!(!here[0].predictions[0].label.is_empty(), "{here:?}");
 
-    let models = server
-        .inference()
-        .await
-        .list_models(pb::ListModelsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .models;
-    let trained = trainer
-        .inference()
-        .await
-        .list_models(pb::ListModelsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .models;
+    let models = server.models().await;
+    let trained = trainer.models().await;
     assert_eq!(models.len(), 1);
     assert_eq!(models[0].job_id, imported);
     assert_eq!(models[0].labels, trained[0].labels);
@@ -278,7 +264,7 @@ async fn bad_imports_are_refused_precisely_and_leave_nothing_behind() {
             "too big",
             with(&|h| h.total_bytes = 1 << 30),
             Code::ResourceExhausted,
-            "the limit is 268435456",
+            "the limit is 134217728",
         ),
         (
             "truncated",
@@ -358,14 +344,7 @@ async fn bad_imports_are_refused_precisely_and_leave_nothing_behind() {
         assert_eq!(got, code, "{what}: {message}");
         assert!(message.contains(expected), "{what}: {message}");
     }
-    let models = server
-        .inference()
-        .await
-        .list_models(pb::ListModelsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .models;
+    let models = server.models().await;
     assert!(models.is_empty(), "{models:?}");
     assert_no_jobs(dir.path());
 

@@ -9,6 +9,7 @@ mod artifacts;
 mod checkpoint_faults;
 mod cli;
 mod data;
+mod datasets;
 mod fused;
 mod hardening;
 mod import;

@@ -49,6 +49,23 @@ pub struct CheckpointMeta {
     pub planned_epochs: Option<usize>,
 }
 
+impl CheckpointMeta {
+    /// Where a run stands before its first step.
+    pub fn start(config: TrainConfig, class_names: Vec<String>) -> Self {
+        Self {
+            config,
+            class_names,
+            epoch: 0,
+            step_in_epoch: 0,
+            global_step: 0,
+            val_accuracy: None,
+            best_val_accuracy: None,
+            best_epoch: None,
+            planned_epochs: None,
+        }
+    }
+}
+
 /// A checkpoint in memory: its metadata and the raw records.
 pub struct Checkpoint {
     pub meta: CheckpointMeta,

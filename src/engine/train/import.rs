@@ -99,17 +99,7 @@ impl<B: Backend> Imported<B> {
         let mut config = Preset::Tiny.config();
         config.model = self.model.config().clone();
         Ok(Checkpoint {
-            meta: CheckpointMeta {
-                config,
-                class_names: self.labels,
-                epoch: 0,
-                step_in_epoch: 0,
-                global_step: 0,
-                val_accuracy: None,
-                best_val_accuracy: None,
-                best_epoch: None,
-                planned_epochs: None,
-            },
+            meta: CheckpointMeta::start(config, self.labels),
             model: record_bytes::<B, _>(self.model.into_record())?,
             optimizer: Vec::new(),
         })

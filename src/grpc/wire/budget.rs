@@ -6,6 +6,9 @@
 //! first [`FREE_BYTES_PER_REQUEST`] of each body, so ordinary requests never wait on it), and
 //! a body that finds the budget spent fails at once with RESOURCE_EXHAUSTED, before the rest
 //! of it is sent. The bytes return when the body is dropped: after decoding, for a unary call.
+//! A client stream (an upload) holds its two newest messages' bytes: one being received, one
+//! the decoder may have handed to the handler; an older message's return when the next
+//! header arrives, so a stream of any length holds at most two messages of the budget.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -73,6 +76,7 @@ where
                 framing: Framing::default(),
                 declared: 0,
                 held: None,
+                previous: None,
             })
         }))
     }
@@ -84,7 +88,9 @@ struct Budgeted {
     framing: Framing,
     /// Bytes the messages of this body declared so far (headers included).
     declared: usize,
+    /// The newest message's charge, and the one before it.
     held: Option<OwnedSemaphorePermit>,
+    previous: Option<OwnedSemaphorePermit>,
 }
 
 /// Where a body is in gRPC's message framing: a 5-byte header (compression flag, length as a
@@ -123,6 +129,8 @@ impl Framing {
 impl Budgeted {
     /// Takes the part of a message of `len` bytes beyond the free allowance from the budget.
     fn charge(&mut self, len: usize) -> Result<(), Status> {
+        // A new message: the one before the last has been decoded and passed on.
+        self.previous = self.held.take();
         let before = self.declared.saturating_sub(FREE_BYTES_PER_REQUEST);
         self.declared = self.declared.saturating_add(len);
         let due = self.declared.saturating_sub(FREE_BYTES_PER_REQUEST) - before;
@@ -139,10 +147,7 @@ impl Budgeted {
                     self.layer.bytes >> 20
                 ))
             })?;
-        match &mut self.held {
-            Some(held) => held.merge(permit),
-            None => self.held = Some(permit),
-        }
+        self.held = Some(permit);
         Ok(())
     }
 
@@ -194,6 +199,7 @@ mod tests {
             framing: Framing::default(),
             declared: 0,
             held: None,
+            previous: None,
         }
     }
 
@@ -216,6 +222,19 @@ mod tests {
         drop(a);
         assert_eq!(layer.budget.available_permits(), 6 << 20);
         c.charge(1).unwrap();
+    }
+
+    #[test]
+    fn a_stream_holds_its_two_newest_messages_whatever_its_length() {
+        let layer = RequestBytesLayer::new(10 << 20);
+        let mut upload = body(&layer);
+        upload.charge(FREE_BYTES_PER_REQUEST).unwrap();
+        for _ in 0..100 {
+            upload.charge(4 << 20).unwrap();
+        }
+        assert_eq!(layer.budget.available_permits(), 2 << 20);
+        drop(upload);
+        assert_eq!(layer.budget.available_permits(), 10 << 20);
     }
 
     #[test]

@@ -103,6 +103,13 @@ impl Server {
         TrainingServiceClient::new(self.channel().await)
     }
 
+    /// ListModels.
+    pub async fn models(&self) -> Vec<pb::ModelInfo> {
+        let mut client = self.inference().await;
+        let list = client.list_models(pb::ListModelsRequest {}).await.unwrap();
+        list.into_inner().models
+    }
+
     pub async fn inference(&self) -> InferenceServiceClient<Channel> {
         InferenceServiceClient::new(self.channel().await)
             .max_encoding_message_size(usize::MAX)
@@ -149,6 +156,7 @@ pub fn start_request(preset: &str, epochs: u32, path: &str) -> pb::StartTraining
         dataset: Some(pb::Dataset {
             format: "cifar10".into(),
             path: path.into(),
+            id: String::new(),
         }),
     }
 }

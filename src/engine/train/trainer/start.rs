@@ -71,17 +71,7 @@ pub(super) fn resume_or_start<'r, B: AutodiffBackend>(
         .with_weight_decay(config.weight_decay as f32)
         .with_epsilon(1e-7)
         .init::<B, Tlb<B>>();
-    let mut meta = CheckpointMeta {
-        config: config.clone(),
-        class_names: splits.class_names().to_vec(),
-        epoch: 0,
-        step_in_epoch: 0,
-        global_step: 0,
-        val_accuracy: None,
-        best_val_accuracy: None,
-        best_epoch: None,
-        planned_epochs: None,
-    };
+    let mut meta = CheckpointMeta::start(config.clone(), splits.class_names().to_vec());
     let (latest, skipped) = newest_intact(run, &ckpts, gate)?;
     if let Some(ckpt) = latest {
         let mut saved = ckpt.meta.config.clone();

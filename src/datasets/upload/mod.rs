@@ -1,0 +1,298 @@
+//! Dataset uploads. The bytes go to `<data-dir>/uploads/<sha256>.part` as they arrive, so an
+//! upload cut short continues from what the server holds (its length is the committed offset).
+//! Complete, they are checked against their SHA-256, extracted once per content into
+//! `<data-dir>/uploads/<sha256>/` (atomically: a temp folder renamed into place) and inspected.
+//! Partial uploads nobody continues are removed after the TTL.
+
+mod archive;
+mod inspect;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+
+pub use archive::Limits;
+pub use inspect::Inspected;
+
+use crate::engine::data::DatasetFormat;
+use crate::error::ApiError;
+
+/// `dataset_path` prefix of a job that trains on an upload: `upload:<sha256>/<root>`.
+pub const UPLOAD_PREFIX: &str = "upload:";
+
+/// The server's uploads: where they live and what bounds them.
+#[derive(Debug)]
+pub struct Uploads {
+    pub dir: PathBuf,
+    pub limits: Limits,
+    /// Archive bytes one token may keep stored (0: no quota).
+    pub quota_bytes: u64,
+    pub ttl: Duration,
+    /// Digests and names being received now.
+    busy: Mutex<HashSet<String>>,
+}
+
+/// An upload being received; its digest and name are free again when it is dropped.
+pub struct Receiving {
+    uploads: Arc<Uploads>,
+    keys: [String; 2],
+    file: tokio::fs::File,
+    pub sha256: String,
+    pub received: u64,
+    pub total: u64,
+}
+
+impl Drop for Receiving {
+    fn drop(&mut self) {
+        let mut busy = self.uploads.busy.lock().expect("uploads lock");
+        for key in &self.keys {
+            busy.remove(key);
+        }
+    }
+}
+
+fn io(what: &str) -> impl Fn(std::io::Error) -> ApiError + '_ {
+    move |e| ApiError::internal(anyhow::anyhow!("{what}: {e}"))
+}
+
+impl Uploads {
+    pub fn new(data_dir: &Path, limits: Limits, quota_bytes: u64, ttl: Duration) -> Self {
+        Self {
+            dir: data_dir.join("uploads"),
+            limits,
+            quota_bytes,
+            ttl,
+            busy: Mutex::default(),
+        }
+    }
+
+    fn part(&self, sha256: &str) -> PathBuf {
+        self.dir.join(format!("{sha256}.part"))
+    }
+
+    /// The extracted tree of the upload with this digest.
+    pub fn tree(&self, sha256: &str) -> PathBuf {
+        self.dir.join(sha256)
+    }
+
+    /// Bytes of an unfinished upload the server holds (0: none).
+    pub fn committed(&self, sha256: &str) -> u64 {
+        std::fs::metadata(self.part(sha256)).map_or(0, |m| m.len())
+    }
+
+    /// Starts (or continues, from `offset`) receiving the upload of `sha256` under `name`.
+    pub async fn begin(
+        self: &Arc<Self>,
+        sha256: &str,
+        name: &str,
+        offset: u64,
+        total: u64,
+    ) -> Result<Receiving, ApiError> {
+        let keys = [format!("sha256:{sha256}"), format!("name:{name}")];
+        {
+            let mut busy = self.busy.lock().expect("uploads lock");
+            if keys.iter().any(|k| busy.contains(k)) {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "an upload of '{name}' (or of the same bytes) is in progress; retry when it ends"
+                )));
+            }
+            busy.extend(keys.iter().cloned());
+        }
+        let guard = Reserved(self, &keys);
+        let held = self.committed(sha256);
+        if offset > held {
+            return Err(ApiError::field(
+                "offset",
+                format!("is {offset}, but the server holds {held} bytes of this upload; continue from {held} (GetUpload)"),
+            ));
+        }
+        tokio::fs::create_dir_all(&self.dir)
+            .await
+            .map_err(io("creating the uploads folder"))?;
+        let file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .open(self.part(sha256))
+            .await
+            .map_err(io("opening the upload"))?;
+        file.set_len(offset)
+            .await
+            .map_err(io("resuming the upload"))?;
+        let mut file = file;
+        tokio::io::AsyncSeekExt::seek(&mut file, std::io::SeekFrom::Start(offset))
+            .await
+            .map_err(io("resuming the upload"))?;
+        std::mem::forget(guard);
+        Ok(Receiving {
+            uploads: self.clone(),
+            keys,
+            file,
+            sha256: sha256.to_string(),
+            received: offset,
+            total,
+        })
+    }
+
+    /// Drops what the server holds of an unfinished upload.
+    pub fn discard(&self, sha256: &str) {
+        let _ = std::fs::remove_file(self.part(sha256));
+    }
+
+    /// Removes partial uploads untouched for longer than the TTL (not those being received).
+    pub fn sweep(&self) -> usize {
+        let busy = self.busy.lock().expect("uploads lock").clone();
+        let now = SystemTime::now();
+        let stale = |p: &Path| {
+            let sha = p.file_stem().map(|s| s.to_string_lossy().into_owned());
+            let old = p
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| now.duration_since(t).ok())
+                .is_some_and(|age| age > self.ttl);
+            old && !sha.is_some_and(|s| busy.contains(&format!("sha256:{s}")))
+        };
+        std::fs::read_dir(&self.dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|e| e == "part") && stale(p))
+                    .filter(|p| std::fs::remove_file(p).is_ok())
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    /// Checks a complete upload, extracts and inspects it (blocking). The tree is kept once
+    /// per content: when it is there already, only the inspection runs.
+    pub fn finish(
+        &self,
+        sha256: &str,
+        format: DatasetFormat,
+    ) -> Result<(Inspected, u64), ApiError> {
+        let part = self.part(sha256);
+        let tree = self.tree(sha256);
+        if tree.is_dir() {
+            let inspected = inspect::inspect(&tree, format)?;
+            return Ok((inspected, dir_bytes(&tree)));
+        }
+        let digest = file_sha256(&part)?;
+        if digest != sha256 {
+            let _ = std::fs::remove_file(&part);
+            return Err(ApiError::field(
+                "sha256",
+                format!(
+                    "the bytes received hash to {digest}, not {sha256}; the upload was discarded"
+                ),
+            ));
+        }
+        let temp = tempfile::Builder::new()
+            .prefix(&format!(".{sha256}.tmp-"))
+            .tempdir_in(&self.dir)
+            .map_err(io("extracting the upload"))?;
+        let checked = archive::extract(&part, temp.path(), self.limits)
+            .and_then(|_| inspect::inspect(temp.path(), format));
+        // Accepted or refused, the archive itself is not kept.
+        let _ = std::fs::remove_file(&part);
+        let inspected = checked?;
+        let bytes = dir_bytes(temp.path());
+        std::fs::rename(temp.keep(), &tree).map_err(io("storing the upload"))?;
+        Ok((inspected, bytes))
+    }
+}
+
+/// Releases reserved keys unless forgotten (an early return of `begin`).
+struct Reserved<'a>(&'a Uploads, &'a [String; 2]);
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        let mut busy = self.0.busy.lock().expect("uploads lock");
+        for key in self.1 {
+            busy.remove(key);
+        }
+    }
+}
+
+impl Receiving {
+    /// Appends a chunk; refuses bytes beyond the declared total.
+    pub async fn write(&mut self, chunk: &[u8]) -> Result<(), ApiError> {
+        if self.received + chunk.len() as u64 > self.total {
+            return Err(ApiError::field(
+                "total_bytes",
+                format!("is {}, but more bytes than that were sent", self.total),
+            ));
+        }
+        self.file
+            .write_all(chunk)
+            .await
+            .map_err(io("writing the upload"))?;
+        self.received += chunk.len() as u64;
+        Ok(())
+    }
+
+    /// Makes what was received durable (the committed offset a client resumes from).
+    pub async fn sync(&mut self) -> Result<(), ApiError> {
+        self.file.flush().await.map_err(io("writing the upload"))?;
+        self.file
+            .sync_data()
+            .await
+            .map_err(io("writing the upload"))
+    }
+}
+
+fn file_sha256(path: &Path) -> Result<String, ApiError> {
+    let mut file = std::fs::File::open(path).map_err(io("reading the upload"))?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher).map_err(io("reading the upload"))?;
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| match e.file_type() {
+                    Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+                    _ => e.metadata().map_or(0, |m| m.len()),
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// `tlb serve`'s flags for uploads.
+#[derive(clap::Args, Clone, Debug)]
+pub struct UploadArgs {
+    /// Bytes an uploaded archive may expand to; beyond it the upload is refused
+    /// (RESOURCE_EXHAUSTED) before the disk fills.
+    #[arg(long, env = "TLB_MAX_DATASET_BYTES", default_value_t = 20 << 30)]
+    pub max_dataset_bytes: u64,
+    /// Entries (files and folders) an uploaded archive may hold.
+    #[arg(long, env = "TLB_MAX_DATASET_ENTRIES", default_value_t = 1_000_000)]
+    pub max_dataset_entries: u64,
+    /// Archive bytes of datasets one token may keep uploaded; 0: no quota.
+    #[arg(long, env = "TLB_DATASET_QUOTA_BYTES", default_value_t = 50 << 30)]
+    pub dataset_quota_bytes: u64,
+    /// Seconds an unfinished upload is kept for its client to continue it.
+    #[arg(long, env = "TLB_UPLOAD_TTL", default_value_t = 86_400)]
+    pub upload_ttl: u64,
+}
+
+impl UploadArgs {
+    pub fn uploads(&self, data_dir: &Path) -> Uploads {
+        let limits = Limits {
+            bytes: self.max_dataset_bytes,
+            entries: self.max_dataset_entries,
+        };
+        let ttl = Duration::from_secs(self.upload_ttl);
+        Uploads::new(data_dir, limits, self.dataset_quota_bytes, ttl)
+    }
+}
