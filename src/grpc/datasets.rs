@@ -196,10 +196,24 @@ impl DatasetApi {
             drop(rx);
         }
         let sha = sha256.clone();
+        let finishing = uploads.clone();
         let (inspected, extracted_bytes) =
-            tokio::task::spawn_blocking(move || uploads.finish(&sha, format))
+            tokio::task::spawn_blocking(move || finishing.finish(&sha, format))
                 .await
                 .map_err(|e| ApiError::internal(anyhow::anyhow!("upload task: {e}")))??;
+        // The archive goes to the artifact store for the other replicas; alone, it goes.
+        let archive = uploads.archive(&sha256);
+        if self.0.artifacts.is_remote() {
+            if archive.exists() {
+                self.0
+                    .artifacts
+                    .publish(&archive)
+                    .await
+                    .map_err(ApiError::from)?;
+            }
+        } else {
+            let _ = tokio::fs::remove_file(&archive).await;
+        }
         let row = DatasetRow {
             name: header.name.clone(),
             sha256,
@@ -310,6 +324,7 @@ impl DatasetService for DatasetApi {
                 if !shared {
                     let tree = self.uploads().tree(&row.sha256);
                     let _ = tokio::fs::remove_dir_all(&tree).await;
+                    let _ = tokio::fs::remove_file(self.uploads().archive(&row.sha256)).await;
                 }
                 tracing::info!(dataset = %row.name, "dataset deleted");
                 Ok(Response::new(pb::DeleteDatasetResponse {}))

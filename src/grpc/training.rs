@@ -18,7 +18,7 @@ use crate::names::Named;
 use crate::proto::v1 as pb;
 use crate::proto::v1::training_service_server::TrainingService;
 use crate::store::{JobRow, JobState};
-use crate::worker::{Watched, Watcher};
+use crate::worker::{local_upload, Watched, Watcher};
 
 /// Default and largest ListJobs page.
 const PAGE_DEFAULT: usize = 50;
@@ -65,7 +65,9 @@ impl TrainingApi {
         let row = self.0.store.get_dataset(&d.id).await?.ok_or_else(|| {
             ApiError::NotFound(format!("dataset.id: no uploaded dataset named '{}'", d.id))
         })?;
-        Ok((row.format.clone(), super::datasets::job_path(&row)))
+        let path = super::datasets::job_path(&row);
+        local_upload(&self.0.artifacts, &self.0.datasets, &row.format, &path).await?;
+        Ok((row.format.clone(), path))
     }
 }
 

@@ -260,3 +260,41 @@ fn assert_all_stored(s3: &S3, root: &Path, prefix: &str, job: &str) {
         assert_eq!(s3.stored(BUCKET, &key), local.ok(), "{name}");
     }
 }
+
+/// A dataset uploaded to one replica trains on another that shares no disk with it: its
+/// archive goes to S3 and is checked and extracted on the replica that starts the job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dataset_uploaded_to_one_replica_trains_on_another() {
+    use crate::datasets::{header, images, messages, tar_gz, upload};
+    let Some(pg) = Postgres::start() else { return };
+    let s3 = S3::start(BUCKET);
+    let roots = [(); 2].map(|_| tempfile::tempdir().unwrap());
+    let a = replica(roots[0].path(), &pg, &s3, IDS[0]);
+    let b = replica(roots[1].path(), &pg, &s3, IDS[1]);
+    let bytes = tar_gz(&images(2, 10));
+    let info = upload(&a, messages(header("shared", &bytes), &bytes))
+        .await
+        .unwrap();
+    let key = format!("runs/uploads/{}.archive", info.sha256);
+    assert_eq!(s3.stored(BUCKET, &key).as_deref(), Some(&bytes[..]));
+    let tree = |i: usize| roots[i].path().join("data/uploads").join(&info.sha256);
+    assert!(tree(0).is_dir() && !tree(1).exists());
+
+    let mut client = b.training().await;
+    let mut request = start_request("tiny", 1, "");
+    request.dataset = Some(pb::Dataset {
+        id: "shared".into(),
+        ..Default::default()
+    });
+    let job = start_job(&mut client, request).await;
+    assert!(tree(1).is_dir(), "fetched from S3 and extracted by b");
+    let j = wait_job(
+        &mut client,
+        &job,
+        Duration::from_secs(300),
+        "the end",
+        ended,
+    )
+    .await;
+    assert_eq!(state(&j), pb::JobState::Succeeded, "{j:?}");
+}

@@ -34,7 +34,7 @@ fn image_folder(dir: &Path, classes: usize, per_class: usize) {
 }
 
 /// A `.tar.gz` of `(path, bytes)` files (paths as written: relative, no `..`).
-fn tar_gz(files: &[(String, Vec<u8>)]) -> Vec<u8> {
+pub(crate) fn tar_gz(files: &[(String, Vec<u8>)]) -> Vec<u8> {
     let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     let mut tar = tar::Builder::new(gz);
     for (path, bytes) in files {
@@ -47,7 +47,7 @@ fn tar_gz(files: &[(String, Vec<u8>)]) -> Vec<u8> {
 }
 
 /// Image-folder files for [`tar_gz`]: `classes` classes of `per_class` PNGs.
-fn images(classes: usize, per_class: usize) -> Vec<(String, Vec<u8>)> {
+pub(crate) fn images(classes: usize, per_class: usize) -> Vec<(String, Vec<u8>)> {
     (0..classes)
         .flat_map(|c| {
             (0..per_class).map(move |i| (format!("data/c{c}/{i}.png"), png(32, (c * 9 + i) as u8)))
@@ -85,7 +85,7 @@ fn sha256(bytes: &[u8]) -> String {
         .collect()
 }
 
-fn header(name: &str, bytes: &[u8]) -> pb::UploadHeader {
+pub(crate) fn header(name: &str, bytes: &[u8]) -> pb::UploadHeader {
     pb::UploadHeader {
         name: name.into(),
         format: "image-folder".into(),
@@ -95,7 +95,7 @@ fn header(name: &str, bytes: &[u8]) -> pb::UploadHeader {
     }
 }
 
-fn messages(h: pb::UploadHeader, bytes: &[u8]) -> Vec<pb::UploadDatasetRequest> {
+pub(crate) fn messages(h: pb::UploadHeader, bytes: &[u8]) -> Vec<pb::UploadDatasetRequest> {
     let mut out = vec![pb::UploadDatasetRequest {
         part: Some(Part::Header(h)),
     }];
@@ -109,7 +109,7 @@ async fn client(server: &Server) -> DatasetServiceClient<Channel> {
     DatasetServiceClient::new(server.channel().await)
 }
 
-async fn upload(
+pub(crate) async fn upload(
     server: &Server,
     m: Vec<pb::UploadDatasetRequest>,
 ) -> Result<pb::DatasetInfo, (Code, String)> {

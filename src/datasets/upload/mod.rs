@@ -143,7 +143,8 @@ impl Uploads {
         let _ = std::fs::remove_file(self.part(sha256));
     }
 
-    /// Removes partial uploads untouched for longer than the TTL (not those being received).
+    /// Removes partial uploads untouched for longer than the TTL (not those being received),
+    /// and extraction folders a crash left behind.
     pub fn sweep(&self) -> usize {
         let busy = self.busy.lock().expect("uploads lock").clone();
         let now = SystemTime::now();
@@ -157,11 +158,25 @@ impl Uploads {
                 .is_some_and(|age| age > self.ttl);
             old && !sha.is_some_and(|s| busy.contains(&format!("sha256:{s}")))
         };
+        // Extractions a crash cut short leave `.<sha256>.tmp-*` folders: removed alike.
+        let temp = |p: &Path| {
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default();
+            name.starts_with('.') && name.contains(".tmp-")
+        };
         std::fs::read_dir(&self.dir)
             .map(|d| {
                 d.filter_map(|e| e.ok().map(|e| e.path()))
-                    .filter(|p| p.extension().is_some_and(|e| e == "part") && stale(p))
-                    .filter(|p| std::fs::remove_file(p).is_ok())
+                    .filter(|p| stale(p))
+                    .filter(|p| {
+                        if p.extension().is_some_and(|e| e == "part") {
+                            std::fs::remove_file(p).is_ok()
+                        } else {
+                            temp(p) && std::fs::remove_dir_all(p).is_ok()
+                        }
+                    })
                     .count()
             })
             .unwrap_or(0)
@@ -174,15 +189,48 @@ impl Uploads {
         sha256: &str,
         format: DatasetFormat,
     ) -> Result<(Inspected, u64), ApiError> {
-        let part = self.part(sha256);
         let tree = self.tree(sha256);
         if tree.is_dir() {
             let inspected = inspect::inspect(&tree, format)?;
             return Ok((inspected, dir_bytes(&tree)));
         }
-        let digest = file_sha256(&part)?;
+        let part = self.part(sha256);
+        let unpacked = self.unpack(&part, sha256, format);
+        match &unpacked {
+            // Kept as the archive (for other replicas, through the artifact store).
+            Ok(_) => {
+                std::fs::rename(&part, self.archive(sha256)).map_err(io("keeping the upload"))?
+            }
+            Err(_) => {
+                let _ = std::fs::remove_file(&part);
+            }
+        }
+        unpacked
+    }
+
+    /// The archive an upload was extracted from (`<sha256>.archive`).
+    pub fn archive(&self, sha256: &str) -> PathBuf {
+        self.dir.join(format!("{sha256}.archive"))
+    }
+
+    /// Extracts the kept archive of an upload another replica received (blocking), unless
+    /// its tree is here already.
+    pub fn restore(&self, sha256: &str, format: DatasetFormat) -> Result<(), ApiError> {
+        if !self.tree(sha256).is_dir() {
+            self.unpack(&self.archive(sha256), sha256, format)?;
+        }
+        Ok(())
+    }
+
+    /// Checks `source` against its digest, extracts and inspects it into the upload's tree.
+    fn unpack(
+        &self,
+        source: &Path,
+        sha256: &str,
+        format: DatasetFormat,
+    ) -> Result<(Inspected, u64), ApiError> {
+        let digest = file_sha256(source)?;
         if digest != sha256 {
-            let _ = std::fs::remove_file(&part);
             return Err(ApiError::field(
                 "sha256",
                 format!(
@@ -194,13 +242,10 @@ impl Uploads {
             .prefix(&format!(".{sha256}.tmp-"))
             .tempdir_in(&self.dir)
             .map_err(io("extracting the upload"))?;
-        let checked = archive::extract(&part, temp.path(), self.limits)
-            .and_then(|_| inspect::inspect(temp.path(), format));
-        // Accepted or refused, the archive itself is not kept.
-        let _ = std::fs::remove_file(&part);
-        let inspected = checked?;
+        archive::extract(source, temp.path(), self.limits)?;
+        let inspected = inspect::inspect(temp.path(), format)?;
         let bytes = dir_bytes(temp.path());
-        std::fs::rename(temp.keep(), &tree).map_err(io("storing the upload"))?;
+        std::fs::rename(temp.keep(), self.tree(sha256)).map_err(io("storing the upload"))?;
         Ok((inspected, bytes))
     }
 }

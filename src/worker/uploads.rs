@@ -1,0 +1,38 @@
+//! Uploaded datasets on replicas that did not receive them: the kept archive is fetched from
+//! the artifact store and extracted here before a job reads it.
+
+use crate::artifacts::Artifacts;
+use crate::datasets::upload::UPLOAD_PREFIX;
+use crate::datasets::Datasets;
+use crate::engine::data::DatasetFormat;
+use crate::error::ApiError;
+
+/// Makes the upload a job's `dataset_path` names present on this replica (nothing to do for
+/// a path under the datasets root, or an upload already here).
+pub async fn local_upload(
+    artifacts: &Artifacts,
+    datasets: &Datasets,
+    format: &str,
+    dataset_path: &str,
+) -> Result<(), ApiError> {
+    let Some(rest) = dataset_path.strip_prefix(UPLOAD_PREFIX) else {
+        return Ok(());
+    };
+    let sha256 = rest.split('/').next().unwrap_or_default().to_string();
+    let uploads = datasets.uploads.clone();
+    if uploads.tree(&sha256).is_dir() {
+        return Ok(());
+    }
+    let format: DatasetFormat = format
+        .parse()
+        .map_err(|e: String| ApiError::field("dataset.format", e))?;
+    if !artifacts.fetch(&uploads.archive(&sha256)).await? {
+        return Err(ApiError::FailedPrecondition(format!(
+            "uploaded dataset {sha256} is neither on this replica nor in the artifact store \
+             (uploads reach other replicas through --artifact-store)"
+        )));
+    }
+    tokio::task::spawn_blocking(move || uploads.restore(&sha256, format))
+        .await
+        .map_err(|e| ApiError::internal(anyhow::anyhow!("extracting an upload: {e}")))?
+}
