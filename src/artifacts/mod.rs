@@ -23,6 +23,18 @@ use object_store::{ObjectStore, PutPayload};
 pub use cache::Held;
 pub use config::{Addressing, ArtifactArgs};
 
+/// A client of the bucket at `s3://BUCKET` with the server's S3 settings (endpoint,
+/// addressing, credentials from the AWS environment): for datasets in users' buckets.
+pub fn bucket(
+    args: &ArtifactArgs,
+    url: &str,
+) -> anyhow::Result<(
+    std::sync::Arc<dyn object_store::ObjectStore>,
+    object_store::path::Path,
+)> {
+    config::s3(args, url)
+}
+
 /// Why the artifact store could not do what was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum ArtifactError {

@@ -172,7 +172,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
             pb::Dataset {
                 format: a.format.clone(),
                 path: a.dataset.clone(),
-                id: String::new(),
+                ..Default::default()
             }
         };
         let job_id = client

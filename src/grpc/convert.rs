@@ -89,6 +89,11 @@ pub fn job(j: &JobRow) -> pb::Job {
             path: j.dataset_path.clone(),
             // An uploaded dataset's path names its content: `upload:<sha256>/<folder>`.
             id: String::new(),
+            uri: if j.dataset_path.starts_with("s3://") {
+                j.dataset_path.clone()
+            } else {
+                String::new()
+            },
         }),
         created_at: Some(timestamp(j.created_at_ms)),
         started_at: j.started_at_ms.map(timestamp),

@@ -12,13 +12,14 @@ use uuid::Uuid;
 use super::convert;
 use super::AppState;
 use crate::auth::{require, Caller, Role};
+use crate::datasets::upload::remote;
 use crate::engine::train::Preset;
 use crate::error::{parse_uuid, ApiError};
 use crate::names::Named;
 use crate::proto::v1 as pb;
 use crate::proto::v1::training_service_server::TrainingService;
 use crate::store::{JobRow, JobState};
-use crate::worker::{local_upload, Watched, Watcher};
+use crate::worker::{local_dataset, local_upload, Watched, Watcher};
 
 /// Default and largest ListJobs page.
 const PAGE_DEFAULT: usize = 50;
@@ -51,23 +52,39 @@ impl TrainingApi {
             .ok_or_else(|| ApiError::NotFound(format!("no job with id {id}")))
     }
 
-    /// The `(format, path)` a request's dataset names: as given, or an uploaded dataset's.
-    async fn dataset_of(&self, d: pb::Dataset) -> Result<(String, String), ApiError> {
-        if d.id.is_empty() {
-            return Ok((d.format, d.path));
-        }
-        if !d.path.is_empty() {
+    /// A request's dataset: `(format, the path its job row keeps, the path read here)`. A
+    /// path under the datasets root as given; an uploaded dataset by name; an `s3://` URI,
+    /// fetched here (each replica that runs the job fetches it, or finds it fetched).
+    async fn dataset_of(&self, d: pb::Dataset) -> Result<(String, String, String), ApiError> {
+        let named = [&d.path, &d.id, &d.uri]
+            .iter()
+            .filter(|s| !s.is_empty())
+            .count();
+        if named > 1 {
             return Err(ApiError::field(
-                "dataset.id",
-                "names an uploaded dataset; leave dataset.path empty",
+                "dataset",
+                "give one of path (on the server), id (an upload) or uri (s3://)",
             ));
+        }
+        if !d.uri.is_empty() {
+            remote::parse(&d.uri)?;
+            let format = if d.format.is_empty() {
+                "image-folder".to_string()
+            } else {
+                d.format
+            };
+            let local = local_dataset(&self.0.artifacts, &self.0.datasets, &format, &d.uri).await?;
+            return Ok((format, d.uri, local));
+        }
+        if d.id.is_empty() {
+            return Ok((d.format, d.path.clone(), d.path));
         }
         let row = self.0.store.get_dataset(&d.id).await?.ok_or_else(|| {
             ApiError::NotFound(format!("dataset.id: no uploaded dataset named '{}'", d.id))
         })?;
         let path = super::datasets::job_path(&row);
         local_upload(&self.0.artifacts, &self.0.datasets, &row.format, &path).await?;
-        Ok((row.format.clone(), path))
+        Ok((row.format.clone(), path.clone(), path))
     }
 }
 
@@ -105,8 +122,8 @@ impl TrainingService for TrainingApi {
                 "is required: {format: cifar10|cifar100|image-folder, path}",
             )
         })?;
-        let (format, path) = self.dataset_of(dataset).await?;
-        let resolved = self.0.datasets.resolve(&format, &path)?;
+        let (format, path, local) = self.dataset_of(dataset).await?;
+        let resolved = self.0.datasets.resolve(&format, &local)?;
         let mut config = preset.config();
         if let Some(overrides) = &r.config {
             convert::apply_overrides(&mut config, overrides)?;

@@ -20,7 +20,11 @@ pub(super) fn datasets(args: &ServeArgs) -> Datasets {
             url: args.cifar100_url.clone(),
             md5: args.cifar100_md5.clone(),
         },
-        uploads: Arc::new(args.uploads.uploads(&args.data_dir)),
+        uploads: Arc::new(
+            args.uploads
+                .uploads(&args.data_dir)
+                .with_s3(args.artifacts.clone()),
+        ),
     }
 }
 

@@ -16,7 +16,7 @@ use uuid::Uuid;
 use super::inference::Serve;
 use super::lease::Lease;
 use super::observer::{job_warning, retry_fenced, JobObserver, Retried};
-use super::uploads::local_upload;
+use super::uploads::local_dataset;
 use super::{JobUpdate, Request, WorkerContext};
 use crate::engine::train::{train_run, write_json, CheckpointDir, Outcome, Run, Start};
 use crate::metrics::metrics;
@@ -210,14 +210,15 @@ fn train_job<B: AutodiffBackend>(
     lease: &Lease,
     cancel: Arc<AtomicBool>,
 ) -> anyhow::Result<(Outcome, Option<f64>)> {
-    let (format, path) = (&job.dataset_format, &job.dataset_path);
-    let fetched = local_upload(&ctx.artifacts, &ctx.datasets, format, path);
-    ctx.runtime
+    let format = &job.dataset_format;
+    let fetched = local_dataset(&ctx.artifacts, &ctx.datasets, format, &job.dataset_path);
+    let path = ctx
+        .runtime
         .block_on(fetched)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let dataset = ctx
         .datasets
-        .resolve(format, path)
+        .resolve(format, &path)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let id = job.id;
     let events = ctx.clone();

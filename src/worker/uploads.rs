@@ -2,7 +2,7 @@
 //! the artifact store and extracted here before a job reads it.
 
 use crate::artifacts::Artifacts;
-use crate::datasets::upload::UPLOAD_PREFIX;
+use crate::datasets::upload::{remote, UPLOAD_PREFIX};
 use crate::datasets::Datasets;
 use crate::engine::data::DatasetFormat;
 use crate::error::ApiError;
@@ -35,4 +35,22 @@ pub async fn local_upload(
     tokio::task::spawn_blocking(move || uploads.restore(&sha256, format))
         .await
         .map_err(|e| ApiError::internal(anyhow::anyhow!("extracting an upload: {e}")))?
+}
+
+/// The path a job reads its dataset at on this replica: an `s3://` URI fetched (or found
+/// fetched) into the uploads folder, an upload made present, a datasets-root path as it is.
+pub async fn local_dataset(
+    artifacts: &Artifacts,
+    datasets: &Datasets,
+    format: &str,
+    dataset_path: &str,
+) -> Result<String, ApiError> {
+    if dataset_path.starts_with("s3://") {
+        let format: DatasetFormat = format
+            .parse()
+            .map_err(|e: String| ApiError::field("dataset.format", e))?;
+        return remote::fetch(&datasets.uploads, dataset_path, format).await;
+    }
+    local_upload(artifacts, datasets, format, dataset_path).await?;
+    Ok(dataset_path.to_string())
 }

@@ -15,7 +15,9 @@ use common::s3::S3;
 use common::server::{encoded, png, start_job, start_request, Server};
 use common::write_synthetic_cifar;
 use tlb::proto::v1 as pb;
+use tlb::proto::v1::training_service_client::TrainingServiceClient;
 use tlb::store::Store;
+use tonic::transport::Channel;
 use tonic::Code;
 
 const BUCKET: &str = "tlb";
@@ -137,6 +139,13 @@ async fn replicas_with_no_shared_disk_take_over_through_object_storage() {
     assert_eq!(meta.outputs[0].shape, vec![-1, 10], "{meta:?}");
 }
 
+/// Waits for `job` to end; it must have succeeded.
+async fn succeeded(client: &mut TrainingServiceClient<Channel>, job: &str) -> pb::Job {
+    let j = wait_job(client, job, Duration::from_secs(300), "the end", ended).await;
+    assert_eq!(state(&j), pb::JobState::Succeeded, "{j:?}");
+    j
+}
+
 /// A server on the embedded store with `flags`, the S3 credentials in its environment.
 fn server(root: &Path, s3: &S3, flags: &[String], secret: Option<&str>) -> Server {
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
@@ -205,15 +214,7 @@ async fn a_store_that_refuses_or_is_down_is_reported_before_a_job_queues() {
     s3.restart();
     let job = start_status(&server).await.expect("the store is back");
     let mut client = server.training().await;
-    let j = wait_job(
-        &mut client,
-        &job,
-        Duration::from_secs(300),
-        "the end",
-        ended,
-    )
-    .await;
-    assert_eq!(state(&j), pb::JobState::Succeeded, "{j:?}");
+    succeeded(&mut client, &job).await;
     assert_all_stored(&s3, dir.path(), "p", &job);
 
     // The S3 server stops while a job trains: its checkpoints wait (the job does not end on
@@ -288,13 +289,66 @@ async fn a_dataset_uploaded_to_one_replica_trains_on_another() {
     });
     let job = start_job(&mut client, request).await;
     assert!(tree(1).is_dir(), "fetched from S3 and extracted by b");
-    let j = wait_job(
-        &mut client,
-        &job,
-        Duration::from_secs(300),
-        "the end",
-        ended,
-    )
-    .await;
-    assert_eq!(state(&j), pb::JobState::Succeeded, "{j:?}");
+    succeeded(&mut client, &job).await;
+}
+
+/// Datasets named by `s3://` URIs train: a prefix holding an image folder's files and one
+/// archive, read with the server's S3 settings and fetched once per content; a missing key
+/// is NOT_FOUND, a URI that is not `s3://` INVALID_ARGUMENT, before anything queues.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn datasets_named_by_s3_uris_train() {
+    use crate::datasets::{images, tar_gz};
+    let s3 = S3::start("data");
+    let bucket = s3.root.path().join("data");
+    for (path, bytes) in images(2, 8) {
+        let file = bucket.join("pets").join(path);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(file, bytes).unwrap();
+    }
+    std::fs::write(bucket.join("pets.tar.gz"), tar_gz(&images(2, 8))).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let server = server(
+        dir.path(),
+        &s3,
+        &["--s3-endpoint".into(), s3.endpoint()],
+        None,
+    );
+    let mut client = server.training().await;
+    let request = |uri: &str| {
+        let mut r = start_request("tiny", 1, "");
+        r.dataset = Some(pb::Dataset {
+            uri: uri.into(),
+            ..Default::default()
+        });
+        r
+    };
+    for uri in [
+        "s3://data/pets/",
+        "s3://data/pets.tar.gz",
+        "s3://data/pets/",
+    ] {
+        let job = start_job(&mut client, request(uri)).await;
+        let j = succeeded(&mut client, &job).await;
+        assert_eq!(j.dataset.unwrap().uri, uri);
+    }
+    let trees = std::fs::read_dir(dir.path().join("data/uploads"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .count();
+    assert_eq!(trees, 2, "one tree per content, fetched once");
+    for (uri, code, expected) in [
+        ("s3://data/missing.tar.gz", Code::NotFound, "does not exist"),
+        ("s3://data/nothing/", Code::NotFound, "no objects under"),
+        (
+            "http://data/pets/",
+            Code::InvalidArgument,
+            "is not an s3:// URI",
+        ),
+        ("s3://data/../x/", Code::InvalidArgument, "'..'"),
+    ] {
+        let refused = client.start_training(request(uri)).await.unwrap_err();
+        assert_eq!(refused.code(), code, "{uri}: {refused:?}");
+        assert!(refused.message().contains(expected), "{uri}: {refused:?}");
+    }
 }

@@ -77,7 +77,7 @@ fn request(format: &str, path: &str) -> pb::StartTrainingRequest {
         dataset: Some(pb::Dataset {
             format: format.into(),
             path: path.into(),
-            id: String::new(),
+            ..Default::default()
         }),
     }
 }

@@ -33,7 +33,7 @@ fn dataset(format: &str, path: &str) -> pb::StartTrainingRequest {
         dataset: Some(pb::Dataset {
             format: format.into(),
             path: path.into(),
-            id: String::new(),
+            ..Default::default()
         }),
         ..start_request("tiny", 1, "synth")
     }

@@ -34,7 +34,7 @@ fn entry_error(path: &str, what: &str) -> ApiError {
 }
 
 /// The entry's path inside `dest`, or why it may not be written.
-fn safe_path(dest: &Path, raw: &Path) -> Result<PathBuf, ApiError> {
+pub(super) fn safe_path(dest: &Path, raw: &Path) -> Result<PathBuf, ApiError> {
     let shown = raw.to_string_lossy();
     let mut out = dest.to_path_buf();
     for c in raw.components() {

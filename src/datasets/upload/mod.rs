@@ -6,6 +6,7 @@
 
 mod archive;
 mod inspect;
+pub mod remote;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -32,6 +33,8 @@ pub struct Uploads {
     /// Archive bytes one token may keep stored (0: no quota).
     pub quota_bytes: u64,
     pub ttl: Duration,
+    /// The S3 settings `s3://` dataset URIs are read with.
+    pub s3: crate::artifacts::ArtifactArgs,
     /// Digests and names being received now.
     busy: Mutex<HashSet<String>>,
 }
@@ -66,8 +69,15 @@ impl Uploads {
             limits,
             quota_bytes,
             ttl,
+            s3: crate::artifacts::ArtifactArgs::default(),
             busy: Mutex::default(),
         }
+    }
+
+    /// Reads `s3://` dataset URIs with these settings.
+    pub fn with_s3(mut self, s3: crate::artifacts::ArtifactArgs) -> Self {
+        self.s3 = s3;
+        self
     }
 
     fn part(&self, sha256: &str) -> PathBuf {

@@ -156,7 +156,7 @@ pub fn start_request(preset: &str, epochs: u32, path: &str) -> pb::StartTraining
         dataset: Some(pb::Dataset {
             format: "cifar10".into(),
             path: path.into(),
-            id: String::new(),
+            ..Default::default()
         }),
     }
 }
