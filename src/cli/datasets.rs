@@ -10,10 +10,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use sha2::{Digest, Sha256};
 
 use super::client::{runtime, status_err};
 use super::connect::{channel, Conn, ServerArg};
+use crate::datasets::upload::sha256_hex;
 use crate::proto::v1 as pb;
 use crate::proto::v1::dataset_service_client::DatasetServiceClient;
 use crate::proto::v1::upload_dataset_request::Part;
@@ -156,17 +156,6 @@ fn pack(dir: &Path) -> Result<tempfile::NamedTempFile> {
     Ok(out)
 }
 
-fn sha256_of(file: &mut std::fs::File) -> Result<String> {
-    file.seek(SeekFrom::Start(0))?;
-    let mut hasher = Sha256::new();
-    std::io::copy(file, &mut hasher)?;
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
-}
-
 /// Uploads `path` (a folder or an archive) as `name`, continuing an interrupted upload.
 pub async fn upload(
     server: &ServerArg,
@@ -186,7 +175,7 @@ pub async fn upload(
     };
     let mut file = std::fs::File::open(&archive)?;
     let total = file.metadata()?.len();
-    let sha256 = sha256_of(&mut file)?;
+    let sha256 = sha256_hex(&mut file)?;
     let name = name
         .map(str::to_string)
         .unwrap_or_else(|| default_name(path));

@@ -4,10 +4,10 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use sha2::{Digest, Sha256};
 
 use super::client::{runtime, status_err};
 use super::connect::{channel, ServerArg};
+use crate::datasets::upload::sha256_hex;
 use crate::proto::v1 as pb;
 use crate::proto::v1::import_model_request::Part;
 use crate::proto::v1::inference_service_client::InferenceServiceClient;
@@ -31,10 +31,7 @@ pub struct ImportArgs {
 
 pub fn import(a: ImportArgs) -> Result<()> {
     let bytes = std::fs::read(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
-    let digest: String = Sha256::digest(&bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let digest = sha256_hex(bytes.as_slice())?;
     let name = a.name.clone().unwrap_or_else(|| {
         a.file
             .file_name()

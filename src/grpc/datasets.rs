@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status, Streaming};
 
-use super::AppState;
+use super::{is_sha256_hex, AppState};
 use crate::auth::{Caller, Role};
 use crate::datasets::upload::{Inspected, Receiving, Uploads, UPLOAD_PREFIX};
 use crate::engine::data::DatasetFormat;
@@ -55,7 +55,7 @@ fn info(d: &DatasetRow) -> pb::DatasetInfo {
 }
 
 fn check_sha256(field: &str, sha: &str) -> Result<String, ApiError> {
-    if sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if is_sha256_hex(sha) {
         Ok(sha.to_ascii_lowercase())
     } else {
         Err(ApiError::field(

@@ -1,11 +1,12 @@
 //! `ImportModel`: the checks of the upload stream (header, size, checksum), then the engine's
 //! import and the worker's bookkeeping.
 
-use sha2::{Digest, Sha256};
 use tonic::{Request, Status, Streaming};
 
+use super::is_sha256_hex;
 use super::InferenceApi;
 use crate::auth::Caller;
+use crate::datasets::upload::sha256_hex;
 use crate::engine::backend::{cpu_device, Cpu};
 use crate::engine::train::{import_safetensors, Checkpoint};
 use crate::error::ApiError;
@@ -44,7 +45,7 @@ impl InferenceApi {
         check_header(&header)?;
         let bytes = receive(&mut stream, header.total_bytes).await?;
         if !header.sha256.is_empty() {
-            let digest = hex(&Sha256::digest(&bytes));
+            let digest = sha256_hex(bytes.as_slice()).map_err(|e| ApiError::internal(e.into()))?;
             if !digest.eq_ignore_ascii_case(&header.sha256) {
                 return Err(ApiError::field(
                     "sha256",
@@ -108,8 +109,7 @@ fn check_header(h: &pb::ImportModelHeader) -> Result<(), ApiError> {
             h.total_bytes
         )));
     }
-    let hex_digits = h.sha256.len() == 64 && h.sha256.bytes().all(|b| b.is_ascii_hexdigit());
-    if !h.sha256.is_empty() && !hex_digits {
+    if !h.sha256.is_empty() && !is_sha256_hex(&h.sha256) {
         return Err(ApiError::field(
             "sha256",
             "must be 64 hex digits (the SHA-256 of the file) or empty",
@@ -168,8 +168,4 @@ fn read_model(
         import_safetensors::<Cpu>(bytes, config_json, labels, MAX_IMPORT_PARAMS, &device)
             .map_err(|e| ApiError::field(e.field, e.message))?;
     imported.into_checkpoint().map_err(ApiError::internal)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -38,6 +38,11 @@ pub const MAX_REQUEST_PIXELS: u64 = MAX_IMAGE_SIDE as u64 * MAX_IMAGE_SIDE as u6
 /// every documented limit can be reached.
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
+/// Whether `s` is a SHA-256 as 64 hex digits (the form uploads name their bytes by).
+fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 /// When the client's deadline (`grpc-timeout`) passes, if it set one.
 pub fn deadline_of<T>(request: &tonic::Request<T>) -> Option<std::time::Instant> {
     let v = request.metadata().get("grpc-timeout")?.to_str().ok()?;

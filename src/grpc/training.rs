@@ -19,7 +19,7 @@ use crate::names::Named;
 use crate::proto::v1 as pb;
 use crate::proto::v1::training_service_server::TrainingService;
 use crate::store::{JobRow, JobState};
-use crate::worker::{local_dataset, local_upload, Watched, Watcher};
+use crate::worker::{local_dataset, Watched, Watcher};
 
 /// Default and largest ListJobs page.
 const PAGE_DEFAULT: usize = 50;
@@ -83,8 +83,8 @@ impl TrainingApi {
             ApiError::NotFound(format!("dataset.id: no uploaded dataset named '{}'", d.id))
         })?;
         let path = super::datasets::job_path(&row);
-        local_upload(&self.0.artifacts, &self.0.datasets, &row.format, &path).await?;
-        Ok((row.format.clone(), path.clone(), path))
+        let local = local_dataset(&self.0.artifacts, &self.0.datasets, &row.format, &path).await?;
+        Ok((row.format, path, local))
     }
 }
 

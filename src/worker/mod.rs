@@ -31,7 +31,7 @@ use inference::Serve as _;
 pub use inference::{AttentionResult, ClassifyResult};
 pub use job::MissingCheckpoint;
 pub use models::{add_imported, local_model, ModelRef, IMPORTED};
-pub use uploads::{local_dataset, local_upload};
+pub use uploads::local_dataset;
 pub use watch::{Watched, Watcher};
 
 use crate::artifacts::Artifacts;

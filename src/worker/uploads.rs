@@ -9,7 +9,7 @@ use crate::error::ApiError;
 
 /// Makes the upload a job's `dataset_path` names present on this replica (nothing to do for
 /// a path under the datasets root, or an upload already here).
-pub async fn local_upload(
+async fn local_upload(
     artifacts: &Artifacts,
     datasets: &Datasets,
     format: &str,

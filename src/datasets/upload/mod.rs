@@ -41,15 +41,20 @@ pub struct Uploads {
 
 /// An upload being received; its digest and name are free again when it is dropped.
 pub struct Receiving {
-    uploads: Arc<Uploads>,
-    keys: [String; 2],
+    _busy: Busy,
     file: tokio::fs::File,
     pub sha256: String,
     pub received: u64,
     pub total: u64,
 }
 
-impl Drop for Receiving {
+/// Keys (digest, name) of an upload being received, released when dropped.
+struct Busy {
+    uploads: Arc<Uploads>,
+    keys: [String; 2],
+}
+
+impl Drop for Busy {
     fn drop(&mut self) {
         let mut busy = self.uploads.busy.lock().expect("uploads lock");
         for key in &self.keys {
@@ -112,7 +117,10 @@ impl Uploads {
             }
             busy.extend(keys.iter().cloned());
         }
-        let guard = Reserved(self, &keys);
+        let busy = Busy {
+            uploads: self.clone(),
+            keys,
+        };
         let held = self.committed(sha256);
         if offset > held {
             return Err(ApiError::field(
@@ -137,10 +145,8 @@ impl Uploads {
         tokio::io::AsyncSeekExt::seek(&mut file, std::io::SeekFrom::Start(offset))
             .await
             .map_err(io("resuming the upload"))?;
-        std::mem::forget(guard);
         Ok(Receiving {
-            uploads: self.clone(),
-            keys,
+            _busy: busy,
             file,
             sha256: sha256.to_string(),
             received: offset,
@@ -239,7 +245,8 @@ impl Uploads {
         sha256: &str,
         format: DatasetFormat,
     ) -> Result<(Inspected, u64), ApiError> {
-        let digest = file_sha256(source)?;
+        let file = std::fs::File::open(source).map_err(io("reading the upload"))?;
+        let digest = sha256_hex(file).map_err(io("reading the upload"))?;
         if digest != sha256 {
             return Err(ApiError::field(
                 "sha256",
@@ -248,27 +255,41 @@ impl Uploads {
                 ),
             ));
         }
-        let temp = tempfile::Builder::new()
-            .prefix(&format!(".{sha256}.tmp-"))
-            .tempdir_in(&self.dir)
-            .map_err(io("extracting the upload"))?;
+        self.extract_tree(source, sha256, format)
+    }
+
+    /// Extracts the archive `source` and makes it the tree `id` names (blocking).
+    fn extract_tree(
+        &self,
+        source: &Path,
+        id: &str,
+        format: DatasetFormat,
+    ) -> Result<(Inspected, u64), ApiError> {
+        let temp = self.temp(id)?;
         archive::extract(source, temp.path(), self.limits)?;
+        self.adopt(temp, id, format)
+    }
+
+    /// A folder to fill for the tree `id` names (removed on drop; a crash's are swept).
+    fn temp(&self, id: &str) -> Result<tempfile::TempDir, ApiError> {
+        std::fs::create_dir_all(&self.dir).map_err(io("creating the uploads folder"))?;
+        tempfile::Builder::new()
+            .prefix(&format!(".{id}.tmp-"))
+            .tempdir_in(&self.dir)
+            .map_err(io("extracting the upload"))
+    }
+
+    /// Inspects a filled temp folder and makes it the tree `id` names (blocking).
+    fn adopt(
+        &self,
+        temp: tempfile::TempDir,
+        id: &str,
+        format: DatasetFormat,
+    ) -> Result<(Inspected, u64), ApiError> {
         let inspected = inspect::inspect(temp.path(), format)?;
         let bytes = dir_bytes(temp.path());
-        std::fs::rename(temp.keep(), self.tree(sha256)).map_err(io("storing the upload"))?;
+        std::fs::rename(temp.keep(), self.tree(id)).map_err(io("storing the upload"))?;
         Ok((inspected, bytes))
-    }
-}
-
-/// Releases reserved keys unless forgotten (an early return of `begin`).
-struct Reserved<'a>(&'a Uploads, &'a [String; 2]);
-
-impl Drop for Reserved<'_> {
-    fn drop(&mut self) {
-        let mut busy = self.0.busy.lock().expect("uploads lock");
-        for key in self.1 {
-            busy.remove(key);
-        }
     }
 }
 
@@ -299,10 +320,10 @@ impl Receiving {
     }
 }
 
-fn file_sha256(path: &Path) -> Result<String, ApiError> {
-    let mut file = std::fs::File::open(path).map_err(io("reading the upload"))?;
+/// The SHA-256 of what `bytes` reads, as 64 lowercase hex digits.
+pub fn sha256_hex(mut bytes: impl std::io::Read) -> std::io::Result<String> {
     let mut hasher = Sha256::new();
-    std::io::copy(&mut file, &mut hasher).map_err(io("reading the upload"))?;
+    std::io::copy(&mut bytes, &mut hasher)?;
     Ok(hasher
         .finalize()
         .iter()

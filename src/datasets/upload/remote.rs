@@ -9,10 +9,9 @@ use std::sync::Arc;
 
 use object_store::path::Path as Key;
 use object_store::ObjectStore;
-use sha2::{Digest, Sha256};
 use tokio_stream::StreamExt;
 
-use super::{archive, inspect, io, Uploads, UPLOAD_PREFIX};
+use super::{archive, inspect, io, sha256_hex, Uploads, UPLOAD_PREFIX};
 use crate::engine::data::DatasetFormat;
 use crate::error::ApiError;
 
@@ -86,35 +85,29 @@ pub async fn fetch(
             limits.bytes
         )));
     }
-    let mut hasher = Sha256::new();
-    for o in &objects {
-        let line = format!(
-            "{uri}\n{}\n{}\n{}\n",
-            o.location,
-            o.size,
-            o.e_tag.as_deref().unwrap_or("")
-        );
-        hasher.update(line.as_bytes());
-    }
-    let id: String = hasher
-        .finalize()
+    let listing: String = objects
         .iter()
-        .map(|b| format!("{b:02x}"))
+        .map(|o| {
+            let etag = o.e_tag.as_deref().unwrap_or("");
+            format!("{uri}\n{}\n{}\n{etag}\n", o.location, o.size)
+        })
         .collect();
-    if !uploads.tree(&id).is_dir() {
-        let temp = tempfile::Builder::new()
-            .prefix(&format!(".{id}.tmp-"))
-            .tempdir_in(ensure(&uploads.dir)?)
-            .map_err(io("fetching the dataset"))?;
-        if is_archive {
+    let id = sha256_hex(listing.as_bytes()).map_err(io("naming the dataset"))?;
+    let tree = uploads.tree(&id);
+    let root = if tree.is_dir() {
+        inspect::inspect(&tree, format)?.root
+    } else {
+        let temp = uploads.temp(&id)?;
+        let (uploads, id) = (uploads.clone(), id.clone());
+        let stored = if is_archive {
             let file = temp.path().join("archive");
             download(store.as_ref(), &objects[0].location, &file, uri).await?;
-            let tree = temp.path().join("tree");
-            std::fs::create_dir(&tree).map_err(io("fetching the dataset"))?;
-            let uploads = uploads.clone();
-            tokio::task::spawn_blocking(move || archive::extract(&file, &tree, uploads.limits))
-                .await
-                .map_err(|e| ApiError::internal(anyhow::anyhow!("extracting: {e}")))??;
+            // The archive's folder (`temp`) goes once the tree is in place.
+            tokio::task::spawn_blocking(move || {
+                let stored = uploads.extract_tree(&file, &id, format);
+                drop(temp);
+                stored
+            })
         } else {
             let prefix = Key::from(key.trim_end_matches('/'));
             for o in &objects {
@@ -127,27 +120,20 @@ pub async fn fetch(
                 if rel.is_empty() {
                     continue;
                 }
-                let dest = archive::safe_path(&temp.path().join("tree"), Path::new(&rel))?;
+                let dest = archive::safe_path(temp.path(), Path::new(&rel))?;
                 download(store.as_ref(), &o.location, &dest, uri).await?;
             }
-        }
-        let tree = temp.path().join("tree");
-        let checked =
-            tokio::task::spawn_blocking(move || inspect::inspect(&tree, format).map(|_| tree))
-                .await
-                .map_err(|e| ApiError::internal(anyhow::anyhow!("inspecting: {e}")))??;
-        std::fs::rename(checked, uploads.tree(&id)).map_err(io("storing the dataset"))?;
-    }
-    let inspected = inspect::inspect(&uploads.tree(&id), format)?;
-    Ok(match inspected.root.as_str() {
+            tokio::task::spawn_blocking(move || uploads.adopt(temp, &id, format))
+        };
+        let (inspected, _) = stored
+            .await
+            .map_err(|e| ApiError::internal(anyhow::anyhow!("storing the dataset: {e}")))??;
+        inspected.root
+    };
+    Ok(match root.as_str() {
         "" => format!("{UPLOAD_PREFIX}{id}"),
         root => format!("{UPLOAD_PREFIX}{id}/{root}"),
     })
-}
-
-fn ensure(dir: &Path) -> Result<&Path, ApiError> {
-    std::fs::create_dir_all(dir).map_err(io("creating the uploads folder"))?;
-    Ok(dir)
 }
 
 async fn download(
