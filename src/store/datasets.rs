@@ -46,15 +46,11 @@ impl Store {
     /// Adds a dataset; false when its name is taken (nothing is written then).
     pub async fn insert_dataset(&self, d: &DatasetRow) -> StoreResult<bool> {
         self.write(async |c| {
-            let taken = sqlx::query("SELECT name FROM datasets WHERE name = $1")
-                .bind(&d.name)
-                .fetch_optional(&mut *c)
-                .await?;
-            if taken.is_some() {
-                return Ok(false);
-            }
-            sqlx::query(&format!(
-                "INSERT INTO datasets ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+            // A write first (no read before it in the transaction): SQLite then waits for the
+            // write lock instead of failing to upgrade a read lock ("database is locked").
+            let done = sqlx::query(&format!(
+                "INSERT INTO datasets ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                 ON CONFLICT (name) DO NOTHING"
             ))
             .bind(&d.name)
             .bind(&d.sha256)
@@ -67,7 +63,7 @@ impl Store {
             .bind(d.created_at_ms)
             .execute(&mut *c)
             .await?;
-            Ok(true)
+            Ok(done.rows_affected() == 1)
         })
         .await
     }
@@ -109,6 +105,11 @@ impl Store {
         path: &str,
     ) -> StoreResult<Result<bool, Vec<String>>> {
         self.write(async |c| {
+            // The write lock first, as in `insert_dataset`; then the jobs are read under it.
+            sqlx::query("UPDATE datasets SET name = name WHERE name = $1")
+                .bind(&d.name)
+                .execute(&mut *c)
+                .await?;
             let users = sqlx::query(
                 "SELECT id FROM jobs WHERE dataset_path = $1 AND state IN ('QUEUED', 'RUNNING')",
             )
