@@ -18,7 +18,8 @@ use std::sync::Arc;
 use object_store::path::Path as Key;
 
 use crate::engine::train::write_atomic;
-use object_store::{ObjectStore, PutPayload};
+use object_store::{ObjectStore, PutMode, PutPayload};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 pub use cache::Held;
 pub use config::{Addressing, ArtifactArgs};
@@ -64,6 +65,17 @@ struct Remote {
     prefix: Key,
     /// `s3://bucket/prefix`, for messages (holds no secret).
     url: String,
+    /// The store answered a conditional put with "not implemented": plain puts from then on.
+    no_conditional: AtomicBool,
+}
+
+/// Whether `file` is written once under its name (not a run's rewritten `best`/`last` copy).
+fn write_once(file: &Path) -> bool {
+    let name = file
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    !(name.starts_with("best.") || name.starts_with("last."))
 }
 
 impl std::fmt::Debug for Artifacts {
@@ -104,6 +116,7 @@ impl Artifacts {
                 store,
                 prefix,
                 url: url.trim_end_matches('/').to_string(),
+                no_conditional: AtomicBool::new(false),
             })),
         })
     }
@@ -118,6 +131,7 @@ impl Artifacts {
                 store,
                 prefix: Key::from(prefix),
                 url: format!("test://{prefix}"),
+                no_conditional: AtomicBool::new(false),
             })),
         }
     }
@@ -149,6 +163,11 @@ impl Artifacts {
     }
 
     /// Uploads `file` (under the data dir) to its key. Nothing to do without a remote store.
+    ///
+    /// Files written once (epoch checkpoints, uploads, imports) are put only if the key is
+    /// free (`If-None-Match: *`, where the store has conditional puts): a stored object is
+    /// never replaced. Finding the same bytes there (an earlier try that landed) is success;
+    /// other bytes are an error. A run's `best` and `last` copies are rewritten by design.
     pub async fn publish(&self, file: &Path) -> Result<(), ArtifactError> {
         let Some(r) = &self.remote else {
             return Ok(());
@@ -158,12 +177,77 @@ impl Artifacts {
             .await
             .map_err(|e| local(format!("reading {}", file.display()), e))?;
         let len = bytes.len() as u64;
-        r.store
-            .put(&key, PutPayload::from(bytes))
-            .await
-            .map_err(|e| r.error(e, false))?;
+        let once = write_once(file) && !r.no_conditional.load(Ordering::Relaxed);
+        let mode = if once {
+            PutMode::Create
+        } else {
+            PutMode::Overwrite
+        };
+        let put = r.store.put_opts(&key, bytes.clone().into(), mode.into());
+        match put.await {
+            Ok(_) => {}
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                let stored = r.store.get(&key).await.map_err(|e| r.error(e, false))?;
+                let stored = stored.bytes().await.map_err(|e| r.error(e, false))?;
+                if stored[..] != bytes[..] {
+                    return Err(ArtifactError::Local(anyhow::anyhow!(
+                        "{} already holds other bytes than {}; a stored object is never \
+                         replaced",
+                        key,
+                        file.display()
+                    )));
+                }
+            }
+            Err(object_store::Error::NotImplemented) if once => {
+                tracing::warn!(store = %r.url, "the store has no conditional puts: objects are overwritten");
+                r.no_conditional.store(true, Ordering::Relaxed);
+                r.store
+                    .put(&key, PutPayload::from(bytes))
+                    .await
+                    .map_err(|e| r.error(e, false))?;
+            }
+            Err(e) => return Err(r.error(e, false)),
+        }
         r.cache.stored(file, len);
         self.evict(r, file).await;
+        Ok(())
+    }
+
+    /// The names of the objects directly under the folder `dir` (under the data dir) in the
+    /// store; without a remote store, the folder's files.
+    pub async fn list(&self, dir: &Path) -> Result<Vec<String>, ArtifactError> {
+        let Some(r) = &self.remote else {
+            let names = std::fs::read_dir(dir).into_iter().flatten().flatten();
+            return Ok(names
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect());
+        };
+        let key = self.key(r, dir)?;
+        let listed = r
+            .store
+            .list_with_delimiter(Some(&key))
+            .await
+            .map_err(|e| r.error(e, true))?;
+        Ok(listed
+            .objects
+            .into_iter()
+            .filter_map(|o| o.location.filename().map(str::to_string))
+            .collect())
+    }
+
+    /// Deletes the copies of `files` (under the data dir) in the store (a missing one is no
+    /// error); the local files are the caller's. Nothing to do without a remote store.
+    pub async fn delete(&self, files: &[PathBuf]) -> Result<(), ArtifactError> {
+        let Some(r) = &self.remote else {
+            return Ok(());
+        };
+        for file in files {
+            match r.store.delete(&self.key(r, file)?).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(r.error(e, false)),
+            }
+            r.cache.removed(file);
+        }
         Ok(())
     }
 

@@ -179,3 +179,63 @@ fn the_data_dir_keeps_the_most_recently_used_copies_within_the_cache_bound() {
     rt.block_on(a.fetch(&files[2])).unwrap();
     assert!(busy.iter().filter(|f| f.exists()).count() < 3);
 }
+
+#[test]
+fn a_stored_checkpoint_is_never_replaced_but_best_and_last_copies_are() {
+    let memory: Arc<InMemory> = Arc::new(InMemory::new());
+    let dir = tempfile::tempdir().unwrap();
+    let a = Artifacts::with_store(dir.path(), memory.clone(), "p", u64::MAX);
+    let rt = runtime();
+    let stored = |name: &str| {
+        let key = Key::from(format!("p/jobs/j/checkpoints/{name}").as_str());
+        rt.block_on(async { memory.get(&key).await.unwrap().bytes().await.unwrap() })
+    };
+    let epoch = checkpoint(dir.path(), "j", "epoch-0001.a1.ckpt");
+    rt.block_on(a.publish(&epoch)).unwrap();
+    // A retry of the same bytes (an earlier try that landed) succeeds.
+    rt.block_on(a.publish(&epoch)).unwrap();
+    // Other bytes under a stored epoch's key are refused, and the stored ones stay.
+    std::fs::write(&epoch, b"other weights").unwrap();
+    let e = rt.block_on(a.publish(&epoch)).unwrap_err().to_string();
+    assert!(e.contains("already holds other bytes"), "{e}");
+    assert_eq!(&stored("epoch-0001.a1.ckpt")[..], &[18u8; 100]);
+    // A run's best copy is rewritten when a better epoch comes.
+    let best = checkpoint(dir.path(), "j", "best.a1.ckpt");
+    rt.block_on(a.publish(&best)).unwrap();
+    std::fs::write(&best, b"a better epoch").unwrap();
+    rt.block_on(a.publish(&best)).unwrap();
+    assert_eq!(&stored("best.a1.ckpt")[..], b"a better epoch");
+}
+
+#[test]
+fn what_a_run_prunes_is_listed_and_deleted_in_the_store() {
+    let memory: Arc<InMemory> = Arc::new(InMemory::new());
+    let dir = tempfile::tempdir().unwrap();
+    let a = Artifacts::with_store(dir.path(), memory.clone(), "p", u64::MAX);
+    let rt = runtime();
+    let names = ["epoch-0001.a1.ckpt", "epoch-0002.a1.ckpt", "best.a1.ckpt"];
+    let files: Vec<PathBuf> = names
+        .iter()
+        .map(|n| checkpoint(dir.path(), "j", n))
+        .collect();
+    for f in &files {
+        rt.block_on(a.publish(f)).unwrap();
+    }
+    // Another job's objects share the prefix but not the folder.
+    rt.block_on(a.publish(&checkpoint(dir.path(), "k", "epoch-0001.a1.ckpt")))
+        .unwrap();
+    let folder = files[0].parent().unwrap();
+    let mut listed = rt.block_on(a.list(folder)).unwrap();
+    listed.sort();
+    assert_eq!(
+        listed,
+        ["best.a1.ckpt", "epoch-0001.a1.ckpt", "epoch-0002.a1.ckpt"]
+    );
+    // Deleted in the store (a missing one is no error); the local files are the caller's.
+    let gone = [files[0].clone(), folder.join("epoch-0009.a1.ckpt")];
+    rt.block_on(a.delete(&gone)).unwrap();
+    let mut listed = rt.block_on(a.list(folder)).unwrap();
+    listed.sort();
+    assert_eq!(listed, ["best.a1.ckpt", "epoch-0002.a1.ckpt"]);
+    assert!(files[0].exists());
+}

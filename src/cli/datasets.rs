@@ -28,7 +28,7 @@ pub struct DatasetsArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum DatasetsCommand {
-    /// Upload a folder (one sub-folder of images per class) or a .tar/.tar.gz archive; run it
+    /// Upload a folder (one sub-folder of images per class) or a .tar/.tar.gz/.zip archive; run it
     /// again to continue an interrupted upload.
     Upload(UploadArgs),
     /// List the server's datasets.

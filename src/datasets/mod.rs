@@ -53,9 +53,11 @@ impl Datasets {
         let format: DatasetFormat = format
             .parse()
             .map_err(|e: String| ApiError::field("dataset.format", e))?;
-        let (base, path) = match path.strip_prefix(upload::UPLOAD_PREFIX) {
-            Some(rest) => (&self.uploads.dir, rest),
-            None => (&self.root, path),
+        let fetched = path.strip_prefix(upload::fetched::FETCHED_PREFIX);
+        let (base, path) = match (path.strip_prefix(upload::UPLOAD_PREFIX), fetched) {
+            (Some(rest), _) => (&self.uploads.dir, rest),
+            (_, Some(rest)) => (&self.uploads.fetched.dir, rest),
+            _ => (&self.root, path),
         };
         let rel = Path::new(path);
         if path.is_empty() {

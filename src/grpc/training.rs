@@ -73,7 +73,8 @@ impl TrainingApi {
             } else {
                 d.format
             };
-            let local = local_dataset(&self.0.artifacts, &self.0.datasets, &format, &d.uri).await?;
+            let (local, _) =
+                local_dataset(&self.0.artifacts, &self.0.datasets, &format, &d.uri).await?;
             return Ok((format, d.uri, local));
         }
         if d.id.is_empty() {
@@ -83,7 +84,8 @@ impl TrainingApi {
             ApiError::NotFound(format!("dataset.id: no uploaded dataset named '{}'", d.id))
         })?;
         let path = super::datasets::job_path(&row);
-        let local = local_dataset(&self.0.artifacts, &self.0.datasets, &row.format, &path).await?;
+        let (local, _) =
+            local_dataset(&self.0.artifacts, &self.0.datasets, &row.format, &path).await?;
         Ok((row.format, path, local))
     }
 }

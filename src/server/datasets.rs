@@ -28,21 +28,33 @@ pub(super) fn datasets(args: &ServeArgs) -> Datasets {
     }
 }
 
-/// Removes unfinished uploads nobody continued within the TTL: at start, then every tenth of
-/// the TTL (at most hourly).
+/// Removes unfinished uploads nobody continued within the TTL, and fetched datasets past
+/// `--dataset-cache-bytes`: at start, then every tenth of the TTL (at least every minute).
 pub(super) fn sweep_uploads(uploads: Arc<Uploads>) {
     let every = (uploads.ttl / 10).clamp(
         std::time::Duration::from_secs(1),
-        std::time::Duration::from_secs(3600),
+        std::time::Duration::from_secs(60),
     );
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         loop {
             tick.tick().await;
             let u = uploads.clone();
-            if let Ok(n) = tokio::task::spawn_blocking(move || u.sweep()).await {
-                if n > 0 {
-                    info!(removed = n, "unfinished uploads past --upload-ttl removed");
+            let swept = tokio::task::spawn_blocking(move || {
+                (u.sweep(), u.fetched.sweep(std::time::SystemTime::now()))
+            });
+            if let Ok((stale, evicted)) = swept.await {
+                if stale > 0 {
+                    info!(
+                        removed = stale,
+                        "unfinished uploads past --upload-ttl removed"
+                    );
+                }
+                if evicted > 0 {
+                    info!(
+                        removed = evicted,
+                        "fetched datasets past --dataset-cache-bytes removed"
+                    );
                 }
             }
         }

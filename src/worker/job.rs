@@ -18,7 +18,7 @@ use super::lease::Lease;
 use super::observer::{job_warning, retry_fenced, JobObserver, Retried};
 use super::uploads::local_dataset;
 use super::{JobUpdate, Request, WorkerContext};
-use crate::engine::train::{train_run, write_json, CheckpointDir, Outcome, Run, Start};
+use crate::engine::train::{train_run, write_json, CheckpointDir, Outcome, Run, RunDir, Start};
 use crate::metrics::metrics;
 use crate::names::Named;
 use crate::store::{job_dir, Claimed, Fence, JobRow, JobState, StoreError};
@@ -212,7 +212,8 @@ fn train_job<B: AutodiffBackend>(
 ) -> anyhow::Result<(Outcome, Option<f64>)> {
     let format = &job.dataset_format;
     let fetched = local_dataset(&ctx.artifacts, &ctx.datasets, format, &job.dataset_path);
-    let path = ctx
+    // A tree fetched from object storage stays while the job trains on it.
+    let (path, _held) = ctx
         .runtime
         .block_on(fetched)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -268,7 +269,9 @@ fn train_job<B: AutodiffBackend>(
         start: start_of(ctx, job, lease.fence)?,
     };
     let label = ctx.device_label.as_str();
-    let mut observer = JobObserver::<B>::new(ctx, id, lease, cancel, inference, rx, label);
+    let ckpts = RunDir(run.dir.clone()).checkpoints(run.attempt);
+    let mut observer = JobObserver::<B>::new(ctx, id, lease, cancel, inference, rx, label)
+        .prunes(ckpts, config.keep_last);
     let run = catch_unwind(AssertUnwindSafe(|| {
         train_run::<B>(&config, &splits, &run, device, &mut observer)
     }));

@@ -16,7 +16,9 @@ use super::inference::Serve;
 use super::lease::Lease;
 use super::{JobUpdate, Request, WorkerContext};
 use crate::engine::model::Tlb;
-use crate::engine::train::{EpochMetrics, SavedKind, TrainEvent, TrainObserver, CORRUPT_SUFFIX};
+use crate::engine::train::{
+    CheckpointDir, EpochMetrics, SavedKind, TrainEvent, TrainObserver, CORRUPT_SUFFIX,
+};
 use crate::metrics::metrics;
 use crate::store::{now_ms, CheckpointRow, Fence, StoreError, StoreResult};
 
@@ -107,6 +109,9 @@ pub(super) struct JobObserver<'a, B: AutodiffBackend> {
     /// this device.
     train_busy: prometheus::Counter,
     train_speed: prometheus::Gauge,
+    /// The run's checkpoints and how many epoch files it keeps: the artifact store is
+    /// pruned like the disk.
+    pruning: Option<(CheckpointDir, usize)>,
     _backend: std::marker::PhantomData<B>,
 }
 
@@ -172,7 +177,10 @@ impl<B: AutodiffBackend> TrainObserver<B> for JobObserver<'_, B> {
                     .runtime
                     .block_on(ctx.store.record_checkpoint(fence, &row))
                 {
-                    Ok(()) => ctx.publish(self.job, JobUpdate::Checkpoint(row)),
+                    Ok(()) => {
+                        ctx.publish(self.job, JobUpdate::Checkpoint(row));
+                        self.prune_store();
+                    }
                     Err(e) => self.write_failed(e, "recording a checkpoint"),
                 }
             }
@@ -236,7 +244,41 @@ impl<'a, B: AutodiffBackend> JobObserver<'a, B> {
             train_speed: metrics()
                 .train_images_per_second
                 .with_label_values(&[label]),
+            pruning: None,
             _backend: std::marker::PhantomData,
+        }
+    }
+
+    /// Prunes the artifact store's copies of `ckpts` to the newest `keep` epochs, as the run
+    /// prunes its disk.
+    pub(super) fn prunes(mut self, ckpts: CheckpointDir, keep: usize) -> Self {
+        self.pruning = Some((ckpts, keep));
+        self
+    }
+
+    /// Deletes from the artifact store what the run pruned from its disk (older epoch files,
+    /// earlier attempts' mid-epoch ones), listed in the store itself (another replica may
+    /// have written them), once a newer checkpoint is committed and while the job is this
+    /// attempt's. A failure is logged and leaves the objects (the next epoch tries again).
+    fn prune_store(&mut self) {
+        let ctx = self.ctx;
+        let Some((ckpts, keep)) = &self.pruning else {
+            return;
+        };
+        if !ctx.artifacts.is_remote() || self.unpublished || !self.lease.still_owned() {
+            return;
+        }
+        let pruned = ctx.runtime.block_on(async {
+            let names = ctx.artifacts.list(&ckpts.dir).await?;
+            let files: Vec<PathBuf> = ckpts
+                .prunable(names, *keep)
+                .into_iter()
+                .map(|name| ckpts.dir.join(name))
+                .collect();
+            ctx.artifacts.delete(&files).await
+        });
+        if let Err(e) = pruned {
+            warn!(error = %e, job = %self.job, "pruning old checkpoints in the artifact store");
         }
     }
 

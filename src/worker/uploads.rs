@@ -2,6 +2,7 @@
 //! the artifact store and extracted here before a job reads it.
 
 use crate::artifacts::Artifacts;
+use crate::datasets::upload::fetched::InUse;
 use crate::datasets::upload::{remote, UPLOAD_PREFIX};
 use crate::datasets::Datasets;
 use crate::engine::data::DatasetFormat;
@@ -38,19 +39,21 @@ async fn local_upload(
 }
 
 /// The path a job reads its dataset at on this replica: an `s3://` URI fetched (or found
-/// fetched) into the uploads folder, an upload made present, a datasets-root path as it is.
+/// fetched) into the cache dir and held until the guard is dropped, an upload made present,
+/// a datasets-root path as it is.
 pub async fn local_dataset(
     artifacts: &Artifacts,
     datasets: &Datasets,
     format: &str,
     dataset_path: &str,
-) -> Result<String, ApiError> {
+) -> Result<(String, Option<InUse>), ApiError> {
     if dataset_path.starts_with("s3://") {
         let format: DatasetFormat = format
             .parse()
             .map_err(|e: String| ApiError::field("dataset.format", e))?;
-        return remote::fetch(&datasets.uploads, dataset_path, format).await;
+        let (path, held) = remote::fetch(&datasets.uploads, dataset_path, format).await?;
+        return Ok((path, Some(held)));
     }
     local_upload(artifacts, datasets, format, dataset_path).await?;
-    Ok(dataset_path.to_string())
+    Ok((dataset_path.to_string(), None))
 }

@@ -248,6 +248,10 @@ async fn a_store_that_refuses_or_is_down_is_reported_before_a_job_queues() {
         "{j:?}"
     );
     assert_all_stored(&s3, dir.path(), "p", &job);
+    // The store was pruned like the disk: the newest `keep_last` epochs and the best copy.
+    let stored = s3.names(BUCKET, &format!("p/jobs/{job}/checkpoints"));
+    assert_eq!(stored, checkpoint_files(dir.path(), &job));
+    assert!(stored.len() <= 3, "{stored:?}");
 }
 
 /// Every checkpoint file of `job` in the data dir under `root` is in S3 under `prefix`, the
@@ -331,12 +335,9 @@ async fn datasets_named_by_s3_uris_train() {
         let j = succeeded(&mut client, &job).await;
         assert_eq!(j.dataset.unwrap().uri, uri);
     }
-    let trees = std::fs::read_dir(dir.path().join("data/uploads"))
-        .unwrap()
-        .filter_map(Result::ok)
-        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-        .count();
-    assert_eq!(trees, 2, "one tree per content, fetched once");
+    let cache = dir.path().join("data/cache/datasets");
+    assert_eq!(trees(&cache).len(), 2, "one tree per content, fetched once");
+    assert!(!dir.path().join("data/uploads").exists());
     for (uri, code, expected) in [
         ("s3://data/missing.tar.gz", Code::NotFound, "does not exist"),
         ("s3://data/nothing/", Code::NotFound, "no objects under"),
@@ -351,4 +352,81 @@ async fn datasets_named_by_s3_uris_train() {
         assert_eq!(refused.code(), code, "{uri}: {refused:?}");
         assert!(refused.message().contains(expected), "{uri}: {refused:?}");
     }
+}
+
+/// The fetched trees in a cache dir, by id.
+fn trees(cache: &Path) -> Vec<String> {
+    std::fs::read_dir(cache)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| !n.starts_with('.'))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Fetched datasets are a cache in `--cache-dir` bounded by `--dataset-cache-bytes`: past it
+/// the least recently used tree goes, and a job that names it again fetches it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetched_datasets_are_a_bounded_cache() {
+    use crate::datasets::{images, tar_gz};
+    let s3 = S3::start("data");
+    let bucket = s3.root.path().join("data");
+    let files = images(2, 8);
+    for (path, bytes) in &files {
+        let file = bucket.join("pets").join(path);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(file, bytes).unwrap();
+    }
+    std::fs::write(bucket.join("pets.tar.gz"), tar_gz(&files)).unwrap();
+    // Room for one tree and a half.
+    let tree_bytes: usize = files.iter().map(|(_, b)| b.len()).sum();
+    let (dir, cache) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let flags = [
+        "--s3-endpoint".to_string(),
+        s3.endpoint(),
+        "--cache-dir".into(),
+        cache.path().display().to_string(),
+        "--dataset-cache-bytes".into(),
+        (tree_bytes * 3 / 2).to_string(),
+        "--upload-ttl".into(),
+        "10".into(),
+    ];
+    let server = server(dir.path(), &s3, &flags, None);
+    let mut client = server.training().await;
+    let datasets = cache.path().join("datasets");
+    let mut seen = Vec::new();
+    for uri in [
+        "s3://data/pets/",
+        "s3://data/pets.tar.gz",
+        "s3://data/pets/",
+    ] {
+        let mut request = start_request("tiny", 1, "");
+        request.dataset = Some(pb::Dataset {
+            uri: uri.into(),
+            ..Default::default()
+        });
+        let job = start_job(&mut client, request).await;
+        succeeded(&mut client, &job).await;
+        // The sweeper (every second here) leaves one tree: the one just used.
+        let mut left = trees(&datasets);
+        for _ in 0..50 {
+            if left.len() == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            left = trees(&datasets);
+        }
+        assert_eq!(left.len(), 1, "{uri}: {left:?}");
+        seen.push(left[0].clone());
+    }
+    // The prefix's tree went when the archive's came, and was fetched again after it.
+    assert_ne!(seen[0], seen[1]);
+    assert_eq!(seen[0], seen[2]);
+    assert!(
+        !dir.path().join("data/cache").exists(),
+        "--cache-dir is used"
+    );
 }

@@ -55,6 +55,22 @@ pub(crate) fn images(classes: usize, per_class: usize) -> Vec<(String, Vec<u8>)>
         .collect()
 }
 
+/// A deflated `.zip` of `(path, bytes)` files, then a symlink `(name, target)` if given.
+fn zip_of(files: &[(String, Vec<u8>)], symlink: Option<(&str, &str)>) -> Vec<u8> {
+    use std::io::Write;
+    let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let options = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Deflated);
+    for (path, bytes) in files {
+        zip.start_file(path.as_str(), options).unwrap();
+        zip.write_all(bytes).unwrap();
+    }
+    if let Some((name, target)) = symlink {
+        zip.add_symlink(name, target, options).unwrap();
+    }
+    zip.finish().unwrap().into_inner()
+}
+
 /// A tar with one entry whose raw name and type are written as given (what no well-behaved
 /// archiver produces), after a valid image folder.
 fn evil_tar(name: &[u8], kind: tar::EntryType, link: &[u8]) -> Vec<u8> {
@@ -451,7 +467,19 @@ async fn bad_uploads_are_refused_precisely_and_leave_nothing_behind() {
     let absolute = evil_tar(b"/tmp/tlb-absolute.png", tar::EntryType::Regular, b"");
     let symlink = evil_tar(b"data/c0/link.png", tar::EntryType::Symlink, b"/etc/passwd");
     let hardlink = evil_tar(b"data/c0/hard.png", tar::EntryType::Link, b"data/c0/0.png");
-    let zip = b"PK\x03\x04 a zip file, not a tar".to_vec();
+    let zip = b"PK\x03\x04 the start of a zip file, nothing else".to_vec();
+    let good_zip = zip_of(&images(2, 4), None);
+    let mut parent_zip = images(2, 2);
+    parent_zip.push(("data/../../escaped-zip.png".into(), png(32, 1)));
+    let parent_zip = zip_of(&parent_zip, None);
+    let symlink_zip = zip_of(&images(2, 2), Some(("data/c0/link.png", "/etc/passwd")));
+    let bomb_zip = zip_of(
+        &[
+            ("data/c0/a.png".into(), vec![0; 500_000]),
+            ("data/c1/b.png".into(), png(32, 1)),
+        ],
+        None,
+    );
     let not_tar = b"plain text, neither tar nor gzip".to_vec();
     let mut wrong_sha = header("wrong-sha", &good);
     wrong_sha.sha256 = "0".repeat(64);
@@ -546,7 +574,25 @@ async fn bad_uploads_are_refused_precisely_and_leave_nothing_behind() {
             "zip",
             file("zip", &zip),
             Code::InvalidArgument,
-            "is a zip file",
+            "is not a readable zip archive",
+        ),
+        (
+            "zip parent",
+            file("zipparent", &parent_zip),
+            Code::InvalidArgument,
+            "entry 'data/../../escaped-zip.png' leaves the archive",
+        ),
+        (
+            "zip symlink",
+            file("ziplink", &symlink_zip),
+            Code::InvalidArgument,
+            "entry 'data/c0/link.png' is a link",
+        ),
+        (
+            "zip bomb",
+            file("zipbomb", &bomb_zip),
+            Code::ResourceExhausted,
+            "expands to more than 400000 bytes",
         ),
         (
             "not tar",
@@ -564,6 +610,7 @@ async fn bad_uploads_are_refused_precisely_and_leave_nothing_behind() {
         !dir.path().join("escaped.png").exists() && !dir.path().join("data/escaped.png").exists()
     );
     assert!(!Path::new("/tmp/tlb-absolute.png").exists());
+    assert!(!dir.path().join("escaped-zip.png").exists());
     let mut c = client(&server).await;
     let listed = c
         .list_datasets(pb::ListDatasetsRequest {})
@@ -584,6 +631,8 @@ async fn bad_uploads_are_refused_precisely_and_leave_nothing_behind() {
     // The server serves on: the good archive is a dataset, and a job names it.
     let info = upload(&server, file("good", &good)).await.unwrap();
     assert_eq!(info.images, 6);
+    let info = upload(&server, file("good-zip", &good_zip)).await.unwrap();
+    assert_eq!((info.images, info.classes.len()), (8, 2), "{info:?}");
     let unknown = server
         .training()
         .await

@@ -1,4 +1,4 @@
-//! Extraction of an uploaded archive (`.tar` or `.tar.gz`) that cannot write outside its
+//! Extraction of an uploaded archive (`.tar`, `.tar.gz` or `.zip`) that cannot write outside its
 //! folder or fill the disk: every entry's path is checked before anything is written, links
 //! are refused, and the expanded size and entry count are bounded as the archive is read.
 
@@ -58,10 +58,7 @@ pub fn extract(file: &Path, dest: &Path, limits: Limits) -> Result<Extracted, Ap
         .and_then(|mut f| f.read(&mut magic))
         .map_err(io)?;
     if n == 4 && magic == ZIP_MAGIC {
-        return Err(ApiError::field(
-            "archive",
-            "is a zip file; send a .tar or .tar.gz archive (tar czf data.tar.gz DIR)",
-        ));
+        return unzip(std::fs::File::open(file).map_err(io)?, dest, limits);
     }
     let reader = BufReader::new(std::fs::File::open(file).map_err(io)?);
     if n >= 2 && magic[..2] == GZIP_MAGIC {
@@ -105,20 +102,97 @@ fn unpack(reader: impl Read, dest: &Path, limits: Limits) -> Result<Extracted, A
             continue;
         }
         let size = entry.header().size().map_err(bad)?;
-        done.bytes = done.bytes.saturating_add(size);
-        if done.bytes > limits.bytes {
-            return Err(ApiError::ResourceExhausted(format!(
+        // The header's size bounds what the entry yields.
+        done.write(&path, size, &mut entry, limits)
+            .map_err(|e| e.or(bad))?;
+    }
+    Ok(done)
+}
+
+/// What went wrong writing one file: the limit, or a read or write error.
+enum WriteError {
+    Api(ApiError),
+    Read(std::io::Error),
+}
+
+impl WriteError {
+    /// The ApiError, with read errors described by `bad`.
+    fn or(self, bad: impl Fn(std::io::Error) -> ApiError) -> ApiError {
+        match self {
+            Self::Api(e) => e,
+            Self::Read(e) => bad(e),
+        }
+    }
+}
+
+impl Extracted {
+    /// Writes one file of `size` bytes from `from` to `path`, within the limits: at most the
+    /// bytes left under `--max-dataset-bytes` are read, whatever the archive claims.
+    fn write(
+        &mut self,
+        path: &Path,
+        size: u64,
+        from: &mut impl Read,
+        limits: Limits,
+    ) -> Result<(), WriteError> {
+        let over = || {
+            WriteError::Api(ApiError::ResourceExhausted(format!(
                 "archive: expands to more than {} bytes (--max-dataset-bytes); nothing was stored",
                 limits.bytes
-            )));
+            )))
+        };
+        let left = limits.bytes.saturating_sub(self.bytes);
+        if size > left {
+            return Err(over());
         }
+        let write = |e: std::io::Error| {
+            WriteError::Api(ApiError::internal(anyhow::anyhow!(
+                "extracting the upload: {e}"
+            )))
+        };
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(write)?;
         }
-        let mut out = std::fs::File::create(&path).map_err(write)?;
-        // The header's size bounds what the entry yields: the check above holds.
-        std::io::copy(&mut entry, &mut out).map_err(bad)?;
-        done.files += 1;
+        let mut out = std::fs::File::create(path).map_err(write)?;
+        let copied = std::io::copy(&mut from.take(left + 1), &mut out).map_err(WriteError::Read)?;
+        if copied > left {
+            return Err(over());
+        }
+        self.bytes += copied;
+        self.files += 1;
+        Ok(())
+    }
+}
+
+/// [`unpack`] for a zip archive: the same checks, the entries read from its central directory.
+fn unzip(file: std::fs::File, dest: &Path, limits: Limits) -> Result<Extracted, ApiError> {
+    let bad = |e: zip::result::ZipError| {
+        ApiError::field("archive", format!("is not a readable zip archive ({e})"))
+    };
+    let bad_io = |e: std::io::Error| bad(e.into());
+    let mut archive = zip::ZipArchive::new(BufReader::new(file)).map_err(bad)?;
+    if archive.len() as u64 > limits.entries {
+        return Err(ApiError::ResourceExhausted(format!(
+            "archive: more than {} entries; nothing was stored",
+            limits.entries
+        )));
+    }
+    let mut done = Extracted::default();
+    for i in 0..archive.len() {
+        let mut entry = archive.by_index(i).map_err(bad)?;
+        let raw = PathBuf::from(entry.name());
+        let path = safe_path(dest, &raw)?;
+        if entry.is_symlink() {
+            return Err(entry_error(entry.name(), "is a link"));
+        }
+        if entry.is_dir() {
+            std::fs::create_dir_all(&path)
+                .map_err(|e| ApiError::internal(anyhow::anyhow!("extracting the upload: {e}")))?;
+            continue;
+        }
+        let size = entry.size();
+        done.write(&path, size, &mut entry, limits)
+            .map_err(|e| e.or(bad_io))?;
     }
     Ok(done)
 }

@@ -5,6 +5,8 @@
 //! Partial uploads nobody continues are removed after the TTL.
 
 mod archive;
+mod args;
+pub mod fetched;
 mod inspect;
 pub mod remote;
 
@@ -17,6 +19,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
 pub use archive::Limits;
+pub use args::UploadArgs;
 pub use inspect::Inspected;
 
 use crate::engine::data::DatasetFormat;
@@ -35,6 +38,8 @@ pub struct Uploads {
     pub ttl: Duration,
     /// The S3 settings `s3://` dataset URIs are read with.
     pub s3: crate::artifacts::ArtifactArgs,
+    /// Datasets fetched from object storage, kept as a bounded cache.
+    pub fetched: fetched::Fetched,
     /// Digests and names being received now.
     busy: Mutex<HashSet<String>>,
 }
@@ -75,8 +80,16 @@ impl Uploads {
             quota_bytes,
             ttl,
             s3: crate::artifacts::ArtifactArgs::default(),
+            fetched: fetched::Fetched::new(data_dir.join("cache/datasets"), 0),
             busy: Mutex::default(),
         }
+    }
+
+    /// Keeps datasets fetched from object storage under `dir`, `bound` bytes of them (0: no
+    /// bound).
+    pub fn with_cache(mut self, dir: PathBuf, bound: u64) -> Self {
+        self.fetched = fetched::Fetched::new(dir, bound);
+        self
     }
 
     /// Reads `s3://` dataset URIs with these settings.
@@ -160,7 +173,7 @@ impl Uploads {
     }
 
     /// Removes partial uploads untouched for longer than the TTL (not those being received),
-    /// and extraction folders a crash left behind.
+    /// and extraction folders and files a crash left behind (here and in the cache dir).
     pub fn sweep(&self) -> usize {
         let busy = self.busy.lock().expect("uploads lock").clone();
         let now = SystemTime::now();
@@ -182,20 +195,17 @@ impl Uploads {
                 .unwrap_or_default();
             name.starts_with('.') && name.contains(".tmp-")
         };
-        std::fs::read_dir(&self.dir)
-            .map(|d| {
-                d.filter_map(|e| e.ok().map(|e| e.path()))
-                    .filter(|p| stale(p))
-                    .filter(|p| {
-                        if p.extension().is_some_and(|e| e == "part") {
-                            std::fs::remove_file(p).is_ok()
-                        } else {
-                            temp(p) && std::fs::remove_dir_all(p).is_ok()
-                        }
-                    })
-                    .count()
-            })
-            .unwrap_or(0)
+        let remove = |p: &Path| match p.extension() {
+            Some(e) if e == "part" => std::fs::remove_file(p).is_ok(),
+            _ if temp(p) && p.is_dir() => std::fs::remove_dir_all(p).is_ok(),
+            _ => temp(p) && std::fs::remove_file(p).is_ok(),
+        };
+        [&self.dir, &self.fetched.dir]
+            .into_iter()
+            .flat_map(|dir| std::fs::read_dir(dir).into_iter().flatten().flatten())
+            .map(|e| e.path())
+            .filter(|p| stale(p) && remove(p))
+            .count()
     }
 
     /// Checks a complete upload, extracts and inspects it (blocking). The tree is kept once
@@ -272,11 +282,7 @@ impl Uploads {
 
     /// A folder to fill for the tree `id` names (removed on drop; a crash's are swept).
     fn temp(&self, id: &str) -> Result<tempfile::TempDir, ApiError> {
-        std::fs::create_dir_all(&self.dir).map_err(io("creating the uploads folder"))?;
-        tempfile::Builder::new()
-            .prefix(&format!(".{id}.tmp-"))
-            .tempdir_in(&self.dir)
-            .map_err(io("extracting the upload"))
+        fetched::temp_in(&self.dir, id)
     }
 
     /// Inspects a filled temp folder and makes it the tree `id` names (blocking).
@@ -342,33 +348,4 @@ fn dir_bytes(dir: &Path) -> u64 {
                 .sum()
         })
         .unwrap_or(0)
-}
-
-/// `tlb serve`'s flags for uploads.
-#[derive(clap::Args, Clone, Debug)]
-pub struct UploadArgs {
-    /// Bytes an uploaded archive may expand to; beyond it the upload is refused
-    /// (RESOURCE_EXHAUSTED) before the disk fills.
-    #[arg(long, env = "TLB_MAX_DATASET_BYTES", default_value_t = 20 << 30)]
-    pub max_dataset_bytes: u64,
-    /// Entries (files and folders) an uploaded archive may hold.
-    #[arg(long, env = "TLB_MAX_DATASET_ENTRIES", default_value_t = 1_000_000)]
-    pub max_dataset_entries: u64,
-    /// Archive bytes of datasets one token may keep uploaded; 0: no quota.
-    #[arg(long, env = "TLB_DATASET_QUOTA_BYTES", default_value_t = 50 << 30)]
-    pub dataset_quota_bytes: u64,
-    /// Seconds an unfinished upload is kept for its client to continue it.
-    #[arg(long, env = "TLB_UPLOAD_TTL", default_value_t = 86_400)]
-    pub upload_ttl: u64,
-}
-
-impl UploadArgs {
-    pub fn uploads(&self, data_dir: &Path) -> Uploads {
-        let limits = Limits {
-            bytes: self.max_dataset_bytes,
-            entries: self.max_dataset_entries,
-        };
-        let ttl = Duration::from_secs(self.upload_ttl);
-        Uploads::new(data_dir, limits, self.dataset_quota_bytes, ttl)
-    }
 }

@@ -1,8 +1,9 @@
 //! Datasets named by a URI in the user's object storage: `s3://BUCKET/KEY.tar.gz` (one
 //! archive) or `s3://BUCKET/PREFIX/` (the files of an image folder or the CIFAR binaries).
 //! They are fetched through the server's S3 settings (`--s3-endpoint`, `--s3-addressing`, the
-//! AWS environment) and kept like uploads, under an id made of the objects' keys, sizes and
-//! ETags: the same objects are fetched once, changed ones again.
+//! AWS environment) and checked like uploads. They are kept in the cache dir (see
+//! [`super::fetched`]) under an id made of the objects' keys, sizes and ETags: the same
+//! objects are fetched once (while cached), changed ones again.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -11,11 +12,12 @@ use object_store::path::Path as Key;
 use object_store::ObjectStore;
 use tokio_stream::StreamExt;
 
-use super::{archive, inspect, io, sha256_hex, Uploads, UPLOAD_PREFIX};
+use super::fetched::{InUse, FETCHED_PREFIX};
+use super::{archive, dir_bytes, inspect, io, sha256_hex, Uploads};
 use crate::engine::data::DatasetFormat;
 use crate::error::ApiError;
 
-const ARCHIVES: [&str; 3] = [".tar", ".tar.gz", ".tgz"];
+const ARCHIVES: [&str; 4] = [".tar", ".tar.gz", ".tgz", ".zip"];
 
 /// A checked `s3://` URI: the bucket's URL and the key or prefix in it.
 pub fn parse(uri: &str) -> Result<(String, String), ApiError> {
@@ -44,12 +46,13 @@ fn unavailable(uri: &str, e: object_store::Error) -> ApiError {
     }
 }
 
-/// Makes the dataset at `uri` present under the uploads folder; its job path (`upload:…`).
+/// Makes the dataset at `uri` present in the cache dir; its job path (`fetched:…`), and the
+/// tree held until the caller is done with it.
 pub async fn fetch(
     uploads: &Arc<Uploads>,
     uri: &str,
     format: DatasetFormat,
-) -> Result<String, ApiError> {
+) -> Result<(String, InUse), ApiError> {
     let (bucket, key) = parse(uri)?;
     let (store, _) = crate::artifacts::bucket(&uploads.s3, &bucket)
         .map_err(|e| ApiError::FailedPrecondition(format!("dataset.uri: {e:#}")))?;
@@ -93,47 +96,60 @@ pub async fn fetch(
         })
         .collect();
     let id = sha256_hex(listing.as_bytes()).map_err(io("naming the dataset"))?;
-    let tree = uploads.tree(&id);
-    let root = if tree.is_dir() {
-        inspect::inspect(&tree, format)?.root
-    } else {
-        let temp = uploads.temp(&id)?;
-        let (uploads, id) = (uploads.clone(), id.clone());
-        let stored = if is_archive {
-            let file = temp.path().join("archive");
-            download(store.as_ref(), &objects[0].location, &file, uri).await?;
-            // The archive's folder (`temp`) goes once the tree is in place.
-            tokio::task::spawn_blocking(move || {
-                let stored = uploads.extract_tree(&file, &id, format);
-                drop(temp);
-                stored
-            })
-        } else {
-            let prefix = Key::from(key.trim_end_matches('/'));
-            for o in &objects {
-                let rel: Vec<String> = o
-                    .location
-                    .prefix_match(&prefix)
-                    .map(|parts| parts.map(|p| p.as_ref().to_string()).collect())
-                    .unwrap_or_default();
-                let rel = rel.join("/");
-                if rel.is_empty() {
-                    continue;
+    let (root, in_use) = match uploads.hold_fetched(&id) {
+        Some(held) => {
+            let tree = uploads.fetched.tree(&id);
+            let root = tokio::task::spawn_blocking(move || inspect::inspect(&tree, format))
+                .await
+                .map_err(|e| ApiError::internal(anyhow::anyhow!("reading the dataset: {e}")))??
+                .root;
+            (root, held)
+        }
+        None => {
+            let temp = uploads.fetched_temp(&id)?;
+            let archive = if is_archive {
+                let file = tempfile::Builder::new()
+                    .prefix(".archive.tmp-")
+                    .tempfile_in(&uploads.fetched.dir)
+                    .map_err(io("fetching the dataset"))?;
+                download(store.as_ref(), &objects[0].location, file.path(), uri).await?;
+                Some(file)
+            } else {
+                let prefix = Key::from(key.trim_end_matches('/'));
+                for o in &objects {
+                    let rel: Vec<String> = o
+                        .location
+                        .prefix_match(&prefix)
+                        .map(|parts| parts.map(|p| p.as_ref().to_string()).collect())
+                        .unwrap_or_default();
+                    let rel = rel.join("/");
+                    if rel.is_empty() {
+                        continue;
+                    }
+                    let dest = archive::safe_path(temp.path(), Path::new(&rel))?;
+                    download(store.as_ref(), &o.location, &dest, uri).await?;
                 }
-                let dest = archive::safe_path(temp.path(), Path::new(&rel))?;
-                download(store.as_ref(), &o.location, &dest, uri).await?;
-            }
-            tokio::task::spawn_blocking(move || uploads.adopt(temp, &id, format))
-        };
-        let (inspected, _) = stored
+                None
+            };
+            let uploads = uploads.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Some(file) = archive {
+                    archive::extract(file.path(), temp.path(), uploads.limits)?;
+                }
+                let inspected = inspect::inspect(temp.path(), format)?;
+                let bytes = dir_bytes(temp.path());
+                Ok::<_, ApiError>((inspected.root, uploads.adopt_fetched(temp, &id, bytes)?))
+            })
             .await
-            .map_err(|e| ApiError::internal(anyhow::anyhow!("storing the dataset: {e}")))??;
-        inspected.root
+            .map_err(|e| ApiError::internal(anyhow::anyhow!("storing the dataset: {e}")))??
+        }
     };
-    Ok(match root.as_str() {
-        "" => format!("{UPLOAD_PREFIX}{id}"),
-        root => format!("{UPLOAD_PREFIX}{id}/{root}"),
-    })
+    let id = &in_use.id;
+    let path = match root.as_str() {
+        "" => format!("{FETCHED_PREFIX}{id}"),
+        root => format!("{FETCHED_PREFIX}{id}/{root}"),
+    };
+    Ok((path, in_use))
 }
 
 async fn download(

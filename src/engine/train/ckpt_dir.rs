@@ -77,21 +77,36 @@ impl CheckpointDir {
     /// Epoch checkpoints of this attempt and earlier ones (untagged counting as 0), oldest
     /// first: never a later attempt's, which this one must not touch.
     pub fn epochs(&self) -> Vec<(usize, PathBuf)> {
-        let mine = self.attempt.unwrap_or(0);
-        let mut found: Vec<(usize, u32, PathBuf)> = std::fs::read_dir(&self.dir)
+        self.epochs_of(self.names())
+            .into_iter()
+            .map(|(n, name)| (n, self.dir.join(name)))
+            .collect()
+    }
+
+    /// The file names in the directory.
+    fn names(&self) -> Vec<String> {
+        std::fs::read_dir(&self.dir)
             .into_iter()
             .flatten()
             .filter_map(|e| e.ok())
-            .filter_map(|e| {
-                let name = e.file_name().to_string_lossy().into_owned();
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()
+    }
+
+    /// [`Self::epochs`] among `names`: (epoch, name), oldest first.
+    fn epochs_of(&self, names: impl IntoIterator<Item = String>) -> Vec<(usize, String)> {
+        let mine = self.attempt.unwrap_or(0);
+        let mut found: Vec<(usize, u32, String)> = names
+            .into_iter()
+            .filter_map(|name| {
                 let stem = name.strip_prefix("epoch-")?.strip_suffix(".ckpt")?;
                 let (digits, rest) = stem.split_at(stem.find('.').unwrap_or(stem.len()));
                 let attempt = attempt_of(rest).filter(|a| *a <= mine)?;
-                Some((digits.parse().ok()?, attempt, e.path()))
+                Some((digits.parse().ok()?, attempt, name))
             })
             .collect();
         found.sort();
-        found.into_iter().map(|(n, _, p)| (n, p)).collect()
+        found.into_iter().map(|(n, _, name)| (n, name)).collect()
     }
 
     /// The newest intact state to resume from: the mid-epoch one (written only when it is
@@ -144,23 +159,27 @@ impl CheckpointDir {
     /// Deletes epoch checkpoints beyond the newest `keep` (of this attempt and earlier ones),
     /// and the mid-epoch checkpoints of earlier attempts (an epoch file supersedes them).
     pub fn prune(&self, keep: usize) {
-        let all = self.epochs();
-        let n = all.len().saturating_sub(keep.max(1));
-        for (_, path) in all.into_iter().take(n) {
-            let _ = std::fs::remove_file(path);
+        for name in self.prunable(self.names(), keep) {
+            let _ = std::fs::remove_file(self.dir.join(name));
         }
-        let Some(mine) = self.attempt else { return };
-        for entry in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let older = name
-                .strip_prefix("last")
+    }
+
+    /// Which of `names` (the directory's files, here or in an artifact store) [`Self::prune`]
+    /// deletes.
+    pub fn prunable(&self, names: Vec<String>, keep: usize) -> Vec<String> {
+        let all = self.epochs_of(names.iter().cloned());
+        let n = all.len().saturating_sub(keep.max(1));
+        let mut out: Vec<String> = all.into_iter().take(n).map(|(_, name)| name).collect();
+        let Some(mine) = self.attempt else {
+            return out;
+        };
+        out.extend(names.into_iter().filter(|name| {
+            name.strip_prefix("last")
                 .and_then(|rest| rest.strip_suffix(".ckpt"))
                 .and_then(attempt_of)
-                .is_some_and(|a| a < mine);
-            if older {
-                let _ = std::fs::remove_file(entry.path());
-            }
-        }
+                .is_some_and(|a| a < mine)
+        }));
+        out
     }
 }
 
@@ -199,5 +218,43 @@ impl Resume {
             checkpoint,
             skipped,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CheckpointDir;
+
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn pruning_keeps_the_newest_epochs_and_never_a_later_attempts_files() {
+        let dir = CheckpointDir {
+            dir: "/x".into(),
+            attempt: Some(2),
+        };
+        let all = names(&[
+            "epoch-0001.a1.ckpt",
+            "epoch-0002.a1.ckpt",
+            "epoch-0003.a2.ckpt",
+            "epoch-0004.a2.ckpt",
+            "epoch-0005.a3.ckpt",
+            "last.a1.ckpt",
+            "last.a2.ckpt",
+            "last.a3.ckpt",
+            "best.a1.ckpt",
+            "labels.json",
+        ]);
+        let mut got = dir.prunable(all.clone(), 2);
+        got.sort();
+        assert_eq!(
+            got,
+            names(&["epoch-0001.a1.ckpt", "epoch-0002.a1.ckpt", "last.a1.ckpt"])
+        );
+        let local = CheckpointDir::new("/x");
+        let plain = names(&["epoch-0001.ckpt", "epoch-0002.ckpt", "last.ckpt"]);
+        assert_eq!(local.prunable(plain, 1), names(&["epoch-0001.ckpt"]));
     }
 }

@@ -86,6 +86,21 @@ impl S3 {
         std::fs::read(self.root.path().join(bucket).join(key)).ok()
     }
 
+    /// The names of the `.ckpt` objects directly under `prefix` in `bucket`, sorted, read
+    /// from the server's disk.
+    pub fn names(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        let dir = self.root.path().join(bucket).join(prefix);
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".ckpt"))
+            .collect();
+        names.sort();
+        names
+    }
+
     /// The credentials a client of this server uses, as the AWS environment variables.
     pub fn credentials(&self, command: &mut Command) {
         command
