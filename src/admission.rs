@@ -72,13 +72,16 @@ impl Admission {
     /// Refuses (RESOURCE_EXHAUSTED) a job whose memory cannot fit the device, or one the
     /// data dir has no room for.
     pub fn check(&self, config: &TrainConfig) -> Result<(), ApiError> {
+        self.device
+            .supports(config.precision)
+            .map_err(|e| ApiError::FailedPrecondition(format!("config.precision: {e}")))?;
         let f = config.footprint(self.device.replicas());
         // burn 0.21 has no query for a GPU's memory: unless the operator states it, the
         // crash-loop breaker is the net there.
         let limit = match (self.device_memory, &self.device) {
             (Some(bytes), _) => Some((bytes, "--device-memory".to_string())),
             (None, DeviceSpec::Cpu) => cpu_memory_limit(),
-            (None, DeviceSpec::Cuda(_)) => None,
+            (None, DeviceSpec::Cuda(_) | DeviceSpec::Wgpu(_)) => None,
         };
         if let Some((limit, what)) = limit {
             if f.memory_bytes() > limit {

@@ -103,6 +103,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         .parse::<Preset>()
         .map_err(anyhow::Error::msg)?
         .config();
+    a.device.supports(a.precision).map_err(anyhow::Error::msg)?;
     let line = with_backend!(a.device.clone(), |B, device| run::<B>(&cfg, &a, &device)?);
     println!("{line}");
     Ok(())

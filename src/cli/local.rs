@@ -76,6 +76,7 @@ pub fn resolve_config(a: &TrainLocalArgs, num_classes: usize) -> Result<TrainCon
     if let Some(v) = a.precision {
         c.precision = v;
     }
+    a.device.supports(c.precision).map_err(anyhow::Error::msg)?;
     if c.replicas == 0 {
         c.replicas = a.device.replicas();
     }

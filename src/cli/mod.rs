@@ -203,6 +203,9 @@ pub struct ParityArgs {
     /// What the device computes in (the CPU reference is f32).
     #[arg(long, default_value = "f32")]
     pub precision: Precision,
+    /// The preset's readout unless given: last-fast or slow.
+    #[arg(long)]
+    pub readout: Option<Readout>,
     /// Largest relative error `‖device − cpu‖ / ‖cpu‖` allowed (default: 5e-3 for f32,
     /// 0.25 for bf16).
     #[arg(long)]

@@ -113,7 +113,11 @@ pub fn parity(a: ParityArgs) -> Result<()> {
         .parse::<Preset>()
         .map_err(anyhow::Error::msg)?
         .config();
+    a.device.supports(a.precision).map_err(anyhow::Error::msg)?;
     (cfg.model.attn_dropout, cfg.model.ffn_dropout) = (0.0, 0.0);
+    if let Some(readout) = a.readout {
+        cfg.model = cfg.model.with_readout(readout);
+    }
     let s = cfg.model.image_size;
     // One set of weights and one batch for both sides.
     let cpu = cpu_device();
@@ -184,8 +188,9 @@ pub fn parity(a: ParityArgs) -> Result<()> {
         "{}",
         serde_json::json!({
             "device": a.device.to_string(),
-            "backend": crate::engine::backend::BACKEND,
+            "backend": crate::engine::backend::backend_name(),
             "preset": a.preset,
+            "readout": cfg.model.readout.name(),
             "precision": a.precision.name(),
             "batch": a.batch,
             "loss": got.loss,

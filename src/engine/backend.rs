@@ -1,5 +1,5 @@
 //! Backend choice. The CPU backend is `flex` by default (fastest here by measurement) or
-//! `ndarray`; the `cuda` feature adds burn-cuda.
+//! `ndarray`; the `cuda` feature adds burn-cuda, the `wgpu` feature burn-wgpu.
 
 use burn::backend::Autodiff;
 
@@ -12,30 +12,26 @@ compile_error!("enable a CPU backend feature: `flex` (default) or `ndarray`");
 
 pub type CpuAutodiff = Autodiff<Cpu>;
 
-/// The backends this build has (`tlb_build_info{backend}`): the CPU one, and `cuda` when built in.
-pub const BACKEND: &str = if cfg!(feature = "cuda-autotune") {
-    if cfg!(feature = "flex") {
-        "flex+cuda-fusion-autotune"
+/// The backends this build has (`tlb_build_info{backend}`): the CPU one, then `cuda` (and how
+/// it fuses) and `wgpu` when built in, joined by `+`.
+pub fn backend_name() -> String {
+    let cpu = if cfg!(feature = "flex") {
+        "flex"
     } else {
-        "ndarray+cuda-fusion-autotune"
-    }
-} else if cfg!(feature = "cuda-fusion") {
-    if cfg!(feature = "flex") {
-        "flex+cuda-fusion"
+        "ndarray"
+    };
+    let cuda = if cfg!(feature = "cuda-autotune") {
+        "+cuda-fusion-autotune"
+    } else if cfg!(feature = "cuda-fusion") {
+        "+cuda-fusion"
+    } else if cfg!(feature = "cuda") {
+        "+cuda"
     } else {
-        "ndarray+cuda-fusion"
-    }
-} else if cfg!(feature = "cuda") {
-    if cfg!(feature = "flex") {
-        "flex+cuda"
-    } else {
-        "ndarray+cuda"
-    }
-} else if cfg!(feature = "flex") {
-    "flex"
-} else {
-    "ndarray"
-};
+        ""
+    };
+    let wgpu = if cfg!(feature = "wgpu") { "+wgpu" } else { "" };
+    format!("{cpu}{cuda}{wgpu}")
+}
 
 /// Keeps freed memory in the process (glibc): a training step allocates and frees the same
 /// buffers every step, and by default glibc returns large ones to the kernel at once (mmap /
@@ -62,11 +58,33 @@ pub type Cuda = burn::backend::Cuda<f32, i32>;
 #[cfg(feature = "cuda")]
 pub type CudaAutodiff = Autodiff<Cuda>;
 
-/// A device named on the command line: `cpu` or (with the `cuda` feature) `cuda:N`.
+/// burn's wgpu backend, unfused and without autotune (both slow to start, and fusion has open
+/// wrong-result issues): Vulkan, Metal or DX12, and Mesa's lavapipe where there is no GPU.
+#[cfg(feature = "wgpu")]
+pub type Wgpu = burn::backend::Wgpu<f32, i32>;
+#[cfg(feature = "wgpu")]
+pub type WgpuAutodiff = Autodiff<Wgpu>;
+
+/// Which adapter a `wgpu` device is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Adapter {
+    /// wgpu's choice: the most powerful GPU, or a software one (lavapipe) where there is none.
+    Default,
+    /// The N-th discrete GPU.
+    Discrete(usize),
+    /// The N-th integrated GPU.
+    Integrated(usize),
+    /// A software adapter (Mesa's lavapipe): for tests without a GPU.
+    Cpu,
+}
+
+/// A device named on the command line: `cpu`, `cuda:N` (with the `cuda` feature), `wgpu`,
+/// `wgpu:N`, `wgpu:integrated:N` or `wgpu:cpu` (with the `wgpu` feature).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DeviceSpec {
     Cpu,
     Cuda(usize),
+    Wgpu(Adapter),
 }
 
 impl std::fmt::Display for DeviceSpec {
@@ -74,6 +92,10 @@ impl std::fmt::Display for DeviceSpec {
         match self {
             Self::Cpu => f.write_str("cpu"),
             Self::Cuda(n) => write!(f, "cuda:{n}"),
+            Self::Wgpu(Adapter::Default) => f.write_str("wgpu"),
+            Self::Wgpu(Adapter::Discrete(n)) => write!(f, "wgpu:{n}"),
+            Self::Wgpu(Adapter::Integrated(n)) => write!(f, "wgpu:integrated:{n}"),
+            Self::Wgpu(Adapter::Cpu) => f.write_str("wgpu:cpu"),
         }
     }
 }
@@ -83,10 +105,26 @@ impl DeviceSpec {
     pub fn replicas(&self) -> usize {
         match self {
             Self::Cpu => crate::engine::train::cpu_threads(),
-            Self::Cuda(_) => 1,
+            Self::Cuda(_) | Self::Wgpu(_) => 1,
         }
     }
 }
+
+impl DeviceSpec {
+    /// Whether the device computes in `precision`: burn's wgpu backend has no bf16 (WGSL, the
+    /// language its kernels compile to, has no such type).
+    pub fn supports(&self, precision: crate::engine::model::Precision) -> Result<(), String> {
+        match (self, precision) {
+            (Self::Wgpu(_), crate::engine::model::Precision::Bf16) => Err(format!(
+                "precision bf16 is not available on {self}: burn's wgpu backend compiles to \
+                 WGSL, which has no bf16 type; use f32 there (bf16 runs on cpu and cuda)"
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+const EXPECTED: &str = "expected cpu, cuda:N, wgpu, wgpu:N, wgpu:integrated:N or wgpu:cpu";
 
 impl std::str::FromStr for DeviceSpec {
     type Err = String;
@@ -94,16 +132,46 @@ impl std::str::FromStr for DeviceSpec {
         if s == "cpu" {
             return Ok(Self::Cpu);
         }
-        let n = s
-            .strip_prefix("cuda:")
-            .or_else(|| (s == "cuda").then_some("0"))
-            .ok_or_else(|| format!("unknown device '{s}' (expected cpu or cuda:N)"))?;
-        if !cfg!(feature = "cuda") {
-            return Err(format!("device '{s}' needs a build with `--features cuda`"));
+        let index = |n: &str| {
+            n.parse::<usize>()
+                .map_err(|_| format!("bad device index in '{s}' ({EXPECTED})"))
+        };
+        let spec = if let Some(n) = s.strip_prefix("cuda:") {
+            Self::Cuda(index(n)?)
+        } else if s == "cuda" {
+            Self::Cuda(0)
+        } else if s == "wgpu" {
+            Self::Wgpu(Adapter::Default)
+        } else if s == "wgpu:cpu" {
+            Self::Wgpu(Adapter::Cpu)
+        } else if let Some(n) = s.strip_prefix("wgpu:integrated:") {
+            Self::Wgpu(Adapter::Integrated(index(n)?))
+        } else if let Some(n) = s.strip_prefix("wgpu:") {
+            Self::Wgpu(Adapter::Discrete(index(n)?))
+        } else {
+            return Err(format!("unknown device '{s}' ({EXPECTED})"));
+        };
+        match spec {
+            Self::Cuda(_) if !cfg!(feature = "cuda") => {
+                Err(format!("device '{s}' needs a build with `--features cuda`"))
+            }
+            Self::Wgpu(_) if !cfg!(feature = "wgpu") => {
+                Err(format!("device '{s}' needs a build with `--features wgpu`"))
+            }
+            spec => Ok(spec),
         }
-        n.parse()
-            .map(Self::Cuda)
-            .map_err(|_| format!("bad CUDA device index in '{s}'"))
+    }
+}
+
+/// The wgpu device an adapter names.
+#[cfg(feature = "wgpu")]
+pub fn wgpu_device(adapter: Adapter) -> burn::backend::wgpu::WgpuDevice {
+    use burn::backend::wgpu::WgpuDevice;
+    match adapter {
+        Adapter::Default => WgpuDevice::DefaultDevice,
+        Adapter::Discrete(n) => WgpuDevice::DiscreteGpu(n),
+        Adapter::Integrated(n) => WgpuDevice::IntegratedGpu(n),
+        Adapter::Cpu => WgpuDevice::Cpu,
     }
 }
 
@@ -125,6 +193,14 @@ macro_rules! with_backend {
             }
             #[cfg(not(feature = "cuda"))]
             $crate::engine::backend::DeviceSpec::Cuda(_) => unreachable!("parsed only with cuda"),
+            #[cfg(feature = "wgpu")]
+            $crate::engine::backend::DeviceSpec::Wgpu(adapter) => {
+                type $B = $crate::engine::backend::WgpuAutodiff;
+                let $device = $crate::engine::backend::wgpu_device(adapter);
+                $body
+            }
+            #[cfg(not(feature = "wgpu"))]
+            $crate::engine::backend::DeviceSpec::Wgpu(_) => unreachable!("parsed only with wgpu"),
         }
     }};
 }

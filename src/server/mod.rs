@@ -89,7 +89,7 @@ async fn shutdown_signal() {
 }
 
 async fn serve_async(args: ServeArgs) -> Result<()> {
-    crate::metrics::record_build(crate::engine::backend::BACKEND);
+    crate::metrics::record_build(&crate::engine::backend::backend_name());
     let tokens = authentication(&args)?;
     let replica_id = replica_id(&args)?;
     for dir in [&args.datasets_root, &args.data_dir] {

@@ -210,6 +210,10 @@ fn train_job<B: AutodiffBackend>(
     lease: &Lease,
     cancel: Arc<AtomicBool>,
 ) -> anyhow::Result<(Outcome, Option<f64>)> {
+    // A job another replica's admission let through, on a device without its precision.
+    ctx.device
+        .supports(job.config.precision)
+        .map_err(anyhow::Error::msg)?;
     let format = &job.dataset_format;
     let fetched = local_dataset(&ctx.artifacts, &ctx.datasets, format, &job.dataset_path);
     // A tree fetched from object storage stays while the job trains on it.

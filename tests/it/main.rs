@@ -23,3 +23,5 @@ mod server_faults;
 mod server_ops;
 mod store;
 mod train;
+#[cfg(feature = "wgpu")]
+mod wgpu;

@@ -1,0 +1,169 @@
+//! The GPU code path, run without a GPU: burn's wgpu backend on Mesa's lavapipe (software
+//! Vulkan). `tlb parity` compares its logits, every gradient and AdamW steps with the CPU
+//! backend for both readouts, and a `tiny` job trains through `tlb serve --device wgpu`, then
+//! classifies and draws attention maps with the probabilities the CPU computes from the same
+//! checkpoint.
+
+use std::process::Command;
+use std::time::Duration;
+
+use crate::common;
+use crate::replicas::{ended, state, wait_job};
+use common::server::{encoded, png, start_job, start_request, Server};
+use common::write_synthetic_cifar;
+use tlb::proto::v1 as pb;
+
+/// `tlb parity --device wgpu` with `args`: whether it passed, and its summary line.
+fn parity(args: &[&str]) -> (bool, serde_json::Value, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tlb"))
+        .args(["parity", "--device", "wgpu", "--verbose"])
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let summary = stdout
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or(serde_json::Value::Null);
+    // The figures, for the log: every comparison's error.
+    eprintln!("parity {args:?}:\n{stdout}{stderr}");
+    (out.status.success(), summary, stderr)
+}
+
+/// f32 on lavapipe matches the CPU to rounding, for each readout: logits, all gradients (each
+/// parameter's), and the logits after AdamW steps.
+#[test]
+fn parity_on_lavapipe_f32_both_readouts() {
+    for (preset, readout) in [("tiny", "slow"), ("tiny", "last-fast")] {
+        let args = [
+            "--preset",
+            preset,
+            "--readout",
+            readout,
+            "--batch",
+            "4",
+            "--steps",
+            "2",
+        ];
+        let (ok, s, err) = parity(&args);
+        assert!(ok, "{preset} {readout}: {s} {err}");
+        assert_eq!(s["readout"], readout, "{s}");
+        assert_eq!(s["device"], "wgpu", "{s}");
+        assert!(s["compared"].as_u64().unwrap() > 20, "{s}");
+        // Measured: 3e-4 to 5e-4 (LayerNorm and FFN gradients); the CPU against itself is 0.
+        let worst = s["worst_rel_err"].as_f64().unwrap();
+        assert!(worst > 0.0 && worst < 2e-3, "{preset} {readout}: {s}");
+    }
+    let (ok, _, err) = parity(&["--preset", "tiny", "--precision", "bf16"]);
+    assert!(
+        !ok && err.contains("bf16 is not available on wgpu"),
+        "{err}"
+    );
+}
+
+/// Classify (all classes) and GetAttention (with an overlay) of one image by `model`.
+async fn answer(
+    server: &Server,
+    model: String,
+) -> (pb::ClassifyResponse, pb::GetAttentionResponse) {
+    let image = || encoded(png(32, 7));
+    let mut inference = server.inference().await;
+    let classified = inference
+        .classify(pb::ClassifyRequest {
+            model: model.clone(),
+            images: vec![image()],
+            top_k: 10,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let attention = inference
+        .get_attention(pb::GetAttentionRequest {
+            model,
+            image: Some(image()),
+            render_overlay: true,
+            overlay_size: 64,
+            side_by_side: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    (classified, attention)
+}
+
+/// A `tiny` job through `tlb serve --device wgpu`: it succeeds, and Classify and
+/// GetAttention on its checkpoint answer what a CPU server answers from the same file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_trains_and_serves_on_wgpu() {
+    let dir = tempfile::tempdir().unwrap();
+    write_synthetic_cifar(&dir.path().join("datasets/synth"), 200, 50);
+    let (job, on_gpu) = {
+        let server = Server::start(dir.path(), &["--device", "wgpu"]);
+        let mut client = server.training().await;
+        // wgpu has no bf16: refused before anything queues.
+        let mut bf16 = start_request("tiny", 2, "synth");
+        bf16.config.as_mut().unwrap().precision = pb::Precision::Bf16 as i32;
+        let refused = client.start_training(bf16).await.unwrap_err();
+        assert_eq!(
+            refused.code(),
+            tonic::Code::FailedPrecondition,
+            "{refused:?}"
+        );
+        assert!(
+            refused
+                .message()
+                .contains("config.precision: precision bf16 is not available on wgpu"),
+            "{refused:?}"
+        );
+        let mut request = start_request("tiny", 2, "synth");
+        request.config.as_mut().unwrap().batch_size = Some(50);
+        let job = start_job(&mut client, request).await;
+        let j = wait_job(
+            &mut client,
+            &job,
+            Duration::from_secs(600),
+            "the end",
+            ended,
+        )
+        .await;
+        assert_eq!(state(&j), pb::JobState::Succeeded, "{j:?}");
+        assert_eq!(j.epochs_completed, 2, "{j:?}");
+        assert_eq!(j.device, "wgpu", "{j:?}");
+        (job.clone(), answer(&server, job).await)
+    };
+    let cpu = Server::start(dir.path(), &["--device", "cpu"]);
+    let on_cpu = answer(&cpu, job).await;
+    let probabilities = |c: &pb::ClassifyResponse| {
+        let mut p: Vec<(String, f32)> = c.results[0]
+            .predictions
+            .iter()
+            .map(|p| (p.label.clone(), p.probability))
+            .collect();
+        p.sort_by(|a, b| a.0.cmp(&b.0));
+        p
+    };
+    let (gpu, cpu) = (probabilities(&on_gpu.0), probabilities(&on_cpu.0));
+    assert_eq!(gpu.len(), 10);
+    for ((label, g), (_, c)) in gpu.iter().zip(&cpu) {
+        assert!((g - c).abs() < 1e-4, "{label}: wgpu {g}, cpu {c}");
+    }
+    let (ga, ca) = (&on_gpu.1, &on_cpu.1);
+    assert_eq!(
+        (ga.num_chunks, ga.grid_height),
+        (ca.num_chunks, ca.grid_height)
+    );
+    assert!(!ga.overlay_png.is_empty());
+    let weights = |a: &pb::GetAttentionResponse| -> Vec<f32> {
+        a.chunks.iter().flat_map(|c| c.weights.clone()).collect()
+    };
+    let (gw, cw) = (weights(ga), weights(ca));
+    assert_eq!(gw.len(), cw.len());
+    let diff = gw
+        .iter()
+        .zip(&cw)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    assert!(diff < 1e-4, "attention weights differ by {diff}");
+}
