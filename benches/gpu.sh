@@ -6,6 +6,9 @@
 #      gradient, 3 AdamW steps) in f32;
 #   2. the `cuda-fusion` build (burn's fusion, kernels by its heuristics, no tuning): parity,
 #      then `reference` batch 1024, f32;
+#   2b. the `wgpu` build on the same GPU through Vulkan (`--device wgpu:0`, when tlb-wgpu.xz
+#      is given; NVIDIA's Vulkan driver must be there): parity, `reference` batch 1024 and
+#      batch 1, f32 (wgpu has no bf16);
 #   3. bf16 on the plain build: `reference` batch 1024 and parity;
 #   4. `tlb serve --device cuda:0`: 2 `reference` epochs on cifar10-mini through StartTraining,
 #      then Classify latency through gRPC at batch 1 and 64 (`tlb bench-serve`);
@@ -19,7 +22,8 @@
 #
 #   benches/gpu.sh DIR   DIR holds tlb.xz (`cargo build --release --features cuda`, stripped),
 #                        tlb-fusion.xz and tlb-autotune.xz (`--features cuda-fusion`,
-#                        `cuda-autotune`; optional), datasets/cifar10-mini/ and cat32.png.
+#                        `cuda-autotune`; optional), tlb-wgpu.xz (`--features wgpu`;
+#                        optional), datasets/cifar10-mini/ and cat32.png.
 #   DEV=cpu BUDGET=100000 W=/tmp/w OUT=/tmp/o benches/gpu.sh DIR: a dry run of the script on the
 #                        CPU (every phase under its limit, about 12 minutes on 2 cores).
 # Everything lands in $OUT/results.tgz and $OUT/summary.txt.
@@ -29,7 +33,7 @@ OUT=${OUT:-/tmp/gpu-out}
 W=${W:-/tmp/gpu-work}
 mkdir -p "$OUT" "$W"
 xz -dc "$DIR/tlb.xz" >"$W/tlb" && chmod +x "$W/tlb"
-for b in tlb-fusion tlb-autotune; do
+for b in tlb-fusion tlb-autotune tlb-wgpu; do
     [ -f "$DIR/$b.xz" ] && xz -dc "$DIR/$b.xz" >"$W/$b" && chmod +x "$W/$b"
 done
 BIN=$W/tlb
@@ -37,7 +41,7 @@ DATA=$(realpath "$DIR/datasets")
 IMG=$(realpath "$DIR/cat32.png")
 # Saved after each phase (a temp file renamed, so a run stopped at its limit leaves a whole one).
 save() {
-    tar czf "$OUT/.results.tgz" -C "$W" --exclude ./tlb --exclude ./tlb-fusion --exclude ./tlb-autotune --exclude ./data \
+    tar czf "$OUT/.results.tgz" -C "$W" --exclude ./tlb --exclude ./tlb-fusion --exclude ./tlb-autotune --exclude ./tlb-wgpu --exclude ./data \
         --exclude checkpoints . && mv "$OUT/.results.tgz" "$OUT/results.tgz"
     cp "$W/summary.txt" "$OUT/summary.txt"
 }
@@ -68,6 +72,14 @@ time_left "parity f32" && parity "$BIN" f32 60; save
 if [ -x "$W/tlb-fusion" ]; then
     time_left "fusion parity" && parity "$W/tlb-fusion" f32 60; save
     time_left "fusion reference" && bench "$W/tlb-fusion" reference 1024 5 f32 60; save
+fi
+if [ -x "$W/tlb-wgpu" ] && [ "$DEV" != cpu ]; then
+    DEV_CUDA=$DEV
+    DEV=wgpu:0
+    time_left "wgpu parity" && parity "$W/tlb-wgpu" f32 60; save
+    time_left "wgpu reference" && bench "$W/tlb-wgpu" reference 1024 5 f32 60; save
+    time_left "wgpu reference batch 1" && bench "$W/tlb-wgpu" reference 1 5 f32 30; save
+    DEV=$DEV_CUDA
 fi
 time_left "reference bf16" && bench "$BIN" reference 1024 5 bf16 80; save
 time_left "parity bf16" && parity "$BIN" bf16 60; save

@@ -184,6 +184,10 @@ pub struct BenchArgs {
     /// f32, or bf16 mixed precision.
     #[arg(long, default_value = "f32")]
     pub precision: Precision,
+    /// burn's composition of tensor operations instead of tlb's fused ones (the CPU's fused
+    /// block, the wgpu kernels): the figures they are compared with.
+    #[arg(long)]
+    pub unfused: bool,
 }
 
 #[derive(Args, Debug)]

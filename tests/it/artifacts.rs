@@ -62,7 +62,7 @@ fn checkpoint_files(root: &Path, job: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_with_no_shared_disk_take_over_through_object_storage() {
     let Some(pg) = Postgres::start() else { return };
-    let s3 = S3::start(BUCKET);
+    let mut s3 = S3::start(BUCKET);
     let roots = [(); 3].map(|_| tempfile::tempdir().unwrap());
     let mut servers = [0, 1].map(|i| Some(replica(roots[i].path(), &pg, &s3, IDS[i])));
     let request = || start_request("cpu-small", 2, "cifar10-mini");
@@ -105,20 +105,37 @@ async fn replicas_with_no_shared_disk_take_over_through_object_storage() {
         .unwrap();
     assert_same_weights(&store, &job, &reference).await;
 
-    // A new replica with an empty data dir serves both models, fetched from S3.
+    // A new replica with an empty data dir serves both models, fetched from S3. While S3 is
+    // down it serves the one it has fetched and answers UNAVAILABLE for the other, until S3
+    // is back.
     let fresh = replica(roots[2].path(), &pg, &s3, "c");
-    for model in [&job, &reference] {
-        let answer = fresh
-            .inference()
-            .await
-            .classify(pb::ClassifyRequest {
-                model: model.clone(),
-                images: vec![encoded(png(32, 9))],
-                top_k: 1,
-            })
-            .await;
-        assert!(answer.is_ok(), "{answer:?}");
-    }
+    let classify = |model: &String| {
+        let (fresh, model) = (&fresh, model.clone());
+        async move {
+            fresh
+                .inference()
+                .await
+                .classify(pb::ClassifyRequest {
+                    model,
+                    images: vec![encoded(png(32, 9))],
+                    top_k: 1,
+                })
+                .await
+        }
+    };
+    let answer = classify(&job).await;
+    assert!(answer.is_ok(), "{answer:?}");
+    s3.stop();
+    let answer = classify(&job).await;
+    assert!(
+        answer.is_ok(),
+        "a fetched model is served while S3 is down: {answer:?}"
+    );
+    let down = classify(&reference).await.unwrap_err();
+    assert_eq!(down.code(), Code::Unavailable, "{down:?}");
+    s3.restart();
+    let answer = classify(&reference).await;
+    assert!(answer.is_ok(), "{answer:?}");
     assert!(!checkpoint_files(roots[2].path(), &job).is_empty());
     // Its class names and output shapes come from the shared store, not a run dir it lacks.
     let models = fresh.models().await;

@@ -42,7 +42,7 @@ impl<B: Backend> Projection<B> {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        linear_rows(x, self.weight.val(), self.bias.val())
+        linear_rows(x, self.weight.val(), Some(self.bias.val()))
     }
 
     /// `(W', b')` such that `x̂·W' + b' = LN(x)·W + b`, optionally scaled by `scale`.
@@ -78,7 +78,18 @@ impl<B: Backend> Affine<B> {
     }
 
     fn apply(&self, x_hat: Tensor<B, 3>) -> Tensor<B, 3> {
-        linear_rows(x_hat, self.0.clone(), self.1.clone())
+        linear_rows(x_hat, self.0.clone(), Some(self.1.clone()))
+    }
+
+    /// `gelu(x̂·W + b)`: the bias and GELU as one fused kernel where the backend has it
+    /// ([`super::cube`]), else [`Self::apply`] and burn's GELU.
+    fn apply_gelu(&self, x_hat: Tensor<B, 3>) -> Tensor<B, 3> {
+        if super::cube::gelu_applies::<B>(x_hat.dtype()) {
+            let u = linear_rows(x_hat, self.0.clone(), None);
+            super::cube::bias_gelu(u, self.1.clone())
+        } else {
+            gelu(self.apply(x_hat))
+        }
     }
 }
 
@@ -87,13 +98,13 @@ impl<B: Backend> Affine<B> {
 fn linear_rows<B: Backend, const D: usize>(
     x: Tensor<B, D>,
     weight: Tensor<B, 2>,
-    bias: Tensor<B, 1>,
+    bias: Option<Tensor<B, 1>>,
 ) -> Tensor<B, D> {
     let mut dims = x.dims();
     let d_in = dims[D - 1];
     let rows = x.shape().num_elements() / d_in.max(1);
     dims[D - 1] = weight.dims()[1];
-    burn::tensor::module::linear(x.reshape([rows, d_in]), weight, Some(bias)).reshape(dims)
+    burn::tensor::module::linear(x.reshape([rows, d_in]), weight, bias).reshape(dims)
 }
 
 /// Zero-mean, unit-variance over the last dimension (LayerNorm without its affine part).
@@ -266,7 +277,7 @@ impl<B: Backend> FoldedBlock<'_, B> {
             (context.swap_dims(1, 2).reshape([batch, n_q, dim]), weights)
         };
         let h = residual + b.output.forward(context);
-        let hidden = gelu(self.ffn_in.apply(standardize(h.clone())));
+        let hidden = self.ffn_in.apply_gelu(standardize(h.clone()));
         let out = h + dropout(b.ffn_out.forward(hidden), b.ffn_dropout);
         (out, want_weights.then_some(weights))
     }

@@ -2,6 +2,7 @@
 
 mod block;
 mod config;
+pub mod cube;
 mod dropout;
 pub mod fused;
 mod precision;

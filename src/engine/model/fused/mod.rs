@@ -54,9 +54,25 @@ pub fn with_unfused<T>(f: impl FnOnce() -> T) -> T {
     out
 }
 
+/// Fused operations switched off in the whole process ([`disable_everywhere`]).
+static DISABLED_EVERYWHERE: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Switches the fused operations off in every thread, for good: `tlb bench --unfused`, which
+/// measures burn's composition beside them.
+pub fn disable_everywhere() {
+    DISABLED_EVERYWHERE.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether fused operations are switched off on this thread ([`with_unfused`],
+/// [`disable_everywhere`]).
+pub fn disabled() -> bool {
+    DISABLED.with(Cell::get) || DISABLED_EVERYWHERE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Whether blocks on `B` run fused on this thread.
 pub fn enabled<B: Backend>() -> bool {
-    is_host::<B>() && !DISABLED.with(Cell::get)
+    is_host::<B>() && !disabled()
 }
 
 /// The inputs of one block: `x` (queries), `context` (keys and values; `None` for
