@@ -25,8 +25,9 @@ pub struct ServeArgs {
     /// Dataset paths in StartTraining are relative to this folder and may not leave it.
     #[arg(long, env = "TLB_DATASETS_ROOT", default_value = "./datasets")]
     pub datasets_root: PathBuf,
-    /// cpu, or cuda:N in a build with the `cuda` feature. Repeat it (or separate with commas
-    /// in TLB_DEVICE) for a worker per device, each running a job of its own.
+    /// cpu; cuda:N in a build with the `cuda` feature; wgpu, wgpu:N, wgpu:integrated:N or
+    /// wgpu:cpu in a build with the `wgpu` feature. Repeat it (or separate with commas in
+    /// TLB_DEVICE) for a worker per device, each running a job of its own.
     #[arg(long, env = "TLB_DEVICE", default_value = "cpu", value_delimiter = ',')]
     pub device: Vec<DeviceSpec>,
     /// This replica's name in the job store (Job.worker): unique among the replicas sharing a
