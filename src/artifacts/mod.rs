@@ -75,7 +75,7 @@ fn write_once(file: &Path) -> bool {
         .file_name()
         .map(|n| n.to_string_lossy())
         .unwrap_or_default();
-    !(name.starts_with("best.") || name.starts_with("last."))
+    !crate::engine::train::CheckpointDir::is_rewritten(&name)
 }
 
 impl std::fmt::Debug for Artifacts {
@@ -183,13 +183,15 @@ impl Artifacts {
         } else {
             PutMode::Overwrite
         };
-        let put = r.store.put_opts(&key, bytes.clone().into(), mode.into());
+        // Cloned by reference count: the checkpoint's bytes are not copied.
+        let payload = PutPayload::from(bytes);
+        let put = r.store.put_opts(&key, payload.clone(), mode.into());
         match put.await {
             Ok(_) => {}
             Err(object_store::Error::AlreadyExists { .. }) => {
                 let stored = r.store.get(&key).await.map_err(|e| r.error(e, false))?;
                 let stored = stored.bytes().await.map_err(|e| r.error(e, false))?;
-                if stored[..] != bytes[..] {
+                if !stored.iter().eq(payload.iter().flatten()) {
                     return Err(ArtifactError::Local(anyhow::anyhow!(
                         "{} already holds other bytes than {}; a stored object is never \
                          replaced",
@@ -202,7 +204,7 @@ impl Artifacts {
                 tracing::warn!(store = %r.url, "the store has no conditional puts: objects are overwritten");
                 r.no_conditional.store(true, Ordering::Relaxed);
                 r.store
-                    .put(&key, PutPayload::from(bytes))
+                    .put(&key, payload)
                     .await
                     .map_err(|e| r.error(e, false))?;
             }

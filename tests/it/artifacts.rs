@@ -8,16 +8,14 @@ use std::time::Duration;
 use crate::common;
 use crate::replicas::{
     assert_same_weights, ended, kill_the_owner_mid_job, replica_command, shared_data, state,
-    wait_job, IDS,
+    succeeded, wait_job, IDS,
 };
 use common::postgres::Postgres;
 use common::s3::S3;
 use common::server::{encoded, png, start_job, start_request, Server};
 use common::write_synthetic_cifar;
 use tlb::proto::v1 as pb;
-use tlb::proto::v1::training_service_client::TrainingServiceClient;
 use tlb::store::Store;
-use tonic::transport::Channel;
 use tonic::Code;
 
 const BUCKET: &str = "tlb";
@@ -156,13 +154,6 @@ async fn replicas_with_no_shared_disk_take_over_through_object_storage() {
     assert_eq!(meta.outputs[0].shape, vec![-1, 10], "{meta:?}");
 }
 
-/// Waits for `job` to end; it must have succeeded.
-async fn succeeded(client: &mut TrainingServiceClient<Channel>, job: &str) -> pb::Job {
-    let j = wait_job(client, job, Duration::from_secs(300), "the end", ended).await;
-    assert_eq!(state(&j), pb::JobState::Succeeded, "{j:?}");
-    j
-}
-
 /// A server on the embedded store with `flags`, the S3 credentials in its environment.
 fn server(root: &Path, s3: &S3, flags: &[String], secret: Option<&str>) -> Server {
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
@@ -231,7 +222,7 @@ async fn a_store_that_refuses_or_is_down_is_reported_before_a_job_queues() {
     s3.restart();
     let job = start_status(&server).await.expect("the store is back");
     let mut client = server.training().await;
-    succeeded(&mut client, &job).await;
+    succeeded(&mut client, &job, Duration::from_secs(300)).await;
     assert_all_stored(&s3, dir.path(), "p", &job);
 
     // The S3 server stops while a job trains: its checkpoints wait (the job does not end on
@@ -310,7 +301,7 @@ async fn a_dataset_uploaded_to_one_replica_trains_on_another() {
     });
     let job = start_job(&mut client, request).await;
     assert!(tree(1).is_dir(), "fetched from S3 and extracted by b");
-    succeeded(&mut client, &job).await;
+    succeeded(&mut client, &job, Duration::from_secs(300)).await;
 }
 
 /// Datasets named by `s3://` URIs train: a prefix holding an image folder's files and one
@@ -349,7 +340,7 @@ async fn datasets_named_by_s3_uris_train() {
         "s3://data/pets/",
     ] {
         let job = start_job(&mut client, request(uri)).await;
-        let j = succeeded(&mut client, &job).await;
+        let j = succeeded(&mut client, &job, Duration::from_secs(300)).await;
         assert_eq!(j.dataset.unwrap().uri, uri);
     }
     let cache = dir.path().join("data/cache/datasets");
@@ -426,7 +417,7 @@ async fn fetched_datasets_are_a_bounded_cache() {
             ..Default::default()
         });
         let job = start_job(&mut client, request).await;
-        succeeded(&mut client, &job).await;
+        succeeded(&mut client, &job, Duration::from_secs(300)).await;
         // The sweeper (every second here) leaves one tree: the one just used.
         let mut left = trees(&datasets);
         for _ in 0..50 {

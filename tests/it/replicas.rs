@@ -90,6 +90,17 @@ pub(crate) fn shared_data() -> PathBuf {
     root
 }
 
+/// Waits (bounded by `timeout`) for `job` to end; it must have succeeded.
+pub(crate) async fn succeeded(
+    client: &mut TrainingServiceClient<Channel>,
+    job: &str,
+    timeout: Duration,
+) -> pb::Job {
+    let j = wait_job(client, job, timeout, "the end", ended).await;
+    assert_eq!(state(&j), pb::JobState::Succeeded, "{j:?}");
+    j
+}
+
 /// Polls GetJob until `done` holds (bounded by `timeout`).
 pub(crate) async fn wait_job(
     client: &mut TrainingServiceClient<Channel>,
@@ -267,15 +278,7 @@ pub(crate) async fn kill_the_owner_mid_job(
         killed.elapsed().as_secs_f64()
     );
     assert_eq!((j.restarts, state(&j)), (1, pb::JobState::Running));
-    let j = wait_job(
-        &mut client,
-        &job,
-        Duration::from_secs(900),
-        "the end",
-        ended,
-    )
-    .await;
-    assert_eq!(state(&j), pb::JobState::Succeeded, "{j:?}");
+    succeeded(&mut client, &job, Duration::from_secs(900)).await;
     (job, other)
 }
 

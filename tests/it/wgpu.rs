@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::common;
-use crate::replicas::{ended, state, wait_job};
+use crate::replicas::succeeded;
 use common::server::{encoded, png, start_job, start_request, Server};
 use common::write_synthetic_cifar;
 use tlb::proto::v1 as pb;
@@ -121,15 +121,7 @@ async fn a_job_trains_and_serves_on_wgpu() {
         let mut request = start_request("tiny", 2, "synth");
         request.config.as_mut().unwrap().batch_size = Some(50);
         let job = start_job(&mut client, request).await;
-        let j = wait_job(
-            &mut client,
-            &job,
-            Duration::from_secs(600),
-            "the end",
-            ended,
-        )
-        .await;
-        assert_eq!(state(&j), pb::JobState::Succeeded, "{j:?}");
+        let j = succeeded(&mut client, &job, Duration::from_secs(600)).await;
         assert_eq!(j.epochs_completed, 2, "{j:?}");
         assert_eq!(j.device, "wgpu", "{j:?}");
         (job.clone(), answer(&server, job).await)

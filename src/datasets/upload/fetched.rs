@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use super::{dir_bytes, io, Uploads};
+use super::{checked, dir_bytes, io, Inspected, Uploads};
+use crate::engine::data::DatasetFormat;
 use crate::error::ApiError;
 
 /// `dataset_path` prefix of a tree fetched from object storage: `fetched:<id>/<root>`.
@@ -69,13 +70,13 @@ impl Fetched {
     /// Marks the tree used now (its stamp's mtime), recording its bytes.
     fn touch(&self, id: &str, bytes: Option<u64>) -> std::io::Result<()> {
         let stamp = self.stamp(id);
-        if let Some(bytes) = bytes {
-            std::fs::write(&stamp, bytes.to_string())?;
+        match bytes {
+            Some(bytes) => std::fs::write(&stamp, bytes.to_string()),
+            None => std::fs::File::options()
+                .append(true)
+                .open(&stamp)?
+                .set_modified(SystemTime::now()),
         }
-        std::fs::File::options()
-            .append(true)
-            .open(&stamp)?
-            .set_modified(SystemTime::now())
     }
 
     /// Removes the least recently used trees past the bound that nobody holds and nobody
@@ -145,13 +146,15 @@ impl Uploads {
         })
     }
 
-    /// Makes the filled folder `temp` the fetched tree `id`, held (blocking).
+    /// Inspects the filled folder `temp` and makes it the fetched tree `id`, held
+    /// (blocking).
     pub(super) fn adopt_fetched(
         self: &Arc<Self>,
         temp: tempfile::TempDir,
         id: &str,
-        bytes: u64,
-    ) -> Result<InUse, ApiError> {
+        format: DatasetFormat,
+    ) -> Result<(Inspected, InUse), ApiError> {
+        let (inspected, bytes) = checked(temp.path(), format)?;
         self.fetched
             .touch(id, Some(bytes))
             .map_err(io("stamping the dataset"))?;
@@ -161,10 +164,11 @@ impl Uploads {
             std::fs::rename(temp.keep(), &tree).map_err(io("storing the dataset"))?;
         }
         *held.entry(id.to_string()).or_default() += 1;
-        Ok(InUse {
+        let held = InUse {
             uploads: self.clone(),
             id: id.to_string(),
-        })
+        };
+        Ok((inspected, held))
     }
 
     /// A folder in the cache dir to fill for the fetched tree `id` (removed on drop; a

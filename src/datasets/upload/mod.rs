@@ -292,11 +292,15 @@ impl Uploads {
         id: &str,
         format: DatasetFormat,
     ) -> Result<(Inspected, u64), ApiError> {
-        let inspected = inspect::inspect(temp.path(), format)?;
-        let bytes = dir_bytes(temp.path());
+        let (inspected, bytes) = checked(temp.path(), format)?;
         std::fs::rename(temp.keep(), self.tree(id)).map_err(io("storing the upload"))?;
         Ok((inspected, bytes))
     }
+}
+
+/// A filled folder inspected as a dataset of `format`, and its bytes (blocking).
+fn checked(dir: &Path, format: DatasetFormat) -> Result<(Inspected, u64), ApiError> {
+    Ok((inspect::inspect(dir, format)?, dir_bytes(dir)))
 }
 
 impl Receiving {

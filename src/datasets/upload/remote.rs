@@ -13,7 +13,7 @@ use object_store::ObjectStore;
 use tokio_stream::StreamExt;
 
 use super::fetched::{InUse, FETCHED_PREFIX};
-use super::{archive, dir_bytes, inspect, io, sha256_hex, Uploads};
+use super::{archive, inspect, io, sha256_hex, Uploads};
 use crate::engine::data::DatasetFormat;
 use crate::error::ApiError;
 
@@ -136,9 +136,8 @@ pub async fn fetch(
                 if let Some(file) = archive {
                     archive::extract(file.path(), temp.path(), uploads.limits)?;
                 }
-                let inspected = inspect::inspect(temp.path(), format)?;
-                let bytes = dir_bytes(temp.path());
-                Ok::<_, ApiError>((inspected.root, uploads.adopt_fetched(temp, &id, bytes)?))
+                let (inspected, held) = uploads.adopt_fetched(temp, &id, format)?;
+                Ok::<_, ApiError>((inspected.root, held))
             })
             .await
             .map_err(|e| ApiError::internal(anyhow::anyhow!("storing the dataset: {e}")))??

@@ -63,6 +63,13 @@ impl CheckpointDir {
             None => self.dir.join(format!("{stem}.ckpt")),
         }
     }
+    /// Whether a file of this name is rewritten by its run (the `best` and `last` copies);
+    /// epoch files are written once.
+    pub fn is_rewritten(name: &str) -> bool {
+        ["best", "last"]
+            .iter()
+            .any(|stem| name.strip_prefix(stem).is_some_and(|r| r.starts_with('.')))
+    }
     pub fn epoch_path(&self, epoch: usize) -> PathBuf {
         self.named(&format!("epoch-{epoch:04}"))
     }

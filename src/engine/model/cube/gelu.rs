@@ -4,7 +4,10 @@
 //! XLA's), so the GPU and the CPU compute the same function.
 
 #[cfg(feature = "wgpu")]
-use std::any::{Any, TypeId};
+use std::any::TypeId;
+
+#[cfg(feature = "wgpu")]
+use super::super::same_type as same;
 
 use burn::tensor::activation::gelu;
 use burn::tensor::backend::Backend;
@@ -45,15 +48,6 @@ pub fn bias_gelu<B: Backend>(u: Tensor<B, 3>, bias: Tensor<B, 1>) -> Tensor<B, 3
     }
     #[cfg(not(feature = "wgpu"))]
     unreachable!("applies only with wgpu")
-}
-
-/// `t` as the same tensor of backend `T` (which must be its own).
-#[cfg(feature = "wgpu")]
-fn same<T: Any, U: Any>(t: T) -> U {
-    let boxed: Box<dyn Any> = Box::new(t);
-    *boxed
-        .downcast::<U>()
-        .unwrap_or_else(|_| panic!("bias_gelu: backend mismatch"))
 }
 
 /// The kernels (CubeCL: compiled for the backend's device at first use).

@@ -1,6 +1,6 @@
 //! The fused block on the `flex` backend: dispatch, and the autodiff node with its backward.
 
-use std::any::{Any, TypeId};
+use std::any::TypeId;
 use std::sync::Arc;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -26,10 +26,7 @@ pub fn is_host<B: Backend>() -> bool {
 
 /// `t` as the same tensor of backend `T` (which must be `B`).
 fn same<B: Backend, T: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<T, D> {
-    let boxed: Box<dyn Any> = Box::new(t);
-    *boxed
-        .downcast::<Tensor<T, D>>()
-        .unwrap_or_else(|_| panic!("fused block: backend mismatch"))
+    super::super::same_type(t)
 }
 
 /// Runs the block fused. Call only where [`enabled`] holds for `B`.
