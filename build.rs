@@ -21,6 +21,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set_path(out.join("tlb_descriptor.bin"))
         .codec_path("crate::grpc::wire::GuardedCodec")
         .compile_with_config(config, &protos, &["proto"])?;
+    // `cube_kernels`: a cube backend without fusion is built (wgpu, or CUDA without burn's
+    // fusion), so tlb's CubeCL kernels (src/engine/model/cube) have a backend to run on.
+    println!("cargo:rustc-check-cfg=cfg(cube_kernels)");
+    let feature = |f: &str| std::env::var_os(format!("CARGO_FEATURE_{f}")).is_some();
+    if feature("WGPU") || (feature("CUDA") && !feature("CUDA_FUSION")) {
+        println!("cargo:rustc-cfg=cube_kernels");
+    }
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

@@ -4,12 +4,12 @@ use std::time::Instant;
 
 use anyhow::Result;
 use burn::module::AutodiffModule;
-use burn::optim::{AdamWConfig, Optimizer};
+use burn::optim::Optimizer;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Distribution, Int, Tensor};
 
 use super::BenchArgs;
-use crate::engine::train::{forward_sharded, step_grads, Preset, TrainConfig};
+use crate::engine::train::{adamw, forward_sharded, step_grads, Preset, TrainConfig};
 use crate::names::Named;
 use crate::with_backend;
 
@@ -32,7 +32,7 @@ fn run<B: AutodiffBackend>(
 ) -> Result<serde_json::Value> {
     let s = cfg.model.image_size;
     let mut model = cfg.model.init::<B>(device)?.with_precision(a.precision);
-    let mut optim = AdamWConfig::new().init::<B, _>();
+    let mut optim = adamw::<B, crate::engine::model::Tlb<B>>(1e-4, 1e-5);
     let images =
         Tensor::<B, 4>::random([a.batch, 3, s, s], Distribution::Uniform(0.0, 1.0), device);
     let labels = Tensor::<B, 1, Int>::from_data(

@@ -11,7 +11,7 @@
 
 use anyhow::{bail, Result};
 use burn::module::{AutodiffModule, Module};
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::{GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
@@ -20,7 +20,8 @@ use super::ParityArgs;
 use crate::engine::backend::{cpu_device, CpuAutodiff};
 use crate::engine::model::{host_f32, Precision, Tlb};
 use crate::engine::train::{
-    gradient_model, load_record, loss_and_correct, named_tensors, record_bytes, Preset, TrainConfig,
+    adamw, gradient_model, load_record, loss_and_correct, named_tensors, record_bytes, Preset,
+    TrainConfig,
 };
 use crate::names::Named;
 use crate::with_backend;
@@ -59,7 +60,7 @@ fn side<B: AutodiffBackend>(
         .into_iter()
         .map(|t| (t.name, t.values))
         .collect();
-    let mut optim = AdamWConfig::new().init::<B, Tlb<B>>();
+    let mut optim = adamw::<B, Tlb<B>>(1e-4, 1e-5);
     let mut trained = model.clone();
     for _ in 0..steps {
         let logits = trained.forward(images.clone());

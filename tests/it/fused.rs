@@ -15,14 +15,14 @@ use common::small_model;
 
 type B = CpuAutodiff;
 
-fn config(readout: Readout, dropout: f64) -> TlbConfig {
+pub(crate) fn config(readout: Readout, dropout: f64) -> TlbConfig {
     small_model(readout, 1)
         .with_attn_dropout(dropout)
         .with_ffn_dropout(dropout)
 }
 
 /// Every parameter's gradient, flattened, in visiting order.
-struct Collect<'a, B: AutodiffBackend> {
+pub(crate) struct Collect<'a, B: AutodiffBackend> {
     grads: &'a B::Gradients,
     out: Vec<(String, Vec<f32>)>,
 }
@@ -39,7 +39,7 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Collect<'_, B> {
 }
 
 /// Logits and gradients of one training step's loss.
-fn step(
+pub(crate) fn step<B: AutodiffBackend>(
     model: &Tlb<B>,
     images: Tensor<B, 4>,
     labels: Tensor<B, 1, Int>,
@@ -65,7 +65,7 @@ fn isas() -> Vec<Isa> {
         .collect()
 }
 
-fn assert_close(what: &str, a: &[f32], b: &[f32], tol: f32) {
+pub(crate) fn assert_close(what: &str, a: &[f32], b: &[f32], tol: f32) {
     assert_eq!(a.len(), b.len(), "{what}: lengths");
     let scale = b.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
     for (i, (x, y)) in a.iter().zip(b).enumerate() {

@@ -223,3 +223,150 @@ fn the_fused_bias_gelu_matches_the_cpu() {
     assert!(fused_err.iter().all(|e| *e < 1e-5), "{fused_err:?}");
     assert_eq!(fused_gpu[2].len(), 37);
 }
+
+/// The attention block as tlb's CubeCL kernels (one autodiff node: `model::cube::block`)
+/// against burn's composition on the same device: logits and every parameter's gradient of a
+/// training step, with dropout (both draw the same masks from the stream) and without, and
+/// the logits of inference.
+#[test]
+fn the_cube_block_matches_the_composition_on_lavapipe() {
+    use crate::fused::{assert_close, config, step};
+    use burn::module::AutodiffModule;
+    use burn::tensor::{Distribution, Int, Tensor};
+    use tlb::engine::backend::{wgpu_device, Adapter, WgpuAutodiff};
+    use tlb::engine::model::{cube, Readout};
+    type G = WgpuAutodiff;
+    let device = wgpu_device(Adapter::Default);
+    for (readout, dropout) in [(Readout::Slow, 0.2), (Readout::LastFast, 0.0)] {
+        let what = format!("{readout:?} dropout {dropout}");
+        let model = config(readout, dropout).init::<G>(&device).unwrap();
+        let images =
+            Tensor::<G, 4>::random([5, 3, 16, 16], Distribution::Uniform(0.0, 1.0), &device);
+        let labels = Tensor::<G, 1, Int>::from_ints([0, 3, 6, 2, 5], &device);
+        let calls = cube::calls();
+        let (logits, grads) = step(&model, images.clone(), labels.clone());
+        // 4 chunks × (3 self + 2 cross + 1 bottleneck) blocks.
+        assert_eq!(
+            cube::calls() - calls,
+            24,
+            "{what}: every block ran as the kernels"
+        );
+        // The composition with the fused bias + GELU: the same erf (burn's is coarser).
+        let calls = cube::calls();
+        let (logits_ref, grads_ref) =
+            cube::without_block(|| step(&model, images.clone(), labels.clone()));
+        let gelus = cube::calls() - calls;
+        assert_eq!(gelus, 24, "{what}: without_block runs the composition");
+        assert_close(&format!("{what}: logits"), &logits, &logits_ref, 1e-5);
+        assert_eq!(grads.len(), grads_ref.len());
+        // Each gradient's largest difference relative to its largest value.
+        let errs: Vec<f32> = grads
+            .iter()
+            .zip(&grads_ref)
+            .map(|((_, g), (_, r))| {
+                let scale = r.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+                let diff = g.iter().zip(r).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                diff / scale
+            })
+            .collect();
+        eprintln!("{what}: gradient differences {errs:?}");
+        for ((name, g), (_, r)) in grads.iter().zip(&grads_ref) {
+            assert_close(&format!("{what}: {name}"), g, r, 1e-4);
+        }
+        if dropout > 0.0 {
+            // The latents differ, so every parameter has a gradient (none is trivially equal).
+            let zero = grads_ref
+                .iter()
+                .filter(|(_, r)| r.iter().all(|v| *v == 0.0));
+            assert_eq!(zero.count(), 0, "{what}");
+        }
+        let (valid, x) = (model.valid(), images.inner());
+        let a = valid
+            .forward(x.clone())
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        let b = cube::without_block(|| valid.forward(x).into_data().to_vec::<f32>().unwrap());
+        assert_close(&format!("{what}: eval logits"), &a, &b, 1e-5);
+    }
+}
+
+/// tlb's AdamW (one kernel per parameter on wgpu) takes the steps burn's AdamW takes: the
+/// parameters of a layer after three steps, from the same gradients.
+#[test]
+fn the_fused_adamw_matches_burns_on_lavapipe() {
+    use burn::nn::{Linear, LinearConfig};
+    use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+    use burn::tensor::{Distribution, Tensor};
+    use tlb::engine::backend::{wgpu_device, Adapter, WgpuAutodiff};
+    use tlb::engine::model::cube;
+    type G = WgpuAutodiff;
+    let device = wgpu_device(Adapter::Default);
+    let layer: Linear<G> = LinearConfig::new(24, 40).init(&device);
+    let x = Tensor::<G, 2>::random([6, 24], Distribution::Uniform(-1.0, 1.0), &device);
+    // Parameters initialise lazily, each clone on its own: read them once so that both runs
+    // start from the same values.
+    let start = layer.weight.val().into_data().to_vec::<f32>().unwrap();
+    let _ = layer.bias.as_ref().unwrap().val();
+    let run = |fused: bool| {
+        let mut layer = layer.clone();
+        let mut ours = tlb::engine::train::adamw::<G, Linear<G>>(0.05, 1e-7);
+        let mut burns = AdamWConfig::new()
+            .with_weight_decay(0.05)
+            .with_epsilon(1e-7)
+            .init::<G, Linear<G>>();
+        for _ in 0..3 {
+            let loss = (layer.forward(x.clone()).powi_scalar(2)).sum();
+            let grads = GradientsParams::from_grads(loss.backward(), &layer);
+            layer = if fused {
+                ours.step(1e-2, layer, grads)
+            } else {
+                burns.step(1e-2, layer, grads)
+            };
+        }
+        let w = layer.weight.val().into_data().to_vec::<f32>().unwrap();
+        let b = layer
+            .bias
+            .unwrap()
+            .val()
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        (w, b)
+    };
+    let calls = cube::calls();
+    let (w, b) = run(true);
+    assert_eq!(
+        cube::calls() - calls,
+        6,
+        "3 steps × 2 parameters, one kernel each"
+    );
+    let (w_ref, b_ref) = run(false);
+    crate::fused::assert_close("weight", &w, &w_ref, 1e-5);
+    crate::fused::assert_close("bias", &b, &b_ref, 1e-5);
+    assert!(
+        w.iter().zip(&start).any(|(a, b)| a != b),
+        "the steps moved the weights"
+    );
+}
+
+/// Dropout on lavapipe drops exactly the values the CPU drops: both compute each mask from
+/// the thread's stream with the same hash (the CPU on the host, the GPU in the kernels that
+/// need it), so a wgpu run and a CPU run of the same seed see the same masks.
+#[test]
+fn dropout_masks_on_wgpu_equal_the_cpus() {
+    use burn::tensor::Tensor;
+    use tlb::engine::backend::{cpu_device, wgpu_device, Adapter, CpuAutodiff, WgpuAutodiff};
+    use tlb::engine::model::{dropout, set_dropout_stream};
+    let ones_cpu = Tensor::<CpuAutodiff, 3>::ones([3, 50, 70], &cpu_device());
+    let ones_gpu = Tensor::<WgpuAutodiff, 3>::ones([3, 50, 70], &wgpu_device(Adapter::Default));
+    for p in [0.2, 0.5] {
+        set_dropout_stream(11);
+        let cpu: Vec<f32> = dropout(ones_cpu.clone(), p).into_data().to_vec().unwrap();
+        set_dropout_stream(11);
+        let gpu: Vec<f32> = dropout(ones_gpu.clone(), p).into_data().to_vec().unwrap();
+        assert_eq!(cpu, gpu, "p = {p}");
+        let dropped = gpu.iter().filter(|v| **v == 0.0).count() as f64 / gpu.len() as f64;
+        assert!((dropped - p).abs() < 0.02, "p = {p}: dropped {dropped}");
+    }
+}

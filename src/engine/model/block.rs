@@ -172,7 +172,7 @@ impl<B: Backend> Block<B> {
         let value = self.value.folded(&self.norm_value, 1.0);
         // The fused block computes in f32 (under bf16 the composition runs).
         let fused = self.num_heads == 1
-            && super::fused::enabled::<B>()
+            && (super::fused::enabled::<B>() || super::cube::block_applies::<B>())
             && query.0.dtype() == burn::tensor::DType::F32;
         FoldedBlock {
             qkv: fused.then(|| Affine::concat([&query, &key, &value])),
@@ -198,7 +198,7 @@ pub struct FoldedBlock<'a, B: Backend> {
 
 impl<B: Backend> FoldedBlock<'_, B> {
     /// The block as one fused operation where the backend has it (single head, no weights
-    /// wanted): see [`super::fused`].
+    /// wanted): see [`super::fused`] (CPU) and [`super::cube`] (wgpu, CUDA).
     fn fused(
         &self,
         qkv: &Affine<B>,
@@ -208,14 +208,19 @@ impl<B: Backend> FoldedBlock<'_, B> {
         let b = self.block;
         let (o, f2) = (&b.output, &b.ffn_out);
         let Affine(wqkv, bqkv) = qkv.clone();
-        super::fused::run(super::fused::BlockInputs {
+        let inputs = super::fused::BlockInputs {
             x,
             context,
             weights: [wqkv, o.weight.val(), self.ffn_in.0.clone(), f2.weight.val()],
             biases: [bqkv, o.bias.val(), self.ffn_in.1.clone(), f2.bias.val()],
             attn_dropout: b.attn_dropout,
             ffn_dropout: b.ffn_dropout,
-        })
+        };
+        if super::cube::block_applies::<B>() {
+            super::cube::run_block(inputs)
+        } else {
+            super::fused::run(inputs)
+        }
     }
 
     /// Self-attention block: query, key and value all come from `x` (normalised once).

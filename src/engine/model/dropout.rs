@@ -11,7 +11,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor, TensorData};
 
 pub use super::fused::mask::set_dropout_stream;
-use super::fused::mask::{host_mask, next_seed};
+use super::fused::mask::{host_mask, next_seed, MaskKey};
 
 static DRAW_LOCK: Mutex<()> = Mutex::new(());
 
@@ -34,12 +34,12 @@ pub fn dropout<B: Backend, const D: usize>(x: Tensor<B, D>, p: f64) -> Tensor<B,
         let dtype = x.dtype();
         return x * Tensor::from_data(TensorData::new(mask, shape), (&device, dtype));
     }
-    let seed = next_seed();
-    let mask = {
-        let _guard = DRAW_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        B::seed(&device, seed);
-        x.random_like(Distribution::Bernoulli(1.0 - p))
-    };
+    if super::cube::is_cube::<B>() && x.dtype() == burn::tensor::DType::F32 {
+        // The mask the block's kernels compute (`model::cube`), from the same key.
+        let mask = super::cube::dropout_mask(&x, MaskKey::next(p));
+        return x * mask;
+    }
+    let mask = device_mask::<B, D>(x.dims(), p, (&device, x.dtype()));
     // Same dtype as `x` (bf16 under mixed precision): the backend does not check operands.
     let mask = if mask.dtype() == x.dtype() {
         mask
@@ -47,6 +47,19 @@ pub fn dropout<B: Backend, const D: usize>(x: Tensor<B, D>, p: f64) -> Tensor<B,
         mask.cast(x.dtype())
     };
     x * mask * (1.0 / (1.0 - p))
+}
+
+/// The next mask of this thread's stream drawn by the backend's generator (seeded from the
+/// stream under a lock): 0 with probability `p`, else 1 (the caller scales by `1/(1−p)`).
+fn device_mask<B: Backend, const D: usize>(
+    shape: [usize; D],
+    p: f64,
+    (device, dtype): (&B::Device, burn::tensor::DType),
+) -> Tensor<B, D> {
+    let seed = next_seed();
+    let _guard = DRAW_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    B::seed(device, seed);
+    Tensor::random(shape, Distribution::Bernoulli(1.0 - p), (device, dtype))
 }
 
 #[cfg(test)]

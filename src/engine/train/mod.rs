@@ -1,5 +1,6 @@
 //! Training: recipes, the loop, evaluation, checkpoints and export.
 
+mod adamw;
 mod checkpoint;
 mod ckpt_dir;
 mod config;
@@ -12,6 +13,7 @@ mod run_dir;
 mod step;
 mod trainer;
 
+pub use adamw::{adamw, TlbAdamW};
 pub use checkpoint::{
     load_record, record_bytes, remove_stale_temp_files, write_atomic, write_json, Checkpoint,
     CheckpointMeta, Skipped, CORRUPT_SUFFIX,

@@ -3,32 +3,15 @@
 //! `dx` summed over rows). erf is the rational fit the CPU's fused block uses (Eigen's and
 //! XLA's), so the GPU and the CPU compute the same function.
 
-#[cfg(feature = "wgpu")]
-use std::any::TypeId;
-
-#[cfg(feature = "wgpu")]
-use super::super::same_type as same;
-
 use burn::tensor::activation::gelu;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
-/// Whether [`bias_gelu`] runs fused on `B` for tensors of `dtype`: the wgpu backend (plain
-/// and under autodiff), f32, unless switched off on this thread (`fused::with_unfused`).
+/// Whether [`bias_gelu`] runs fused on `B` for tensors of `dtype`: a cube backend without
+/// fusion (plain and under autodiff, [`super::is_cube`]), f32, unless switched off on this
+/// thread (`fused::with_unfused`).
 pub fn applies<B: Backend>(dtype: burn::tensor::DType) -> bool {
-    #[cfg(feature = "wgpu")]
-    {
-        use crate::engine::backend::{Wgpu, WgpuAutodiff};
-        let id = TypeId::of::<B>();
-        (id == TypeId::of::<Wgpu>() || id == TypeId::of::<WgpuAutodiff>())
-            && dtype == burn::tensor::DType::F32
-            && !super::super::fused::disabled()
-    }
-    #[cfg(not(feature = "wgpu"))]
-    {
-        let _ = dtype;
-        false
-    }
+    super::is_cube::<B>() && dtype == burn::tensor::DType::F32 && !super::super::fused::disabled()
 }
 
 /// `gelu(u + bias)` over the last dimension of `u` (`[.., f]`, bias `[f]`): one fused kernel
@@ -38,20 +21,18 @@ pub fn bias_gelu<B: Backend>(u: Tensor<B, 3>, bias: Tensor<B, 1>) -> Tensor<B, 3
         return gelu(u + bias.unsqueeze::<3>());
     }
     super::CALLS.with(|c| c.set(c.get() + 1));
-    #[cfg(feature = "wgpu")]
+    #[cfg(cube_kernels)]
     {
-        use crate::engine::backend::Wgpu;
-        if TypeId::of::<B>() == TypeId::of::<Wgpu>() {
-            return same(wgpu::plain(same(u), same(bias)));
-        }
-        same(wgpu::tracked(same(u), same(bias)))
+        use super::same_type as same;
+        super::dispatch!(B, P => same(cube::plain::<P>(same(u), same(bias))),
+            same(cube::tracked::<P>(same(u), same(bias))))
     }
-    #[cfg(not(feature = "wgpu"))]
-    unreachable!("applies only with wgpu")
+    #[cfg(not(cube_kernels))]
+    unreachable!("applies only with a cube backend")
 }
 
 /// The kernels (CubeCL: compiled for the backend's device at first use).
-#[cfg(feature = "wgpu")]
+#[cfg(cube_kernels)]
 mod kernels {
     use cubecl::prelude::*;
 
@@ -118,12 +99,17 @@ mod kernels {
     }
 }
 
-#[cfg(feature = "wgpu")]
-mod wgpu {
+/// The launches, and the autodiff node (any cube backend without fusion).
+#[cfg(cube_kernels)]
+pub(super) use cube::{backward, forward};
+
+#[cfg(cube_kernels)]
+mod cube {
     use burn::backend::autodiff::checkpoint::base::Checkpointer;
     use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
     use burn::backend::autodiff::grads::Gradients;
     use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+    use burn::backend::Autodiff;
     use burn::tensor::{Tensor, TensorMetadata, TensorPrimitive};
     use burn_cubecl::kernel::into_contiguous;
     use burn_cubecl::ops::numeric::empty_device_dtype;
@@ -132,9 +118,7 @@ mod wgpu {
     use cubecl::{calculate_cube_count_elemwise, CubeCount, CubeDim};
 
     use super::kernels::{bias_gelu_kernel, gelu_backward_kernel};
-    use crate::engine::backend::{Wgpu, WgpuAutodiff};
-
-    type Prim = CubeTensor<burn::backend::wgpu::WgpuRuntime>;
+    use crate::engine::model::cube::block::Plain;
 
     fn empty_like<R: CubeRuntime>(t: &CubeTensor<R>) -> CubeTensor<R> {
         empty_device_dtype(t.client.clone(), t.device.clone(), t.shape(), t.dtype)
@@ -147,7 +131,7 @@ mod wgpu {
     }
 
     /// The kernel: `(x, gelu(x))` for `x = u + bias`.
-    fn forward<R: CubeRuntime>(
+    pub fn forward<R: CubeRuntime>(
         u: CubeTensor<R>,
         bias: CubeTensor<R>,
     ) -> (CubeTensor<R>, CubeTensor<R>) {
@@ -169,7 +153,7 @@ mod wgpu {
     }
 
     /// The backward kernel: `g·gelu'(x)`.
-    fn backward<R: CubeRuntime>(x: CubeTensor<R>, g: CubeTensor<R>) -> CubeTensor<R> {
+    pub fn backward<R: CubeRuntime>(x: CubeTensor<R>, g: CubeTensor<R>) -> CubeTensor<R> {
         let g = into_contiguous(g);
         let dx = empty_like(&x);
         let (count, dim) = elementwise(&x);
@@ -186,59 +170,74 @@ mod wgpu {
         dx
     }
 
-    fn prim<B: burn::tensor::backend::Backend, const D: usize>(
-        t: Tensor<B, D>,
-    ) -> B::FloatTensorPrimitive {
-        t.into_primitive().tensor()
+    fn wrap<B: Plain, const D: usize>(t: CubeTensor<B::Runtime>) -> Tensor<B, D> {
+        Tensor::from_primitive(TensorPrimitive::Float(B::float(t)))
     }
 
-    pub(super) fn plain(u: Tensor<Wgpu, 3>, bias: Tensor<Wgpu, 1>) -> Tensor<Wgpu, 3> {
-        let (_, out) = forward(prim(u), prim(bias));
-        Tensor::from_primitive(TensorPrimitive::Float(out))
+    fn prim<B: Plain, const D: usize>(t: Tensor<B, D>) -> CubeTensor<B::Runtime> {
+        B::cube(t.into_primitive().tensor())
+    }
+
+    pub fn plain<B: Plain>(u: Tensor<B, 3>, bias: Tensor<B, 1>) -> Tensor<B, 3> {
+        wrap(forward(prim(u), prim(bias)).1)
     }
 
     #[derive(Debug)]
     struct BiasGelu;
 
-    impl Backward<Wgpu, 2> for BiasGelu {
-        /// `x = u + bias`, and the bias's length.
-        type State = (Prim, usize);
+    /// `x = u + bias`, and the bias's length.
+    struct State<B: Plain>(CubeTensor<B::Runtime>, usize);
+
+    impl<B: Plain> Clone for State<B> {
+        fn clone(&self) -> Self {
+            Self(self.0.clone(), self.1)
+        }
+    }
+
+    impl<B: Plain> std::fmt::Debug for State<B> {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "State({:?})", self.0.shape())
+        }
+    }
+
+    impl<B: Plain> Backward<B, 2> for BiasGelu {
+        type State = State<B>;
 
         fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
-            let (x, f) = ops.state;
-            let g = grads.consume::<Wgpu>(&ops.node);
+            let State(x, f) = ops.state;
+            let g = B::cube(grads.consume::<B>(&ops.node));
             let dx = backward(x, g);
             let [pu, pbias] = ops.parents;
             if let Some(node) = pbias {
                 // Summed over every row: [rows, f] → [1, f] → [f].
-                let dx: Tensor<Wgpu, 3> =
-                    Tensor::from_primitive(TensorPrimitive::Float(dx.clone()));
+                let dx: Tensor<B, 3> = wrap(dx.clone());
                 let rows = dx.shape().num_elements() / f;
                 let db = dx.reshape([rows, f]).sum_dim(0).reshape([f]);
-                grads.register::<Wgpu>(node.id, prim(db));
+                grads.register::<B>(node.id, db.into_primitive().tensor());
             }
             if let Some(node) = pu {
-                grads.register::<Wgpu>(node.id, dx);
+                grads.register::<B>(node.id, B::float(dx));
             }
         }
     }
 
-    pub(super) fn tracked(
-        u: Tensor<WgpuAutodiff, 3>,
-        bias: Tensor<WgpuAutodiff, 1>,
-    ) -> Tensor<WgpuAutodiff, 3> {
-        let (u, bias) = (prim(u), prim(bias));
+    pub fn tracked<B: Plain>(
+        u: Tensor<Autodiff<B>, 3>,
+        bias: Tensor<Autodiff<B>, 1>,
+    ) -> Tensor<Autodiff<B>, 3> {
+        let (u, bias) = (u.into_primitive().tensor(), bias.into_primitive().tensor());
         let f = bias.primitive.shape().num_elements();
+        let (up, bp) = (B::cube(u.primitive), B::cube(bias.primitive));
         let out = match BiasGelu
             .prepare::<NoCheckpointing>([u.node.clone(), bias.node.clone()])
             .compute_bound()
             .stateful()
         {
             OpsKind::Tracked(prep) => {
-                let (x, out) = forward(u.primitive, bias.primitive);
-                prep.finish((x, f), out)
+                let (x, out) = forward(up, bp);
+                prep.finish(State::<B>(x, f), B::float(out))
             }
-            OpsKind::UnTracked(prep) => prep.finish(forward(u.primitive, bias.primitive).1),
+            OpsKind::UnTracked(prep) => prep.finish(B::float(forward(up, bp).1)),
         };
         Tensor::from_primitive(TensorPrimitive::Float(out))
     }

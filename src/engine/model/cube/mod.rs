@@ -1,21 +1,172 @@
-//! Fused operations for burn's cube backends (wgpu here; CUDA once a GPU has checked them),
-//! written in CubeCL with their own backward, like the CPU's [`super::fused`]: where burn's
-//! composition launches one kernel per tensor operation, each of these is one launch forward
-//! and one (plus a reduction) backward. On a GPU a TLB step is launch-bound (small tensors, a
-//! recurrence over chunks), so launches saved are time saved.
+//! Fused operations for burn's cube backends without fusion (wgpu; CUDA built without
+//! `cuda-fusion`), written in CubeCL with their own backward, like the CPU's
+//! [`super::fused`]: where burn's composition launches one kernel per tensor operation, the
+//! attention block here is 9 launches forward (burn's products included) and about 20
+//! backward. On a GPU a TLB step is launch-bound (small tensors, a recurrence over chunks), so
+//! launches saved are time saved.
 //!
 //! The model code stays generic: each operation is chosen by comparing `TypeId`s with the
-//! backends it is written for, and falls back to burn's composition elsewhere.
+//! backends it is written for ([`is_cube`]), and falls back to burn's composition elsewhere.
 
+pub mod adamw;
+#[cfg(cube_kernels)]
+pub(crate) mod block;
 pub mod gelu;
+#[cfg(cube_kernels)]
+mod kernels;
+#[cfg(cube_kernels)]
+mod ops;
 
 pub use gelu::{applies as gelu_applies, bias_gelu};
 
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+
+use super::fused::BlockInputs;
+
 thread_local! {
     static CALLS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    static BLOCK_OFF: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with [`run_block`] switched off on this thread: burn's composition runs the
+/// blocks, with the other fused operations (bias + GELU) still on, so that tests compare the
+/// block's kernels with a composition computing the same GELU (burn's own erf is coarser).
+pub fn without_block<T>(f: impl FnOnce() -> T) -> T {
+    let before = BLOCK_OFF.with(|b| b.replace(true));
+    let out = f();
+    BLOCK_OFF.with(|b| b.set(before));
+    out
 }
 
 /// How many fused cube operations this thread has run (tests check the path is taken).
 pub fn calls() -> u64 {
     CALLS.with(std::cell::Cell::get)
+}
+
+/// Runs `$plain` with the type `$P` naming the plain cube backend `$B` is, or `$tracked`
+/// (where given) where `$B` is that backend under autodiff; returns from the enclosing
+/// function.
+#[cfg(cube_kernels)]
+macro_rules! dispatch {
+    ($B:ty, $P:ident => $plain:expr $(, $tracked:expr)?) => {{
+        use std::any::TypeId;
+        let id = TypeId::of::<$B>();
+        #[cfg(feature = "wgpu")]
+        {
+            type $P = crate::engine::backend::Wgpu;
+            if id == TypeId::of::<$P>() {
+                return $plain;
+            }
+            $(if id == TypeId::of::<burn::backend::Autodiff<$P>>() {
+                return $tracked;
+            })?
+        }
+        #[cfg(all(feature = "cuda", not(feature = "cuda-fusion")))]
+        {
+            type $P = crate::engine::backend::Cuda;
+            if id == TypeId::of::<$P>() {
+                return $plain;
+            }
+            $(if id == TypeId::of::<burn::backend::Autodiff<$P>>() {
+                return $tracked;
+            })?
+        }
+        unreachable!("not a cube backend")
+    }};
+}
+#[cfg(cube_kernels)]
+pub(crate) use dispatch;
+
+/// Whether `B` is a cube backend the kernels here run on (plain or under autodiff).
+pub fn is_cube<B: Backend>() -> bool {
+    #[allow(unused_mut)]
+    let mut ids: Vec<std::any::TypeId> = Vec::new();
+    #[cfg(feature = "wgpu")]
+    ids.extend([
+        std::any::TypeId::of::<crate::engine::backend::Wgpu>(),
+        std::any::TypeId::of::<crate::engine::backend::WgpuAutodiff>(),
+    ]);
+    #[cfg(all(feature = "cuda", not(feature = "cuda-fusion")))]
+    ids.extend([
+        std::any::TypeId::of::<crate::engine::backend::Cuda>(),
+        std::any::TypeId::of::<crate::engine::backend::CudaAutodiff>(),
+    ]);
+    ids.contains(&std::any::TypeId::of::<B>())
+}
+
+/// Whether blocks on `B` run as [`run_block`] on this thread: a cube backend, unless fused
+/// operations are switched off (`fused::with_unfused`, `tlb bench --unfused`,
+/// [`without_block`]).
+pub fn block_applies<B: Backend>() -> bool {
+    is_cube::<B>() && !super::fused::disabled() && !BLOCK_OFF.with(std::cell::Cell::get)
+}
+
+/// The attention block (single head, f32) as the kernels of [`block`]; call only where
+/// [`block_applies`] holds for `B`.
+pub fn run_block<B: Backend>(inputs: BlockInputs<B>) -> Tensor<B, 3> {
+    CALLS.with(|c| c.set(c.get() + 1));
+    #[cfg(cube_kernels)]
+    {
+        dispatch!(B, P => same_block(block::run_plain::<P>(cast(inputs))),
+            same_block(block::run_tracked::<P>(cast(inputs))))
+    }
+    #[cfg(not(cube_kernels))]
+    {
+        let _ = inputs;
+        unreachable!("no cube backend in this build")
+    }
+}
+
+/// The dropout mask of `key` (0 or `1/(1−p)`) shaped and placed like `x` (f32 on a cube
+/// backend, [`is_cube`]): what burn's composition multiplies by, the values the block's
+/// kernels compute where they need them.
+pub fn dropout_mask<B: Backend, const D: usize>(
+    x: &Tensor<B, D>,
+    key: super::fused::mask::MaskKey,
+) -> Tensor<B, D> {
+    #[cfg(cube_kernels)]
+    {
+        use block::Plain;
+        use burn::tensor::TensorPrimitive;
+        fn on<P: Plain, const D: usize>(
+            x: &Tensor<P, D>,
+            key: super::fused::mask::MaskKey,
+        ) -> Tensor<P, D> {
+            let like = P::cube(x.clone().into_primitive().tensor());
+            let mask = ops::mask(&like, x.shape(), key);
+            Tensor::from_primitive(TensorPrimitive::Float(P::float(mask)))
+        }
+        dispatch!(B, P => same_type(on::<P, D>(same_type(x.clone()), key)), {
+            let x: Tensor<burn::backend::Autodiff<P>, D> = same_type(x.clone());
+            let mask: Tensor<burn::backend::Autodiff<P>, D> =
+                Tensor::from_inner(on::<P, D>(&x.inner(), key));
+            same_type(mask)
+        })
+    }
+    #[cfg(not(cube_kernels))]
+    {
+        let _ = (x, key);
+        unreachable!("no cube backend in this build")
+    }
+}
+
+#[cfg(cube_kernels)]
+use super::same_type;
+
+#[cfg(cube_kernels)]
+fn same_block<T: Backend, B: Backend>(t: Tensor<T, 3>) -> Tensor<B, 3> {
+    same_type(t)
+}
+
+#[cfg(cube_kernels)]
+fn cast<B: Backend, T: Backend>(i: BlockInputs<B>) -> BlockInputs<T> {
+    BlockInputs {
+        x: same_type(i.x),
+        context: i.context.map(same_type),
+        weights: i.weights.map(same_type),
+        biases: i.biases.map(same_type),
+        attn_dropout: i.attn_dropout,
+        ffn_dropout: i.ffn_dropout,
+    }
 }

@@ -25,16 +25,38 @@ pub(crate) fn next_seed() -> u64 {
     })
 }
 
+/// What a dropout mask is a function of: the stream's seed (its two halves), the threshold
+/// below which a value is dropped (24-bit resolution) and the factor kept values get. The CPU
+/// ([`host_mask`]) and the cube kernels (`model::cube`) compute the same mask from it.
+#[derive(Clone, Copy, Debug)]
+pub struct MaskKey {
+    pub k0: u32,
+    pub k1: u32,
+    pub threshold: u32,
+    pub keep: f32,
+}
+
+impl MaskKey {
+    /// The key of this thread's next mask, for dropout probability `p`.
+    pub fn next(p: f64) -> Self {
+        let seed = next_seed();
+        Self {
+            k0: seed as u32,
+            k1: (seed >> 32) as u32,
+            // 24 random bits per value, compared with p at that resolution.
+            threshold: (p * (1u64 << 24) as f64) as u32,
+            keep: (1.0 / (1.0 - p)) as f32,
+        }
+    }
+}
+
 /// The next inverted-dropout mask of this thread's stream for `len` values: each value is 0
 /// with probability `p`, else `1 / (1 - p)`. A pure function of the stream, drawn on the host
 /// without a lock (the CPU backend's masks; the fused block draws the same ones).
 pub(crate) fn host_mask(len: usize, p: f64) -> Vec<f32> {
-    let seed = next_seed();
-    let keep = (1.0 / (1.0 - p)) as f32;
-    // 24 random bits per value, compared with p at that resolution.
-    let threshold = (p * (1u64 << 24) as f64) as u32;
+    let key = MaskKey::next(p);
     let mut mask = vec![0.0f32; len];
-    fill_mask(&mut mask, seed, threshold, keep);
+    fill_mask(&mut mask, key);
     mask
 }
 
@@ -50,9 +72,9 @@ fn hash32(mut x: u32) -> u32 {
 
 super::kernels::multiversion! {
 /// Mask value `i` from two hash rounds keyed by the seed's halves: counter-based, so the
-/// loop vectorises.
-fn fill_mask(mask: &mut [f32], seed: u64, threshold: u32, keep: f32) {
-    let (k0, k1) = (seed as u32, (seed >> 32) as u32);
+/// loop vectorises (and a GPU computes value `i` where it needs it).
+fn fill_mask(mask: &mut [f32], key: MaskKey) {
+    let MaskKey { k0, k1, threshold, keep } = key;
     for (i, m) in mask.iter_mut().enumerate() {
         let bits = hash32(hash32(i as u32 ^ k0).wrapping_add(k1)) >> 8;
         *m = if bits < threshold { 0.0 } else { keep };

@@ -5,9 +5,10 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use burn::module::Module;
-use burn::optim::{AdamWConfig, Optimizer};
+use burn::optim::Optimizer;
 use burn::tensor::backend::AutodiffBackend;
 
+use super::super::adamw::adamw;
 use super::super::checkpoint::{load_record, write_json, Checkpoint, CheckpointMeta};
 use super::super::ckpt_dir::{CheckpointDir, Resume, Start};
 use super::super::config::TrainConfig;
@@ -67,10 +68,7 @@ pub(super) fn resume_or_start<'r, B: AutodiffBackend>(
         config.model.init::<B>(device)
     })?;
     let mut model: Tlb<B> = model.with_precision(config.precision);
-    let mut optim = AdamWConfig::new()
-        .with_weight_decay(config.weight_decay as f32)
-        .with_epsilon(1e-7)
-        .init::<B, Tlb<B>>();
+    let mut optim = adamw::<B, Tlb<B>>(config.weight_decay as f32, 1e-7);
     let mut meta = CheckpointMeta::start(config.clone(), splits.class_names().to_vec());
     let (latest, skipped) = newest_intact(run, &ckpts, gate)?;
     if let Some(ckpt) = latest {
