@@ -185,6 +185,29 @@ impl<B: Backend> Block<B> {
     }
 }
 
+/// A block's input or output `[batch, tokens, D]`, with the standardisation of its rows
+/// where a fused block computed it alongside ([`super::cube::Hat`]): the next block's norm of
+/// the same tensor then costs no pass of its own.
+#[derive(Clone)]
+pub struct Normed<B: Backend> {
+    x: Tensor<B, 3>,
+    hat: Option<super::cube::Hat>,
+}
+
+impl<B: Backend> Normed<B> {
+    pub fn new(x: Tensor<B, 3>) -> Self {
+        Self { x, hat: None }
+    }
+
+    pub fn tensor(&self) -> &Tensor<B, 3> {
+        &self.x
+    }
+
+    pub fn into_tensor(self) -> Tensor<B, 3> {
+        self.x
+    }
+}
+
 /// A [`Block`] with its norms folded into its projections, ready to run over many chunks.
 pub struct FoldedBlock<'a, B: Backend> {
     query: Affine<B>,
@@ -199,40 +222,38 @@ pub struct FoldedBlock<'a, B: Backend> {
 impl<B: Backend> FoldedBlock<'_, B> {
     /// The block as one fused operation where the backend has it (single head, no weights
     /// wanted): see [`super::fused`] (CPU) and [`super::cube`] (wgpu, CUDA).
-    fn fused(
-        &self,
-        qkv: &Affine<B>,
-        x: Tensor<B, 3>,
-        context: Option<Tensor<B, 3>>,
-    ) -> Tensor<B, 3> {
+    fn fused(&self, qkv: &Affine<B>, x: &Normed<B>, context: Option<&Normed<B>>) -> Normed<B> {
         let b = self.block;
         let (o, f2) = (&b.output, &b.ffn_out);
         let Affine(wqkv, bqkv) = qkv.clone();
         let inputs = super::fused::BlockInputs {
-            x,
-            context,
+            x: x.x.clone(),
+            context: context.map(|c| c.x.clone()),
             weights: [wqkv, o.weight.val(), self.ffn_in.0.clone(), f2.weight.val()],
             biases: [bqkv, o.bias.val(), self.ffn_in.1.clone(), f2.bias.val()],
             attn_dropout: b.attn_dropout,
             ffn_dropout: b.ffn_dropout,
         };
         if super::cube::block_applies::<B>() {
-            super::cube::run_block(inputs)
+            let hats = [x.hat.as_ref(), context.and_then(|c| c.hat.as_ref())];
+            let (x, hat) = super::cube::run_block(inputs, hats);
+            Normed { x, hat: Some(hat) }
         } else {
-            super::fused::run(inputs)
+            Normed::new(super::fused::run(inputs))
         }
     }
 
     /// Self-attention block: query, key and value all come from `x` (normalised once).
-    pub fn forward_self(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    pub fn forward_self(&self, x: Normed<B>) -> Normed<B> {
         if let Some(qkv) = &self.qkv {
-            return self.fused(qkv, x, None);
+            return self.fused(qkv, &x, None);
         }
+        let x = x.x;
         let x_hat = standardize(x.clone());
         let q = self.query.apply(x_hat.clone());
         let k = self.key.apply(x_hat.clone());
         let v = self.value.apply(x_hat);
-        self.attend_and_ffn(x, q, k, v, false).0
+        Normed::new(self.attend_and_ffn(x, q, k, v, false).0)
     }
 
     /// Cross-attention block: the query comes from `x`, key and value from `context`.
@@ -240,19 +261,21 @@ impl<B: Backend> FoldedBlock<'_, B> {
     /// when `want_weights` is set.
     pub fn forward_cross(
         &self,
-        x: Tensor<B, 3>,
-        context: Tensor<B, 3>,
+        x: Normed<B>,
+        context: &Normed<B>,
         want_weights: bool,
-    ) -> (Tensor<B, 3>, Option<Tensor<B, 4>>) {
+    ) -> (Normed<B>, Option<Tensor<B, 4>>) {
         if let (Some(qkv), false) = (&self.qkv, want_weights) {
-            return (self.fused(qkv, x, Some(context)), None);
+            return (self.fused(qkv, &x, Some(context)), None);
         }
+        let x = x.x;
         let q = self.query.apply(standardize(x.clone()));
         // One normalisation pass serves both key and value.
-        let c_hat = standardize(context);
+        let c_hat = standardize(context.x.clone());
         let k = self.key.apply(c_hat.clone());
         let v = self.value.apply(c_hat);
-        self.attend_and_ffn(x, q, k, v, want_weights)
+        let (out, weights) = self.attend_and_ffn(x, q, k, v, want_weights);
+        (Normed::new(out), weights)
     }
 
     /// Scaled dot-product attention (the scale is already in `q`), output projection,

@@ -8,7 +8,7 @@ pub mod fused;
 mod precision;
 mod tlb;
 
-pub use block::{standardize, Affine, Block, FoldedBlock, Projection, LN_EPS};
+pub use block::{standardize, Affine, Block, FoldedBlock, Normed, Projection, LN_EPS};
 pub use config::{ConfigError, Readout, TlbConfig};
 pub use dropout::{dropout, set_dropout_stream, with_rng_lock};
 pub use precision::{cast_params, host_f32, Precision};

@@ -5,7 +5,7 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Initializer, LayerNorm, LayerNormConfig, PaddingConfig2d};
 use burn::tensor::{backend::Backend, Tensor};
 
-use super::block::{Block, Projection, LN_EPS};
+use super::block::{Block, Normed, Projection, LN_EPS};
 use super::config::{ConfigError, Readout, TlbConfig};
 use super::precision::{cast_params, Precision};
 
@@ -216,37 +216,38 @@ impl<B: Backend> Tlb<B> {
         let [batch, ..] = images.dims();
         let merged = !B::ad_enabled(&device) && batch * cfg.chunk_size <= MERGE_MAX_ROWS;
         let chunks = if merged {
-            let all = perceptual[0].forward_self(self.embed_merged(images));
-            all.chunk(cfg.num_chunks(), 0)
+            let all = perceptual[0].forward_self(Normed::new(self.embed_merged(images)));
+            all.into_tensor().chunk(cfg.num_chunks(), 0)
         } else {
             self.embed_chunks(images)
         };
         let [_, _, dim] = chunks[0].dims();
         let dtype = chunks[0].dtype();
-        let mut slow = Tensor::<B, 3>::zeros([batch, cfg.num_latents(), dim], (&device, dtype));
-        let mut fast = chunks[0].clone();
+        let zeros = Tensor::<B, 3>::zeros([batch, cfg.num_latents(), dim], (&device, dtype));
+        let mut slow = Normed::new(zeros);
+        let mut fast = Normed::new(chunks[0].clone());
         let mut maps = Vec::with_capacity(if want_attention { cfg.num_chunks() } else { 0 });
         for chunk in chunks {
-            fast = chunk;
+            fast = Normed::new(chunk);
             for (l, block) in perceptual.iter().enumerate() {
                 if l > 0 || !merged {
                     fast = block.forward_self(fast);
                 }
                 if l % cfg.r == 0 {
                     fast = perceptual_cross[l / cfg.r]
-                        .forward_cross(fast, slow.clone(), false)
+                        .forward_cross(fast, &slow, false)
                         .0;
                 }
             }
-            let (new_slow, weights) = bottleneck.forward_cross(slow, fast.clone(), want_attention);
+            let (new_slow, weights) = bottleneck.forward_cross(slow, &fast, want_attention);
             slow = new_slow;
             if let Some(w) = weights {
                 maps.push(w.unsqueeze_dim::<5>(1));
             }
         }
         let pooled = match cfg.readout {
-            Readout::LastFast => fast.mean_dim(1),
-            Readout::Slow => self.readout_norm.forward(slow).mean_dim(1),
+            Readout::LastFast => fast.into_tensor().mean_dim(1),
+            Readout::Slow => self.readout_norm.forward(slow.into_tensor()).mean_dim(1),
         };
         let logits = self.head.forward(pooled.squeeze_dim::<2>(1));
         TlbOutput {

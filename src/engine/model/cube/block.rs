@@ -29,6 +29,7 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 
 use super::ops::{self, Attention, Dims};
+use super::Hat;
 use crate::engine::model::fused::mask::MaskKey;
 use crate::engine::model::fused::BlockInputs;
 
@@ -90,26 +91,44 @@ struct Saved<B: Plain> {
     mask_ffn: Mask,
 }
 
-/// The forward pass: `x` `[n, tq, d]`, `c` `[n, tk, d]` (cross-attention) → `[n, tq, d]`,
-/// and what the backward needs when `save`.
+/// `(std(x), 1/σ)` of a `[rows, d]` tensor.
+type Std<B> = (Cube<B>, Cube<B>);
+
+/// The standardisation a [`Hat`] carries, where it was computed on this backend.
+fn given<B: Plain>(hat: Option<&Hat>) -> Option<Std<B>> {
+    hat.and_then(|h| h.0.downcast_ref::<Std<B>>().cloned())
+}
+
+/// `(std(t), 1/σ)` from `hat` where given, else computed (one launch).
+fn standardized<B: Plain>(t: Tensor<B, 2>, hat: Option<&Hat>) -> Std<B> {
+    given::<B>(hat).unwrap_or_else(|| {
+        let d = t.dims()[1];
+        ops::standardize(prim(t), d)
+    })
+}
+
+/// The forward pass: `x` `[n, tq, d]`, `c` `[n, tk, d]` (cross-attention) → `[n, tq, d]`
+/// with its [`Hat`], and what the backward needs when `save`. `hats`: those of `x` and `c`
+/// where a block computed them.
 fn forward<B: Plain>(
     x: Tensor<B, 3>,
     c: Option<Tensor<B, 3>>,
     w: &Params<B>,
     (mask_attn, mask_ffn): (Mask, Mask),
     save: bool,
-) -> (Tensor<B, 3>, Option<Saved<B>>) {
+    hats: [Option<&Hat>; 2],
+) -> (Tensor<B, 3>, Hat, Option<Saved<B>>) {
     let dims = dims(&x, c.as_ref());
     let Dims { n, tq, tk, d, .. } = dims;
     let [wqkv, wo, w1, w2] = w.w.clone();
     let [bqkv, bo, b1, b2] = w.b.clone();
     let x = x.reshape([n * tq, d]);
-    let (x_hat, x_rstd) = ops::standardize(prim(x.clone()), d);
+    let (x_hat, x_rstd) = standardized(x.clone(), hats[0]);
     let x_hat: Tensor<B, 2> = wrap(x_hat);
     let (qs, kvs, c) = match c {
         None => (x_hat.clone().matmul(wqkv), None, None),
         Some(c) => {
-            let (c_hat, c_rstd) = ops::standardize(prim(c.reshape([n * tk, d])), d);
+            let (c_hat, c_rstd) = standardized(c.reshape([n * tk, d]), hats[1]);
             let c_hat: Tensor<B, 2> = wrap(c_hat);
             let q = x_hat.clone().matmul(wqkv.clone().narrow(1, 0, d));
             let kv = c_hat.clone().matmul(wqkv.narrow(1, d, 2 * d));
@@ -131,8 +150,9 @@ fn forward<B: Plain>(
     let (ux, g) = super::gelu::forward(prim(u), prim(b1));
     let g: Tensor<B, 2> = wrap(g);
     let y = g.clone().matmul(w2);
-    let out = ops::ffn_out(&h, prim(y), prim(b2), mask_ffn);
+    let [out, out_hat, out_rstd] = ops::ffn_out(&h, prim(y), prim(b2), mask_ffn);
     let out = wrap::<B, 2>(out).reshape([n, tq, d]);
+    let hat = Hat(std::rc::Rc::new((out_hat, out_rstd)));
     let saved = save.then(|| Saved {
         x_hat,
         x_rstd,
@@ -146,7 +166,7 @@ fn forward<B: Plain>(
         g,
         mask_ffn,
     });
-    (out, saved)
+    (out, hat, saved)
 }
 
 fn dims<B: Backend>(x: &Tensor<B, 3>, c: Option<&Tensor<B, 3>>) -> Dims {
@@ -231,12 +251,16 @@ fn backward<B: Plain>(
 }
 
 /// Inference: the block without a graph or dropout.
-pub(super) fn run_plain<B: Plain>(i: BlockInputs<B>) -> Tensor<B, 3> {
+pub(super) fn run_plain<B: Plain>(
+    i: BlockInputs<B>,
+    hats: [Option<&Hat>; 2],
+) -> (Tensor<B, 3>, Hat) {
     let params = Params {
         w: i.weights,
         b: i.biases,
     };
-    forward(i.x, i.context, &params, (None, None), false).0
+    let (out, hat, _) = forward(i.x, i.context, &params, (None, None), false, hats);
+    (out, hat)
 }
 
 #[derive(Debug)]
@@ -295,7 +319,10 @@ fn mask(p: f64) -> Mask {
 }
 
 /// Training: the block as one autodiff node, with dropout.
-pub(super) fn run_tracked<B: Plain>(i: BlockInputs<Autodiff<B>>) -> Tensor<Autodiff<B>, 3> {
+pub(super) fn run_tracked<B: Plain>(
+    i: BlockInputs<Autodiff<B>>,
+    hats: [Option<&Hat>; 2],
+) -> (Tensor<Autodiff<B>, 3>, Hat) {
     let ad = |t: Tensor<Autodiff<B>, 3>| t.into_primitive().tensor();
     let x = ad(i.x);
     let is_self = i.context.is_none();
@@ -325,26 +352,24 @@ pub(super) fn run_tracked<B: Plain>(i: BlockInputs<Autodiff<B>>) -> Tensor<Autod
         (!is_self).then(|| Tensor::from_primitive(TensorPrimitive::Float(c.primitive)));
     let dims = dims(&x, c.as_ref());
     let masks = (mask(i.attn_dropout), mask(i.ffn_dropout));
-    let out = match CubeBlock
+    let (out, hat) = match CubeBlock
         .prepare::<NoCheckpointing>(nodes)
         .compute_bound()
         .stateful()
     {
         OpsKind::Tracked(prep) => {
-            let (out, saved) = forward(x, c, &params, masks, true);
+            let (out, hat, saved) = forward(x, c, &params, masks, true, hats);
             let state = State {
                 saved: Arc::new(saved.expect("saved when asked")),
                 params,
                 dims,
             };
-            prep.finish(state, out.into_primitive().tensor())
+            (prep.finish(state, out.into_primitive().tensor()), hat)
         }
-        OpsKind::UnTracked(prep) => prep.finish(
-            forward(x, c, &params, masks, false)
-                .0
-                .into_primitive()
-                .tensor(),
-        ),
+        OpsKind::UnTracked(prep) => {
+            let (out, hat, _) = forward(x, c, &params, masks, false, hats);
+            (prep.finish(out.into_primitive().tensor()), hat)
+        }
     };
-    Tensor::from_primitive(TensorPrimitive::Float(out))
+    (Tensor::from_primitive(TensorPrimitive::Float(out)), hat)
 }

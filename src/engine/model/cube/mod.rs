@@ -10,6 +10,8 @@
 
 pub mod adamw;
 #[cfg(cube_kernels)]
+mod attention;
+#[cfg(cube_kernels)]
 pub(crate) mod block;
 pub mod gelu;
 #[cfg(cube_kernels)]
@@ -102,18 +104,33 @@ pub fn block_applies<B: Backend>() -> bool {
     is_cube::<B>() && !super::fused::disabled() && !BLOCK_OFF.with(std::cell::Cell::get)
 }
 
-/// The attention block (single head, f32) as the kernels of [`block`]; call only where
-/// [`block_applies`] holds for `B`.
-pub fn run_block<B: Backend>(inputs: BlockInputs<B>) -> Tensor<B, 3> {
+/// A block output's row standardisation (`std(x)` and `1/σ`), computed by the block's last
+/// kernel together with the output: the next block that normalises the same tensor takes it
+/// instead of launching its own pass. Opaque outside this module.
+#[derive(Clone)]
+pub struct Hat(#[allow(dead_code)] std::rc::Rc<dyn std::any::Any>);
+
+/// The attention block (single head, f32) as the kernels of [`block`], and its output's
+/// [`Hat`]; `hats`: those of the input and of the context where a block computed them. Call
+/// only where [`block_applies`] holds for `B`.
+pub fn run_block<B: Backend>(
+    inputs: BlockInputs<B>,
+    hats: [Option<&Hat>; 2],
+) -> (Tensor<B, 3>, Hat) {
     CALLS.with(|c| c.set(c.get() + 1));
     #[cfg(cube_kernels)]
     {
-        dispatch!(B, P => same_block(block::run_plain::<P>(cast(inputs))),
-            same_block(block::run_tracked::<P>(cast(inputs))))
+        dispatch!(B, P => {
+            let (t, hat) = block::run_plain::<P>(cast(inputs), hats);
+            (same_block(t), hat)
+        }, {
+            let (t, hat) = block::run_tracked::<P>(cast(inputs), hats);
+            (same_block(t), hat)
+        })
     }
     #[cfg(not(cube_kernels))]
     {
-        let _ = inputs;
+        let _ = (inputs, hats);
         unreachable!("no cube backend in this build")
     }
 }

@@ -8,6 +8,7 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeRuntime;
 use cubecl::{calculate_cube_count_elemwise, CubeCount, CubeDim};
 
+use super::attention;
 use super::kernels::{self, MaskArgsLaunch};
 use crate::engine::model::fused::mask::MaskKey;
 
@@ -171,7 +172,7 @@ pub fn attention<R: CubeRuntime>(at: &Attention<R>, dims: Dims) -> (CubeTensor<R
     let (p, a) = (empty(qs, [n, tq, tk]), empty(qs, [n * tq, d]));
     let args = at.args();
     let (count, dim) = grid(qs, n * tq);
-    kernels::attention_kernel::launch::<R>(
+    attention::attention_kernel::launch::<R>(
         &qs.client.clone(),
         count,
         dim,
@@ -211,7 +212,7 @@ pub fn attention_backward<R: CubeRuntime>(
         (empty(qs, [n * tq, d]), empty(qs, [n * tk, 2 * d]))
     };
     let (count, dim) = grid(qs, n * tq);
-    kernels::attention_backward_query_kernel::launch::<R>(
+    attention::attention_backward_query_kernel::launch::<R>(
         &qs.client.clone(),
         count,
         dim,
@@ -231,7 +232,7 @@ pub fn attention_backward<R: CubeRuntime>(
         qs.dtype.into(),
     );
     let (count, dim) = grid(qs, n * tk);
-    kernels::attention_backward_key_kernel::launch::<R>(
+    attention::attention_backward_key_kernel::launch::<R>(
         &qs.client.clone(),
         count,
         dim,
@@ -252,17 +253,18 @@ pub fn attention_backward<R: CubeRuntime>(
     (dq, (!args.is_self).then_some(dkv))
 }
 
-/// `h + (y + bias) ⊙ mask` (no mask: `h + y + bias`).
+/// `out = h + (y + bias) ⊙ mask` (no mask: `h + y + bias`), `[out, std(out), 1/σ]`.
 pub fn ffn_out<R: CubeRuntime>(
     h: &CubeTensor<R>,
     y: CubeTensor<R>,
     bias: CubeTensor<R>,
     mask: Option<MaskKey>,
-) -> CubeTensor<R> {
+) -> [CubeTensor<R>; 3] {
     let (y, bias) = (into_contiguous(y), into_contiguous(bias));
-    let out = empty(h, h.shape());
-    let units = out.shape().num_elements();
-    let (count, dim) = grid(h, units);
+    let d = bias.shape().num_elements();
+    let rows = h.shape().num_elements() / d;
+    let (out, out_hat, rstd) = (empty(h, h.shape()), empty(h, h.shape()), empty(h, [rows]));
+    let (count, dim) = grid(h, rows);
     kernels::ffn_out_kernel::launch::<R>(
         &h.client.clone(),
         count,
@@ -272,10 +274,13 @@ pub fn ffn_out<R: CubeRuntime>(
         bias.into_tensor_arg(),
         key_args(mask),
         out.clone().into_tensor_arg(),
+        out_hat.clone().into_tensor_arg(),
+        rstd.clone().into_tensor_arg(),
+        d,
         mask.is_some(),
         h.dtype.into(),
     );
-    out
+    [out, out_hat, rstd]
 }
 
 /// `g ⊙ mask`.
