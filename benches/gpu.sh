@@ -2,8 +2,10 @@
 # The GPU check, for a session with a lent device (one call of about 8 minutes on an H200).
 # Phases in order of importance, each under its own time limit; a phase that would start after
 # $BUDGET seconds (default 430) is skipped, and results are saved after each one:
-#   1. `tlb bench` `reference` batch 1024 in f32; `tlb parity` (CPU vs cuda:0: logits, every
-#      gradient, 3 AdamW steps) in f32;
+#   1. `tlb parity` (CPU vs cuda:0: logits, every gradient, 3 AdamW steps) in f32, first: the
+#      plain build runs tlb's CubeCL kernels (the attention block, AdamW; src/engine/model/cube),
+#      checked so far on lavapipe only; then `tlb bench` `reference` batch 1024 in f32, with the
+#      kernels and with burn's composition (`--unfused`);
 #   2. the `cuda-fusion` build (burn's fusion, kernels by its heuristics, no tuning): parity,
 #      then `reference` batch 1024, f32;
 #   2b. the `wgpu` build on the same GPU through Vulkan (`--device wgpu:0`, when tlb-wgpu.xz
@@ -54,8 +56,8 @@ BUDGET=${BUDGET:-430}
 # The device under test (DEV=cpu: a dry run of the script itself on a machine without a GPU).
 DEV=${DEV:-cuda:0}
 time_left() { [ "$SECONDS" -lt "$BUDGET" ] || { log "skipped (budget): $*"; false; }; }
-bench() { # BIN PRESET BATCH STEPS PRECISION LIMIT
-    timeout "$6" "$1" bench --preset "$2" --batch "$3" --steps "$4" --device "$DEV" --precision "$5" \
+bench() { # BIN PRESET BATCH STEPS PRECISION LIMIT [--unfused]
+    timeout "$6" "$1" bench --preset "$2" --batch "$3" --steps "$4" --device "$DEV" --precision "$5" ${7:-} \
         2>>"$W/bench.err" | sed "s|^{|{\"bin\":\"$(basename "$1")\",|" >"$W/last.json"
     local rc=${PIPESTATUS[0]} # the bench's status (124: it ran out of its time), not sed's
     log "bench $(basename "$1") $2 $3 $5 rc=$rc $(cat "$W/last.json")"
@@ -67,8 +69,9 @@ parity() { # BIN PRECISION LIMIT
     log "$name rc=$? $(tail -1 "$W/$name.jsonl")"
 }
 
-time_left "reference f32" && bench "$BIN" reference 1024 5 f32 80; save
 time_left "parity f32" && parity "$BIN" f32 60; save
+time_left "reference f32" && bench "$BIN" reference 1024 5 f32 80; save
+time_left "reference f32 unfused" && bench "$BIN" reference 1024 5 f32 60 --unfused; save
 if [ -x "$W/tlb-fusion" ]; then
     time_left "fusion parity" && parity "$W/tlb-fusion" f32 60; save
     time_left "fusion reference" && bench "$W/tlb-fusion" reference 1024 5 f32 60; save

@@ -21,7 +21,7 @@ append = true
 TOML
 echo "# $("$BIN" --version 2>/dev/null || echo tlb), device $DEVICE"
 # Each shape with burn's composition (--unfused) and with tlb's fused kernels.
-# lavapipe runs `reference` at about one image every 15 s: one step of each is enough (the
+# lavapipe runs `reference` at about one image every 10 s: one step of each is enough (the
 # counts do not vary between steps), after the bench's two warm-up steps.
 for spec in "reference 1" "cpu-small 1"; do
     set -- $spec
