@@ -210,6 +210,11 @@ pub struct ParityArgs {
     /// The preset's readout unless given: last-fast or slow.
     #[arg(long)]
     pub readout: Option<Readout>,
+    /// Dropout on both sides (attention and FFN). Default: the preset's where the device
+    /// draws the CPU's masks (f32 on wgpu or on CUDA without fusion: tlb's kernels compute
+    /// them), else none.
+    #[arg(long)]
+    pub dropout: Option<f64>,
     /// Largest relative error `‖device − cpu‖ / ‖cpu‖` allowed (default: 5e-3 for f32,
     /// 0.25 for bf16).
     #[arg(long)]

@@ -17,8 +17,8 @@ use burn::tensor::{Int, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 
 use super::ParityArgs;
-use crate::engine::backend::{cpu_device, CpuAutodiff};
-use crate::engine::model::{host_f32, Precision, Tlb};
+use crate::engine::backend::{cpu_device, CpuAutodiff, DeviceSpec};
+use crate::engine::model::{host_f32, set_dropout_stream, Precision, Tlb};
 use crate::engine::train::{
     adamw, gradient_model, load_record, loss_and_correct, named_tensors, record_bytes, Preset,
     TrainConfig,
@@ -53,6 +53,8 @@ fn side<B: AutodiffBackend>(
     let images =
         Tensor::<B, 4>::from_data(TensorData::new(data.0.clone(), [batch, 3, s, s]), device);
     let labels = Tensor::<B, 1, Int>::from_data(TensorData::new(data.1.clone(), [batch]), device);
+    // Each training pass draws its dropout masks from its own stream, the same on both sides.
+    set_dropout_stream(0);
     let logits = model.forward(images.clone());
     let (loss, _) = loss_and_correct(logits.clone(), labels.clone(), 0.0);
     let grads = GradientsParams::from_grads(loss.backward(), &model);
@@ -62,7 +64,8 @@ fn side<B: AutodiffBackend>(
         .collect();
     let mut optim = adamw::<B, Tlb<B>>(1e-4, 1e-5);
     let mut trained = model.clone();
-    for _ in 0..steps {
+    for step in 0..steps {
+        set_dropout_stream(1 + step as u64);
         let logits = trained.forward(images.clone());
         let (loss, _) = loss_and_correct(logits, labels.clone(), 0.0);
         let grads = GradientsParams::from_grads(loss.backward(), &trained);
@@ -100,6 +103,17 @@ fn rel_err(a: &[f32], b: &[f32], floor: f64) -> f64 {
     diff.sqrt() / norm.sqrt().max(floor).max(f64::MIN_POSITIVE)
 }
 
+/// Whether the device drops the values the CPU drops: tlb's cube kernels compute the CPU's
+/// masks (`model::dropout`) in f32 on wgpu and on CUDA without burn's fusion; elsewhere the
+/// device's own random generator draws them.
+fn same_masks(a: &ParityArgs) -> bool {
+    match a.device {
+        DeviceSpec::Cpu => true,
+        DeviceSpec::Wgpu(_) => a.precision == Precision::F32,
+        DeviceSpec::Cuda(_) => a.precision == Precision::F32 && !cfg!(feature = "cuda-fusion"),
+    }
+}
+
 /// The largest error allowed for `precision` (f32 on the GPU may use TF32 matrix units).
 fn tolerance(a: &ParityArgs) -> f64 {
     a.tolerance.unwrap_or(match a.precision {
@@ -115,7 +129,18 @@ pub fn parity(a: ParityArgs) -> Result<()> {
         .map_err(anyhow::Error::msg)?
         .config();
     a.device.supports(a.precision).map_err(anyhow::Error::msg)?;
-    (cfg.model.attn_dropout, cfg.model.ffn_dropout) = (0.0, 0.0);
+    let dropout = match a.dropout {
+        Some(p) if !(0.0..1.0).contains(&p) => bail!("--dropout {p}: must be in [0, 1)"),
+        Some(p) if p > 0.0 && !same_masks(&a) => bail!(
+            "--dropout {p}: {} in {} draws its own dropout masks, not the CPU's",
+            a.device,
+            a.precision.name()
+        ),
+        Some(p) => p,
+        None if same_masks(&a) => cfg.model.attn_dropout,
+        None => 0.0,
+    };
+    (cfg.model.attn_dropout, cfg.model.ffn_dropout) = (dropout, dropout);
     if let Some(readout) = a.readout {
         cfg.model = cfg.model.with_readout(readout);
     }
@@ -193,6 +218,7 @@ pub fn parity(a: ParityArgs) -> Result<()> {
             "preset": a.preset,
             "readout": cfg.model.readout.name(),
             "precision": a.precision.name(),
+            "dropout": dropout,
             "batch": a.batch,
             "loss": got.loss,
             "loss_cpu": want.loss,

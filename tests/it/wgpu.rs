@@ -32,30 +32,26 @@ fn parity(args: &[&str]) -> (bool, serde_json::Value, String) {
     (out.status.success(), summary, stderr)
 }
 
-/// f32 on lavapipe matches the CPU to rounding, for each readout: logits, all gradients (each
-/// parameter's), and the logits after AdamW steps.
+/// f32 on lavapipe matches the CPU to rounding, for each readout and with dropout (the same
+/// masks on both sides): logits, all gradients (each parameter's), and the logits after AdamW
+/// steps.
 #[test]
 fn parity_on_lavapipe_f32_both_readouts() {
-    for (preset, readout) in [("tiny", "slow"), ("tiny", "last-fast")] {
-        let args = [
-            "--preset",
-            preset,
-            "--readout",
-            readout,
-            "--batch",
-            "4",
-            "--steps",
-            "2",
-        ];
-        let (ok, s, err) = parity(&args);
-        assert!(ok, "{preset} {readout}: {s} {err}");
+    // Dropout 0.2: the GPU's kernels drop the values the CPU drops.
+    for (readout, dropout) in [("slow", 0.0), ("last-fast", 0.0), ("slow", 0.2)] {
+        let p = dropout.to_string();
+        let args = ["--preset", "tiny", "--readout", readout, "--dropout", &p];
+        let (ok, s, err) = parity(&[&args[..], &["--batch", "4", "--steps", "2"]].concat());
+        let what = format!("{readout}, dropout {dropout}");
+        assert!(ok, "{what}: {s} {err}");
         assert_eq!(s["readout"], readout, "{s}");
+        assert_eq!(s["dropout"], dropout, "{s}");
         assert_eq!(s["device"], "wgpu", "{s}");
         assert!(s["compared"].as_u64().unwrap() > 20, "{s}");
         // Measured: about 1e-6 (3e-4 to 5e-4 with burn's own GELU, whose erf is coarser);
         // the CPU against itself is 0.
         let worst = s["worst_rel_err"].as_f64().unwrap();
-        assert!(worst > 0.0 && worst < 2e-5, "{preset} {readout}: {s}");
+        assert!(worst > 0.0 && worst < 2e-5, "{what}: {s}");
     }
     let (ok, _, err) = parity(&["--preset", "tiny", "--precision", "bf16"]);
     assert!(

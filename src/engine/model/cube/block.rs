@@ -12,9 +12,10 @@
 //! out = h + (G·W2 + b2) ⊙ Mf                       1 product, 1 kernel
 //! ```
 //!
-//! Forward: 9 launches for self-attention where burn's composition takes about 40; the
-//! backward computes every input's gradient in about 20 where the composition's autodiff
-//! takes about 150 (`benches/launches.sh` counts them).
+//! Forward: 9 launches for self-attention (8 where the input comes with its standardisation,
+//! a [`Hat`]) where burn's composition takes about 40; the backward computes every input's
+//! gradient in about 16 where the composition's autodiff takes about 150
+//! (`benches/launches.sh` counts them).
 
 use std::sync::Arc;
 
