@@ -226,8 +226,7 @@ fn the_fused_bias_gelu_matches_the_cpu() {
 /// the logits of inference.
 #[test]
 fn the_cube_block_matches_the_composition_on_lavapipe() {
-    use crate::fused::{assert_close, config, step};
-    use burn::module::AutodiffModule;
+    use crate::fused::{assert_runs_match, config, eval_logits, step};
     use burn::tensor::{Distribution, Int, Tensor};
     use tlb::engine::backend::{wgpu_device, Adapter, WgpuAutodiff};
     use tlb::engine::model::{cube, Readout};
@@ -253,37 +252,16 @@ fn the_cube_block_matches_the_composition_on_lavapipe() {
             cube::without_block(|| step(&model, images.clone(), labels.clone()));
         let gelus = cube::calls() - calls;
         assert_eq!(gelus, 24, "{what}: without_block runs the composition");
-        assert_close(&format!("{what}: logits"), &logits, &logits_ref, 1e-5);
-        assert_eq!(grads.len(), grads_ref.len());
-        // Each gradient's largest difference relative to its largest value.
-        let errs: Vec<f32> = grads
-            .iter()
-            .zip(&grads_ref)
-            .map(|((_, g), (_, r))| {
-                let scale = r.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
-                let diff = g.iter().zip(r).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-                diff / scale
-            })
-            .collect();
-        eprintln!("{what}: gradient differences {errs:?}");
-        for ((name, g), (_, r)) in grads.iter().zip(&grads_ref) {
-            assert_close(&format!("{what}: {name}"), g, r, 1e-4);
-        }
-        if dropout > 0.0 {
-            // The latents differ, so every parameter has a gradient (none is trivially equal).
-            let zero = grads_ref
-                .iter()
-                .filter(|(_, r)| r.iter().all(|v| *v == 0.0));
-            assert_eq!(zero.count(), 0, "{what}");
-        }
-        let (valid, x) = (model.valid(), images.inner());
-        let a = valid
-            .forward(x.clone())
-            .into_data()
-            .to_vec::<f32>()
-            .unwrap();
-        let b = cube::without_block(|| valid.forward(x).into_data().to_vec::<f32>().unwrap());
-        assert_close(&format!("{what}: eval logits"), &a, &b, 1e-5);
+        let eval = eval_logits(&model, &images);
+        let eval_ref = cube::without_block(|| eval_logits(&model, &images));
+        let fused_run = (logits, grads, eval);
+        assert_runs_match(
+            &what,
+            fused_run,
+            (logits_ref, grads_ref, eval_ref),
+            dropout,
+            1e-4,
+        );
     }
 }
 

@@ -199,10 +199,6 @@ impl<B: Backend> Normed<B> {
         Self { x, hat: None }
     }
 
-    pub fn tensor(&self) -> &Tensor<B, 3> {
-        &self.x
-    }
-
     pub fn into_tensor(self) -> Tensor<B, 3> {
         self.x
     }

@@ -71,9 +71,23 @@ pub fn step<B: Backend, const D: usize>(
 mod kernel {
     use cubecl::prelude::*;
 
+    /// The step's constants: β₁, β₂, 1−β₁, 1−β₂, the bias corrections 1−β₁ᵗ and 1−β₂ᵗ, ε,
+    /// the learning rate and the decay factor 1 − lr·λ.
+    #[derive(CubeType, CubeLaunch)]
+    pub struct AdamWArgs {
+        pub beta_1: f32,
+        pub beta_2: f32,
+        pub factor_1: f32,
+        pub factor_2: f32,
+        pub correction_1: f32,
+        pub correction_2: f32,
+        pub epsilon: f32,
+        pub lr: f32,
+        pub decay: f32,
+    }
+
     /// `(p', m', v')` from `(p, g, m, v)`; `first`: no moments yet (`m`, `v` unread).
     #[cube(launch)]
-    #[allow(clippy::too_many_arguments)]
     pub fn adamw_kernel<F: Float>(
         p: &Tensor<F>,
         g: &Tensor<F>,
@@ -82,15 +96,7 @@ mod kernel {
         p_out: &mut Tensor<F>,
         m_out: &mut Tensor<F>,
         v_out: &mut Tensor<F>,
-        beta_1: InputScalar,
-        beta_2: InputScalar,
-        factor_1: InputScalar,
-        factor_2: InputScalar,
-        correction_1: InputScalar,
-        correction_2: InputScalar,
-        epsilon: InputScalar,
-        lr: InputScalar,
-        decay: InputScalar,
+        a: AdamWArgs,
         #[comptime] first: bool,
         #[define(F)] _dtype: StorageType,
     ) {
@@ -99,32 +105,30 @@ mod kernel {
             terminate!();
         }
         let gi = g[i];
-        let mut m1 = gi * factor_1.get::<F>();
-        let mut m2 = gi * gi * factor_2.get::<F>();
+        let mut m1 = gi * F::cast_from(a.factor_1);
+        let mut m2 = gi * gi * F::cast_from(a.factor_2);
         if !first {
-            m1 = m[i] * beta_1.get::<F>() + m1;
-            m2 = v[i] * beta_2.get::<F>() + m2;
+            m1 = m[i] * F::cast_from(a.beta_1) + m1;
+            m2 = v[i] * F::cast_from(a.beta_2) + m2;
         }
         m_out[i] = m1;
         v_out[i] = m2;
-        let corrected_1 = m1 / correction_1.get::<F>();
-        let corrected_2 = m2 / correction_2.get::<F>();
-        let delta = corrected_1 / (F::sqrt(corrected_2) + epsilon.get::<F>());
-        p_out[i] = p[i] * decay.get::<F>() - delta * lr.get::<F>();
+        let corrected_1 = m1 / F::cast_from(a.correction_1);
+        let corrected_2 = m2 / F::cast_from(a.correction_2);
+        let delta = corrected_1 / (F::sqrt(corrected_2) + F::cast_from(a.epsilon));
+        p_out[i] = p[i] * F::cast_from(a.decay) - delta * F::cast_from(a.lr);
     }
 }
 
 #[cfg(cube_kernels)]
 mod cube {
-    use burn::tensor::{Tensor, TensorMetadata, TensorPrimitive};
+    use burn::tensor::{Tensor, TensorMetadata};
     use burn_cubecl::kernel::into_contiguous;
-    use burn_cubecl::ops::numeric::empty_device_dtype;
-    use burn_cubecl::tensor::CubeTensor;
-    use cubecl::prelude::InputScalar;
-    use cubecl::{calculate_cube_count_elemwise, CubeDim};
 
+    use super::kernel::{adamw_kernel, AdamWArgsLaunch};
     use super::AdamWHyper;
-    use crate::engine::model::cube::block::Plain;
+    use crate::engine::model::cube::ops::{empty, grid};
+    use crate::engine::model::cube::{prim, wrap, Plain};
 
     type Out<P, const D: usize> = (Tensor<P, D>, Tensor<P, D>, Tensor<P, D>, usize);
 
@@ -135,23 +139,21 @@ mod cube {
         grad: Tensor<P, D>,
         moments: Option<(Tensor<P, D>, Tensor<P, D>, usize)>,
     ) -> Out<P, D> {
-        let prim = |t: Tensor<P, D>| into_contiguous(P::cube(t.into_primitive().tensor()));
-        let wrap = |t: CubeTensor<P::Runtime>| -> Tensor<P, D> {
-            Tensor::from_primitive(TensorPrimitive::Float(P::float(t)))
-        };
-        let (p, g) = (prim(param), prim(grad));
-        let empty = |shape| empty_device_dtype(p.client.clone(), p.device.clone(), shape, p.dtype);
+        let contiguous = |t: Tensor<P, D>| into_contiguous(prim(t));
+        let (p, g) = (contiguous(param), contiguous(grad));
         let time = moments.as_ref().map_or(0, |s| s.2) + 1;
         let first = moments.is_none();
         let (m, v) = match moments {
-            Some((m, v, _)) => (prim(m), prim(v)),
-            None => (empty([1].into()), empty([1].into())),
+            Some((m, v, _)) => (contiguous(m), contiguous(v)),
+            None => (empty(&p, [1]), empty(&p, [1])),
         };
-        let (p_out, m_out, v_out) = (empty(p.shape()), empty(p.shape()), empty(p.shape()));
+        let (p_out, m_out, v_out) = (
+            empty(&p, p.shape()),
+            empty(&p, p.shape()),
+            empty(&p, p.shape()),
+        );
         let t = time as i32;
-        let decay = (1.0 - lr * h.weight_decay as f64) as f32;
-        let scalar = |value: f32| InputScalar::new(value, p.dtype);
-        let scalars = [
+        let args = AdamWArgsLaunch::new(
             h.beta_1,
             h.beta_2,
             1.0 - h.beta_1,
@@ -160,15 +162,11 @@ mod cube {
             1.0 - h.beta_2.powi(t),
             h.epsilon,
             lr as f32,
-            decay,
-        ]
-        .map(scalar);
-        let [b1, b2, f1, f2, c1, c2, eps, lr, decay] = scalars;
-        let n = p.shape().num_elements();
-        let dim = CubeDim::new(&p.client, n);
-        let count = calculate_cube_count_elemwise(&p.client, n, dim);
+            (1.0 - lr * h.weight_decay as f64) as f32,
+        );
+        let (count, dim) = grid(&p, p.shape().num_elements());
         let dtype = p.dtype;
-        super::kernel::adamw_kernel::launch::<P::Runtime>(
+        adamw_kernel::launch::<P::Runtime>(
             &p.client.clone(),
             count,
             dim,
@@ -179,15 +177,7 @@ mod cube {
             p_out.clone().into_tensor_arg(),
             m_out.clone().into_tensor_arg(),
             v_out.clone().into_tensor_arg(),
-            b1,
-            b2,
-            f1,
-            f2,
-            c1,
-            c2,
-            eps,
-            lr,
-            decay,
+            args,
             first,
             dtype.into(),
         );

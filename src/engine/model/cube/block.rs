@@ -19,49 +19,18 @@
 
 use std::sync::Arc;
 
+use super::ops::{self, Attention, Dims};
+use super::{prim, wrap, Cube, Hat, Plain};
+use crate::engine::model::fused::mask::MaskKey;
+use crate::engine::model::fused::{interleave, parents, BlockInputs};
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorPrimitive};
-use burn_cubecl::tensor::CubeTensor;
-use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
-
-use super::ops::{self, Attention, Dims};
-use super::Hat;
-use crate::engine::model::fused::mask::MaskKey;
-use crate::engine::model::fused::BlockInputs;
-
-/// A cube backend without fusion: its float tensors are the `CubeTensor`s kernels take.
-pub trait Plain: Backend {
-    type Runtime: CubeRuntime;
-    fn cube(t: Self::FloatTensorPrimitive) -> CubeTensor<Self::Runtime>;
-    fn float(t: CubeTensor<Self::Runtime>) -> Self::FloatTensorPrimitive;
-}
-
-impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Plain
-    for CubeBackend<R, F, I, BT>
-{
-    type Runtime = R;
-    fn cube(t: Self::FloatTensorPrimitive) -> CubeTensor<R> {
-        t
-    }
-    fn float(t: CubeTensor<R>) -> Self::FloatTensorPrimitive {
-        t
-    }
-}
-
-type Cube<B> = CubeTensor<<B as Plain>::Runtime>;
-
-fn prim<B: Plain, const D: usize>(t: Tensor<B, D>) -> Cube<B> {
-    B::cube(t.into_primitive().tensor())
-}
-
-fn wrap<B: Plain, const D: usize>(t: Cube<B>) -> Tensor<B, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(B::float(t)))
-}
 
 /// The folded parameters, in the order of the node's parents and gradients:
 /// `[wqkv, bqkv, wo, bo, w1, b1, w2, b2]` (weights `[d_in, d_out]`).
@@ -302,10 +271,9 @@ impl<B: Plain> Backward<B, 10> for CubeBlock {
         if let (Some(node), Some(dc)) = (pc, dc) {
             grads.register::<B>(node.id, float(dc));
         }
-        let [dw0, dw1, dw2, dw3] = dw.map(|t| t.into_primitive().tensor());
-        let [db0, db1, db2, db3] = db.map(|t| t.into_primitive().tensor());
-        let interleaved = [dw0, db0, dw1, db1, dw2, db2, dw3, db3];
-        for (parent, grad) in rest.into_iter().zip(interleaved) {
+        let dw = dw.map(|t| t.into_primitive().tensor());
+        let db = db.map(|t| t.into_primitive().tensor());
+        for (parent, grad) in rest.into_iter().zip(interleave(dw, db)) {
             if let Some(node) = parent {
                 grads.register::<B>(node.id, grad);
             }
@@ -330,20 +298,13 @@ pub(super) fn run_tracked<B: Plain>(
     let c = i.context.map(ad).unwrap_or_else(|| x.clone());
     let w = i.weights.map(|t| t.into_primitive().tensor());
     let b = i.biases.map(|t| t.into_primitive().tensor());
-    let [w0, w1, w2, w3] = w.each_ref().map(|t| t.node.clone());
-    let [b0, b1, b2, b3] = b.each_ref().map(|t| t.node.clone());
-    let nodes = [
-        x.node.clone(),
-        c.node.clone(),
-        w0,
-        b0,
-        w1,
-        b1,
-        w2,
-        b2,
-        w3,
-        b3,
-    ];
+    let node = |t: &FloatTensor<Autodiff<B>>| t.node.clone();
+    let nodes = parents(
+        node(&x),
+        node(&c),
+        w.each_ref().map(node),
+        b.each_ref().map(node),
+    );
     let params = Params::<B> {
         w: w.map(|t| Tensor::from_primitive(TensorPrimitive::Float(t.primitive))),
         b: b.map(|t| Tensor::from_primitive(TensorPrimitive::Float(t.primitive))),

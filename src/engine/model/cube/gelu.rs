@@ -112,23 +112,12 @@ mod cube {
     use burn::backend::Autodiff;
     use burn::tensor::{Tensor, TensorMetadata, TensorPrimitive};
     use burn_cubecl::kernel::into_contiguous;
-    use burn_cubecl::ops::numeric::empty_device_dtype;
     use burn_cubecl::tensor::CubeTensor;
     use burn_cubecl::CubeRuntime;
-    use cubecl::{calculate_cube_count_elemwise, CubeCount, CubeDim};
 
     use super::kernels::{bias_gelu_kernel, gelu_backward_kernel};
-    use crate::engine::model::cube::block::Plain;
-
-    fn empty_like<R: CubeRuntime>(t: &CubeTensor<R>) -> CubeTensor<R> {
-        empty_device_dtype(t.client.clone(), t.device.clone(), t.shape(), t.dtype)
-    }
-
-    fn elementwise<R: CubeRuntime>(t: &CubeTensor<R>) -> (CubeCount, CubeDim) {
-        let n = t.shape().num_elements();
-        let dim = CubeDim::new(&t.client, n);
-        (calculate_cube_count_elemwise(&t.client, n, dim), dim)
-    }
+    use crate::engine::model::cube::ops::{empty, grid};
+    use crate::engine::model::cube::{prim, wrap, Plain};
 
     /// The kernel: `(x, gelu(x))` for `x = u + bias`.
     pub fn forward<R: CubeRuntime>(
@@ -136,8 +125,8 @@ mod cube {
         bias: CubeTensor<R>,
     ) -> (CubeTensor<R>, CubeTensor<R>) {
         let (u, bias) = (into_contiguous(u), into_contiguous(bias));
-        let (x, out) = (empty_like(&u), empty_like(&u));
-        let (count, dim) = elementwise(&u);
+        let (x, out) = (empty(&u, u.shape()), empty(&u, u.shape()));
+        let (count, dim) = grid(&u, u.shape().num_elements());
         let dtype = u.dtype;
         bias_gelu_kernel::launch::<R>(
             &u.client.clone(),
@@ -155,8 +144,8 @@ mod cube {
     /// The backward kernel: `g·gelu'(x)`.
     pub fn backward<R: CubeRuntime>(x: CubeTensor<R>, g: CubeTensor<R>) -> CubeTensor<R> {
         let g = into_contiguous(g);
-        let dx = empty_like(&x);
-        let (count, dim) = elementwise(&x);
+        let dx = empty(&x, x.shape());
+        let (count, dim) = grid(&x, x.shape().num_elements());
         let dtype = x.dtype;
         gelu_backward_kernel::launch::<R>(
             &x.client.clone(),
@@ -168,14 +157,6 @@ mod cube {
             dtype.into(),
         );
         dx
-    }
-
-    fn wrap<B: Plain, const D: usize>(t: CubeTensor<B::Runtime>) -> Tensor<B, D> {
-        Tensor::from_primitive(TensorPrimitive::Float(B::float(t)))
-    }
-
-    fn prim<B: Plain, const D: usize>(t: Tensor<B, D>) -> CubeTensor<B::Runtime> {
-        B::cube(t.into_primitive().tensor())
     }
 
     pub fn plain<B: Plain>(u: Tensor<B, 3>, bias: Tensor<B, 1>) -> Tensor<B, 3> {

@@ -25,6 +25,50 @@ use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
 use super::fused::BlockInputs;
+#[cfg(cube_kernels)]
+use super::same_type;
+#[cfg(cube_kernels)]
+pub(crate) use plain::{prim, wrap, Cube, Plain};
+
+/// The cube backends' tensors as the kernels take them.
+#[cfg(cube_kernels)]
+mod plain {
+    use burn::tensor::backend::Backend;
+    use burn::tensor::{Tensor, TensorPrimitive};
+    use burn_cubecl::tensor::CubeTensor;
+    use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+
+    /// A cube backend without fusion: its float tensors are the `CubeTensor`s kernels take.
+    pub trait Plain: Backend {
+        type Runtime: CubeRuntime;
+        fn cube(t: Self::FloatTensorPrimitive) -> CubeTensor<Self::Runtime>;
+        fn float(t: CubeTensor<Self::Runtime>) -> Self::FloatTensorPrimitive;
+    }
+
+    impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Plain
+        for CubeBackend<R, F, I, BT>
+    {
+        type Runtime = R;
+        fn cube(t: Self::FloatTensorPrimitive) -> CubeTensor<R> {
+            t
+        }
+        fn float(t: CubeTensor<R>) -> Self::FloatTensorPrimitive {
+            t
+        }
+    }
+
+    pub type Cube<B> = CubeTensor<<B as Plain>::Runtime>;
+
+    /// `t`'s `CubeTensor`.
+    pub fn prim<B: Plain, const D: usize>(t: Tensor<B, D>) -> Cube<B> {
+        B::cube(t.into_primitive().tensor())
+    }
+
+    /// `t` as a tensor of `B`.
+    pub fn wrap<B: Plain, const D: usize>(t: Cube<B>) -> Tensor<B, D> {
+        Tensor::from_primitive(TensorPrimitive::Float(B::float(t)))
+    }
+}
 
 thread_local! {
     static CALLS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
@@ -47,11 +91,12 @@ pub fn calls() -> u64 {
 }
 
 /// Runs `$plain` with the type `$P` naming the plain cube backend `$B` is, or `$tracked`
-/// (where given) where `$B` is that backend under autodiff; returns from the enclosing
-/// function.
+/// (where given) where `$B` is that backend under autodiff, and returns from the enclosing
+/// function; for any other backend, `$other` (default: unreachable). The one list of the
+/// backends the kernels run on.
 #[cfg(cube_kernels)]
 macro_rules! dispatch {
-    ($B:ty, $P:ident => $plain:expr $(, $tracked:expr)?) => {{
+    ($B:ty, $P:ident => $plain:expr $(, $tracked:expr)?; else $other:expr) => {{
         use std::any::TypeId;
         let id = TypeId::of::<$B>();
         #[cfg(feature = "wgpu")]
@@ -74,31 +119,24 @@ macro_rules! dispatch {
                 return $tracked;
             })?
         }
-        unreachable!("not a cube backend")
+        $other
     }};
+    ($B:ty, $P:ident => $plain:expr $(, $tracked:expr)?) => {
+        $crate::engine::model::cube::dispatch!(
+            $B, $P => $plain $(, $tracked)?; else unreachable!("not a cube backend")
+        )
+    };
 }
 #[cfg(cube_kernels)]
 pub(crate) use dispatch;
 
 /// Whether `B` is a cube backend the kernels here run on (plain or under autodiff).
 pub fn is_cube<B: Backend>() -> bool {
-    use std::any::TypeId;
-    let id = TypeId::of::<B>();
-    #[cfg(feature = "wgpu")]
+    #[cfg(cube_kernels)]
     {
-        use crate::engine::backend::{Wgpu, WgpuAutodiff};
-        if id == TypeId::of::<Wgpu>() || id == TypeId::of::<WgpuAutodiff>() {
-            return true;
-        }
+        dispatch!(B, P => true, true; else false)
     }
-    #[cfg(all(feature = "cuda", not(feature = "cuda-fusion")))]
-    {
-        use crate::engine::backend::{Cuda, CudaAutodiff};
-        if id == TypeId::of::<Cuda>() || id == TypeId::of::<CudaAutodiff>() {
-            return true;
-        }
-    }
-    let _ = id;
+    #[cfg(not(cube_kernels))]
     false
 }
 
@@ -126,11 +164,11 @@ pub fn run_block<B: Backend>(
     #[cfg(cube_kernels)]
     {
         dispatch!(B, P => {
-            let (t, hat) = block::run_plain::<P>(cast(inputs), hats);
-            (same_block(t), hat)
+            let (t, hat) = block::run_plain::<P>(inputs.cast(), hats);
+            (same_type(t), hat)
         }, {
-            let (t, hat) = block::run_tracked::<P>(cast(inputs), hats);
-            (same_block(t), hat)
+            let (t, hat) = block::run_tracked::<P>(inputs.cast(), hats);
+            (same_type(t), hat)
         })
     }
     #[cfg(not(cube_kernels))]
@@ -149,15 +187,11 @@ pub fn dropout_mask<B: Backend, const D: usize>(
 ) -> Tensor<B, D> {
     #[cfg(cube_kernels)]
     {
-        use block::Plain;
-        use burn::tensor::TensorPrimitive;
         fn on<P: Plain, const D: usize>(
             x: &Tensor<P, D>,
             key: super::fused::mask::MaskKey,
         ) -> Tensor<P, D> {
-            let like = P::cube(x.clone().into_primitive().tensor());
-            let mask = ops::mask(&like, x.shape(), key);
-            Tensor::from_primitive(TensorPrimitive::Float(P::float(mask)))
+            wrap(ops::mask(&prim(x.clone()), x.shape(), key))
         }
         dispatch!(B, P => same_type(on::<P, D>(same_type(x.clone()), key)), {
             let x: Tensor<burn::backend::Autodiff<P>, D> = same_type(x.clone());
@@ -170,25 +204,5 @@ pub fn dropout_mask<B: Backend, const D: usize>(
     {
         let _ = (x, key);
         unreachable!("no cube backend in this build")
-    }
-}
-
-#[cfg(cube_kernels)]
-use super::same_type;
-
-#[cfg(cube_kernels)]
-fn same_block<T: Backend, B: Backend>(t: Tensor<T, 3>) -> Tensor<B, 3> {
-    same_type(t)
-}
-
-#[cfg(cube_kernels)]
-fn cast<B: Backend, T: Backend>(i: BlockInputs<B>) -> BlockInputs<T> {
-    BlockInputs {
-        x: same_type(i.x),
-        context: i.context.map(same_type),
-        weights: i.weights.map(same_type),
-        biases: i.biases.map(same_type),
-        attn_dropout: i.attn_dropout,
-        ffn_dropout: i.ffn_dropout,
     }
 }

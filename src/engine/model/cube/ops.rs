@@ -32,7 +32,11 @@ pub struct Dims {
     pub d: usize,
 }
 
-fn empty<R: CubeRuntime>(like: &CubeTensor<R>, shape: impl Into<Shape>) -> CubeTensor<R> {
+/// A new tensor of `shape`, of `like`'s dtype on its device.
+pub(super) fn empty<R: CubeRuntime>(
+    like: &CubeTensor<R>,
+    shape: impl Into<Shape>,
+) -> CubeTensor<R> {
     empty_device_dtype(
         like.client.clone(),
         like.device.clone(),
@@ -47,7 +51,7 @@ fn unused<R: CubeRuntime>(like: &CubeTensor<R>) -> CubeTensor<R> {
 }
 
 /// One unit per item, `units` of them.
-fn grid<R: CubeRuntime>(t: &CubeTensor<R>, units: usize) -> (CubeCount, CubeDim) {
+pub(super) fn grid<R: CubeRuntime>(t: &CubeTensor<R>, units: usize) -> (CubeCount, CubeDim) {
     let dim = CubeDim::new(&t.client, units);
     (calculate_cube_count_elemwise(&t.client, units, dim), dim)
 }

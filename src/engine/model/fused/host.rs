@@ -10,11 +10,12 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 
 use super::attention::{Dims, Weights};
 use super::block::{self, Saved};
-use super::{BlockInputs, CALLS};
+use super::{interleave, parents, BlockInputs, CALLS};
 
 type Ad = Autodiff<Flex>;
 
@@ -33,20 +34,9 @@ fn same<B: Backend, T: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<T, D>
 pub fn run<B: Backend>(inputs: BlockInputs<B>) -> Tensor<B, 3> {
     CALLS.with(|c| c.set(c.get() + 1));
     if TypeId::of::<B>() == TypeId::of::<Ad>() {
-        same::<Ad, B, 3>(run_tracked(cast(inputs)))
+        same::<Ad, B, 3>(run_tracked(inputs.cast()))
     } else {
-        same::<Flex, B, 3>(run_plain(cast(inputs)))
-    }
-}
-
-fn cast<B: Backend, T: Backend>(i: BlockInputs<B>) -> BlockInputs<T> {
-    BlockInputs {
-        x: same(i.x),
-        context: i.context.map(same),
-        weights: i.weights.map(same),
-        biases: i.biases.map(same),
-        attn_dropout: i.attn_dropout,
-        ffn_dropout: i.ffn_dropout,
+        same::<Flex, B, 3>(run_plain(inputs.cast()))
     }
 }
 
@@ -80,14 +70,6 @@ fn slice(t: &FlexTensor) -> &[f32] {
 
 fn tensor(values: Vec<f32>, shape: [usize; 3]) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(values, shape))
-}
-
-/// `[w0, b0, w1, b1, …]`: the order of the parameters in [`Weights`], in the fused node's
-/// parents (after `x` and the context) and in its gradients.
-fn interleave<T>(weights: [T; 4], biases: [T; 4]) -> [T; 8] {
-    let [wqkv, wo, w1, w2] = weights;
-    let [bqkv, bo, b1, b2] = biases;
-    [wqkv, bqkv, wo, bo, w1, b1, w2, b2]
 }
 
 /// Parameters kept alive for the backward pass, in [`interleave`]'s order.
@@ -196,12 +178,13 @@ fn run_tracked(i: BlockInputs<Ad>) -> Tensor<Ad, 3> {
     let c = i.context.map(prim).unwrap_or_else(|| x.clone());
     let w = i.weights.map(|t| t.into_primitive().tensor());
     let b = i.biases.map(|t| t.into_primitive().tensor());
-    let params = interleave(w.each_ref(), b.each_ref()).map(|t| t.node.clone());
-    let nodes = std::array::from_fn(|k| match k {
-        0 => x.node.clone(),
-        1 => c.node.clone(),
-        k => params[k - 2].clone(),
-    });
+    let node = |t: &FloatTensor<Ad>| t.node.clone();
+    let nodes = parents(
+        node(&x),
+        node(&c),
+        w.each_ref().map(node),
+        b.each_ref().map(node),
+    );
     let x_host = host(&x.primitive);
     let c_host = (!is_self).then(|| host(&c.primitive));
     let params = Params::new(w.map(|t| t.primitive), b.map(|t| t.primitive));

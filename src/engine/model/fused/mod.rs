@@ -88,6 +88,41 @@ pub struct BlockInputs<B: Backend> {
     pub ffn_dropout: f64,
 }
 
+#[cfg(any(feature = "flex", cube_kernels))]
+impl<B: Backend> BlockInputs<B> {
+    /// The same inputs as tensors of backend `T`, which must be `B` (the fused paths are
+    /// chosen by `TypeId`, then work on their concrete backend).
+    pub(crate) fn cast<T: Backend>(self) -> BlockInputs<T> {
+        use super::same_type;
+        BlockInputs {
+            x: same_type(self.x),
+            context: self.context.map(same_type),
+            weights: self.weights.map(same_type),
+            biases: self.biases.map(same_type),
+            attn_dropout: self.attn_dropout,
+            ffn_dropout: self.ffn_dropout,
+        }
+    }
+}
+
+/// `[w0, b0, w1, b1, …]`: the order of a fused block's parameters in its autodiff node's
+/// parents (after `x` and the context) and in its gradients, on the CPU and on the cube
+/// backends.
+#[cfg(any(feature = "flex", cube_kernels))]
+pub(crate) fn interleave<T>(weights: [T; 4], biases: [T; 4]) -> [T; 8] {
+    let [wqkv, wo, w1, w2] = weights;
+    let [bqkv, bo, b1, b2] = biases;
+    [wqkv, bqkv, wo, bo, w1, b1, w2, b2]
+}
+
+/// A fused block's autodiff parents: `x`, the context (`x` again for self-attention), then
+/// the parameters in [`interleave`]'s order.
+#[cfg(any(feature = "flex", cube_kernels))]
+pub(crate) fn parents<T>(x: T, context: T, weights: [T; 4], biases: [T; 4]) -> [T; 10] {
+    let [w0, b0, w1, b1, w2, b2, w3, b3] = interleave(weights, biases);
+    [x, context, w0, b0, w1, b1, w2, b2, w3, b3]
+}
+
 /// Without the `flex` backend there is nothing to fuse on: burn's composition runs.
 #[cfg(not(feature = "flex"))]
 pub fn is_host<B: Backend>() -> bool {
