@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/tlb/v1/training.proto",
         "proto/tlb/v1/inference.proto",
         "proto/tlb/v1/datasets.proto",
+        "proto/tlb/v1/search.proto",
         // The Open Inference Protocol (KServe v2), for Triton/KServe clients.
         "proto/inference/grpc_predict_v2.proto",
     ];

@@ -53,7 +53,15 @@ mod tests {
         round_trips::<Precision>(&["f32", "bf16"]);
         round_trips::<Readout>(&["last-fast", "slow"]);
         round_trips::<DatasetFormat>(&["cifar10", "cifar100", "image-folder"]);
-        round_trips::<JobState>(&["QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"]);
+        round_trips::<JobState>(&[
+            "QUEUED",
+            "RUNNING",
+            "SUCCEEDED",
+            "FAILED",
+            "CANCELLED",
+            "PAUSED",
+            "STOPPED",
+        ]);
         round_trips::<Role>(&["admin", "train", "infer"]);
     }
 

@@ -226,6 +226,8 @@ fn needs(path: &str) -> Need {
     match path {
         "/tlb.v1.TrainingService/StartTraining" => Need::Role(Role::Train, "StartTraining"),
         "/tlb.v1.TrainingService/CancelJob" => Need::Role(Role::Train, "CancelJob"),
+        "/tlb.v1.SearchService/StartSearch" => Need::Role(Role::Train, "StartSearch"),
+        "/tlb.v1.SearchService/CancelSearch" => Need::Role(Role::Train, "CancelSearch"),
         "/tlb.v1.InferenceService/ImportModel" => Need::Role(Role::Train, "ImportModel"),
         "/tlb.v1.DatasetService/UploadDataset" => Need::Role(Role::Train, "UploadDataset"),
         "/tlb.v1.DatasetService/DeleteDataset" => Need::Role(Role::Train, "DeleteDataset"),
@@ -415,6 +417,11 @@ mod tests {
         assert!(require(None, Role::Admin, "anything").is_ok());
         assert_eq!(needs("/grpc.health.v1.Health/Check"), Need::Open);
         assert_eq!(needs("/tlb.v1.InferenceService/Classify"), Need::AnyToken);
+        assert_eq!(needs("/tlb.v1.SearchService/GetSearch"), Need::AnyToken);
+        assert_eq!(
+            needs("/tlb.v1.SearchService/StartSearch"),
+            Need::Role(Role::Train, "StartSearch")
+        );
         assert_eq!(
             needs("/tlb.v1.TrainingService/CancelJob"),
             Need::Role(Role::Train, "CancelJob")

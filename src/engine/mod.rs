@@ -4,5 +4,6 @@ pub mod backend;
 pub mod data;
 pub mod infer;
 pub mod model;
+pub mod search;
 pub mod train;
 pub mod viz;

@@ -23,6 +23,8 @@ pub fn job_state(s: JobState) -> pb::JobState {
         JobState::Succeeded => pb::JobState::Succeeded,
         JobState::Failed => pb::JobState::Failed,
         JobState::Cancelled => pb::JobState::Cancelled,
+        JobState::Paused => pb::JobState::Paused,
+        JobState::Stopped => pb::JobState::Stopped,
     }
 }
 
@@ -37,6 +39,8 @@ pub fn state_filter(value: i32) -> Result<Option<JobState>, ApiError> {
         pb::JobState::Succeeded => Some(JobState::Succeeded),
         pb::JobState::Failed => Some(JobState::Failed),
         pb::JobState::Cancelled => Some(JobState::Cancelled),
+        pb::JobState::Paused => Some(JobState::Paused),
+        pb::JobState::Stopped => Some(JobState::Stopped),
     })
 }
 
@@ -114,6 +118,8 @@ pub fn job(j: &JobRow) -> pb::Job {
         attempt: j.attempt,
         device: j.device.clone(),
         warnings: j.warnings.clone(),
+        search_id: j.search_id.map(|s| s.to_string()).unwrap_or_default(),
+        trial: j.trial,
     }
 }
 

@@ -26,7 +26,7 @@ impl InferenceApi {
         local_model(&self.0.artifacts, &self.0.data_dir, row).await
     }
 
-    /// A job id (its best checkpoint), a checkpoint id, or empty (the default model); while
+    /// A job id (its best checkpoint), a search id (its best trial's), a checkpoint id, or empty (the default model); while
     /// the store cannot be reached, the checkpoint the name last stood for.
     async fn resolve_model(&self, model: &str) -> Result<ModelRef, ApiError> {
         let answer = self.lookup_model(model).await;
@@ -49,9 +49,11 @@ impl InferenceApi {
         let id = Uuid::parse_str(model).map_err(|_| {
             ApiError::field(
                 "model",
-                format!("'{model}' is not a UUID (a job or checkpoint id)"),
+                format!("'{model}' is not a UUID (a job, search or checkpoint id)"),
             )
         })?;
+        // A search stands for its best trial.
+        let id = super::through_search(store, id).await?;
         if let Some(job) = store.get_job(id).await? {
             let best = match job.best_checkpoint_id {
                 Some(c) => store.get_checkpoint(c).await?,

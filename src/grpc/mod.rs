@@ -7,6 +7,7 @@ mod images;
 mod import;
 mod inference;
 mod oip;
+mod search;
 mod training;
 pub mod wire;
 
@@ -18,6 +19,7 @@ use tokio::sync::{broadcast, watch};
 pub use datasets::DatasetApi;
 pub use inference::InferenceApi;
 pub use oip::{OipApi, OnlyOpenInference};
+pub use search::{through_search, SearchApi};
 pub use training::TrainingApi;
 
 use crate::admission::Admission;

@@ -51,46 +51,125 @@ impl TrainingApi {
             .await?
             .ok_or_else(|| ApiError::NotFound(format!("no job with id {id}")))
     }
-
-    /// A request's dataset: `(format, the path its job row keeps, the path read here)`. A
-    /// path under the datasets root as given; an uploaded dataset by name; an `s3://` URI,
-    /// fetched here (each replica that runs the job fetches it, or finds it fetched).
-    async fn dataset_of(&self, d: pb::Dataset) -> Result<(String, String, String), ApiError> {
-        let named = [&d.path, &d.id, &d.uri]
-            .iter()
-            .filter(|s| !s.is_empty())
-            .count();
-        if named > 1 {
-            return Err(ApiError::field(
-                "dataset",
-                "give one of path (on the server), id (an upload) or uri (s3://)",
-            ));
-        }
-        if !d.uri.is_empty() {
-            remote::parse(&d.uri)?;
-            let format = if d.format.is_empty() {
-                "image-folder".to_string()
-            } else {
-                d.format
-            };
-            let (local, _) =
-                local_dataset(&self.0.artifacts, &self.0.datasets, &format, &d.uri).await?;
-            return Ok((format, d.uri, local));
-        }
-        if d.id.is_empty() {
-            return Ok((d.format, d.path.clone(), d.path));
-        }
-        let row = self.0.store.get_dataset(&d.id).await?.ok_or_else(|| {
-            ApiError::NotFound(format!("dataset.id: no uploaded dataset named '{}'", d.id))
-        })?;
-        let path = super::datasets::job_path(&row);
-        let (local, _) =
-            local_dataset(&self.0.artifacts, &self.0.datasets, &row.format, &path).await?;
-        Ok((row.format, path, local))
-    }
 }
 
-fn parse_page_token(token: &str) -> Result<Option<(i64, String)>, ApiError> {
+/// A request's dataset: `(format, the path its job row keeps, the path read here)`. A
+/// path under the datasets root as given; an uploaded dataset by name; an `s3://` URI,
+/// fetched here (each replica that runs the job fetches it, or finds it fetched).
+async fn dataset_of(
+    state: &AppState,
+    d: pb::Dataset,
+) -> Result<(String, String, String), ApiError> {
+    let named = [&d.path, &d.id, &d.uri]
+        .iter()
+        .filter(|s| !s.is_empty())
+        .count();
+    if named > 1 {
+        return Err(ApiError::field(
+            "dataset",
+            "give one of path (on the server), id (an upload) or uri (s3://)",
+        ));
+    }
+    if !d.uri.is_empty() {
+        remote::parse(&d.uri)?;
+        let format = if d.format.is_empty() {
+            "image-folder".to_string()
+        } else {
+            d.format
+        };
+        let (local, _) = local_dataset(&state.artifacts, &state.datasets, &format, &d.uri).await?;
+        return Ok((format, d.uri, local));
+    }
+    if d.id.is_empty() {
+        return Ok((d.format, d.path.clone(), d.path));
+    }
+    let row = state.store.get_dataset(&d.id).await?.ok_or_else(|| {
+        ApiError::NotFound(format!("dataset.id: no uploaded dataset named '{}'", d.id))
+    })?;
+    let path = super::datasets::job_path(&row);
+    let (local, _) = local_dataset(&state.artifacts, &state.datasets, &row.format, &path).await?;
+    Ok((row.format, path, local))
+}
+
+/// What a job (or a search's trials) starts from, judged as StartTraining judges it:
+/// arguments first (preset, dataset, overrides), then the machine (admission, artifact
+/// store, queue room).
+pub(super) struct Base {
+    pub preset: String,
+    pub config: crate::engine::train::TrainConfig,
+    pub format: String,
+    pub path: String,
+}
+
+pub(super) async fn base_of(
+    state: &AppState,
+    caller: Option<&Caller>,
+    preset: &str,
+    overrides: Option<&pb::TrainingConfig>,
+    dataset: Option<pb::Dataset>,
+) -> Result<Base, Status> {
+    let preset_name = if preset.is_empty() {
+        "cpu-small"
+    } else {
+        preset
+    };
+    let preset = preset_name
+        .parse::<Preset>()
+        .map_err(|e| ApiError::field("preset", e))?;
+    let dataset = dataset.ok_or_else(|| {
+        ApiError::field(
+            "dataset",
+            "is required: {format: cifar10|cifar100|image-folder, path}",
+        )
+    })?;
+    let (format, path, local) = dataset_of(state, dataset).await?;
+    let resolved = state.datasets.resolve(&format, &local)?;
+    let mut config = preset.config();
+    if let Some(overrides) = overrides {
+        convert::apply_overrides(&mut config, overrides)?;
+    }
+    config.model.num_classes = resolved.num_classes;
+    config
+        .validate()
+        .map_err(|e| ApiError::field(&format!("config.{}", e.field), e.message))?;
+    if resolved.needs_download {
+        require(caller, Role::Admin, "a job that downloads its dataset")?;
+    }
+    Ok(Base {
+        preset: preset_name.to_string(),
+        config,
+        format,
+        path,
+    })
+}
+
+/// The machine's say, after the arguments: whether `config` fits, checkpoints can be kept,
+/// and the queue has room.
+pub(super) async fn admit(
+    state: &AppState,
+    config: &crate::engine::train::TrainConfig,
+) -> Result<(), ApiError> {
+    state.admission.check(config)?;
+    // A job whose checkpoints could not be kept is refused before it queues.
+    state.artifacts.check().await?;
+    let queued = state
+        .store
+        .count_by_state()
+        .await?
+        .into_iter()
+        .find_map(|(s, n)| (s == JobState::Queued).then_some(n as usize))
+        .unwrap_or(0);
+    if queued >= state.max_queued_jobs {
+        return Err(ApiError::ResourceExhausted(format!(
+            "job queue full: {queued} jobs queued, the limit is {} (--max-queued-jobs); \
+             start this one when some have run",
+            state.max_queued_jobs
+        )));
+    }
+    Ok(())
+}
+
+pub(super) fn parse_page_token(token: &str) -> Result<Option<(i64, String)>, ApiError> {
     if token.is_empty() {
         return Ok(None);
     }
@@ -110,66 +189,30 @@ impl TrainingService for TrainingApi {
     ) -> Result<Response<pb::StartTrainingResponse>, Status> {
         let caller = Caller::of(&request).cloned();
         let r = request.into_inner();
-        let preset_name = if r.preset.is_empty() {
-            "cpu-small"
-        } else {
-            &r.preset
-        };
-        let preset = preset_name
-            .parse::<Preset>()
-            .map_err(|e| ApiError::field("preset", e))?;
-        let dataset = r.dataset.ok_or_else(|| {
-            ApiError::field(
-                "dataset",
-                "is required: {format: cifar10|cifar100|image-folder, path}",
-            )
-        })?;
-        let (format, path, local) = self.dataset_of(dataset).await?;
-        let resolved = self.0.datasets.resolve(&format, &local)?;
-        let mut config = preset.config();
-        if let Some(overrides) = &r.config {
-            convert::apply_overrides(&mut config, overrides)?;
-        }
-        config.model.num_classes = resolved.num_classes;
-        config
-            .validate()
-            .map_err(|e| ApiError::field(&format!("config.{}", e.field), e.message))?;
-        if resolved.needs_download {
-            require(
-                caller.as_ref(),
-                Role::Admin,
-                "a job that downloads its dataset",
-            )?;
-        }
+        let base = base_of(
+            &self.0,
+            caller.as_ref(),
+            &r.preset,
+            r.config.as_ref(),
+            r.dataset,
+        )
+        .await?;
         // Only now the state of the machine: arguments are judged first.
-        self.0.admission.check(&config)?;
-        // A job whose checkpoints could not be kept is refused before it queues.
-        self.0.artifacts.check().await.map_err(ApiError::from)?;
-        let queued = self
-            .0
-            .store
-            .count_by_state()
-            .await
-            .map_err(ApiError::from)?
-            .into_iter()
-            .find_map(|(s, n)| (s == JobState::Queued).then_some(n as usize))
-            .unwrap_or(0);
-        if queued >= self.0.max_queued_jobs {
-            return Err(ApiError::ResourceExhausted(format!(
-                "job queue full: {queued} jobs queued, the limit is {} (--max-queued-jobs); \
-                 start this one when some have run",
-                self.0.max_queued_jobs
-            ))
-            .into());
-        }
-        let mut job = JobRow::queued(preset_name, config, &format, &path);
+        admit(&self.0, &base.config).await?;
+        let Base {
+            preset,
+            config,
+            format,
+            path,
+        } = base;
+        let mut job = JobRow::queued(&preset, config, &format, &path);
         job.created_by = caller.map(|c| c.name).unwrap_or_default();
         self.0
             .store
             .insert_job(&job)
             .await
             .map_err(ApiError::from)?;
-        info!(job = %job.id, preset = preset_name, dataset = %path, "job queued");
+        info!(job = %job.id, preset = %preset, dataset = %path, "job queued");
         self.0.worker.wake();
         Ok(Response::new(pb::StartTrainingResponse {
             job_id: job.id.to_string(),

@@ -29,6 +29,8 @@ pub struct Metrics {
     /// `tlb_build_info{version,backend}`: set by [`record_build`].
     build_info: IntGaugeVec,
     pub restarts_from_scratch: prometheus::IntCounter,
+    pub search_trials: IntGaugeVec,
+    pub search_promotions: prometheus::IntCounter,
 }
 
 fn build() -> prometheus::Result<Metrics> {
@@ -110,6 +112,17 @@ fn build() -> prometheus::Result<Metrics> {
             "Resumed jobs whose committed checkpoints were missing and that started again at \
              epoch 0 (--on-missing-checkpoint restart)",
         )?,
+        search_trials: IntGaugeVec::new(
+            Opts::new(
+                "tlb_search_trials",
+                "Trials of hyper-parameter searches in the store, by job state",
+            ),
+            &["state"],
+        )?,
+        search_promotions: prometheus::IntCounter::new(
+            "tlb_search_promotions_total",
+            "ASHA promotions this replica decided (trials sent on to their next rung)",
+        )?,
         build_info: IntGaugeVec::new(
             Opts::new("tlb_build_info", "The running build: always 1"),
             &["version", "backend"],
@@ -130,6 +143,8 @@ fn build() -> prometheus::Result<Metrics> {
     r.register(Box::new(m.store_up.clone()))?;
     r.register(Box::new(m.restarts_from_scratch.clone()))?;
     r.register(Box::new(m.build_info.clone()))?;
+    r.register(Box::new(m.search_trials.clone()))?;
+    r.register(Box::new(m.search_promotions.clone()))?;
     r.register(Box::new(
         prometheus::process_collector::ProcessCollector::for_self(),
     ))?;
@@ -271,6 +286,7 @@ mod tests {
         for name in [
             "tlb_build_info{backend=\"flex\",",
             "tlb_inference_queued_images 0",
+            "tlb_search_promotions_total",
             "process_resident_memory_bytes",
             "process_cpu_seconds_total",
             "process_open_fds",

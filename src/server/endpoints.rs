@@ -31,6 +31,17 @@ pub(super) async fn serve_metrics(
             }
             Err(e) => tracing::error!(error = %format!("{e:#}"), "counting jobs for /metrics"),
         }
+        match store.trials_by_state().await {
+            Ok(counts) => {
+                for (state, n) in counts {
+                    metrics()
+                        .search_trials
+                        .with_label_values(&[state.name()])
+                        .set(n);
+                }
+            }
+            Err(e) => tracing::error!(error = %format!("{e:#}"), "counting trials for /metrics"),
+        }
         (
             [(
                 axum::http::header::CONTENT_TYPE,

@@ -22,12 +22,13 @@ use crate::auth::{AuthLayer, Tokens};
 use crate::engine::train::remove_stale_temp_files;
 use crate::grpc::{
     wire::RequestBytesLayer, AppState, DatasetApi, InferenceApi, OipApi, OnlyOpenInference,
-    TrainingApi, MAX_MESSAGE_BYTES,
+    SearchApi, TrainingApi, MAX_MESSAGE_BYTES,
 };
 use crate::metrics::RpcMetricsLayer;
 use crate::proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::proto::v1::dataset_service_server::DatasetServiceServer;
 use crate::proto::v1::inference_service_server::InferenceServiceServer;
+use crate::proto::v1::search_service_server::SearchServiceServer;
 use crate::proto::v1::training_service_server::TrainingServiceServer;
 use crate::store::Store;
 use crate::worker::{WorkerContext, WorkerHandle};
@@ -122,6 +123,8 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
     );
     let worker = state.worker.clone();
     let services = services(state.clone())?;
+    // Searches advance from any replica (their trials end on any).
+    crate::worker::search::spawn_sweeper(state.store.clone(), state.shutdown.clone());
 
     let listener = tokio::net::TcpListener::bind(args.addr)
         .await
@@ -158,6 +161,7 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
             usize::try_from(args.max_request_bytes_in_flight).unwrap_or(usize::MAX),
         ))
         .add_service(services.training)
+        .add_service(services.search)
         .add_service(services.inference)
         .add_service(services.datasets)
         .add_service(services.open_inference)
@@ -351,6 +355,7 @@ fn start_worker(
 /// The gRPC services besides health, over one shared state.
 struct Services<R1, R2> {
     training: TrainingServiceServer<TrainingApi>,
+    search: SearchServiceServer<SearchApi>,
     inference: InferenceServiceServer<InferenceApi>,
     datasets: DatasetServiceServer<DatasetApi>,
     open_inference: OnlyOpenInference<GrpcInferenceServiceServer<OipApi>>,
@@ -375,6 +380,7 @@ fn services(
     Ok(Services {
         training: TrainingServiceServer::new(TrainingApi(state.clone()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        search: SearchServiceServer::new(SearchApi(state.clone())),
         inference: InferenceServiceServer::new(InferenceApi(state.clone()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES),

@@ -17,6 +17,7 @@ mod lease;
 mod models;
 mod paths;
 mod rows;
+mod searches;
 
 use std::path::{Path, PathBuf};
 
@@ -32,6 +33,7 @@ pub use error::{StoreError, StoreResult};
 pub use last_known::LastKnown;
 pub use lease::{Claimed, Fence, Heartbeat, LeaseLost};
 pub use rows::{now_ms, CheckpointRow, JobRow, JobState};
+pub use searches::{Advanced, Best, EventKind, SearchEvent, SearchReport, SearchRow, SearchState};
 
 use crate::engine::train::EpochMetrics;
 use crate::names::Named;
@@ -63,7 +65,7 @@ pub(super) const JOB_COLUMNS: &str =
     latest_metrics_json, best_checkpoint_id, test_accuracy, error, restarts, \
     CAST(cancel_requested AS INTEGER) AS cancel_requested, unclean_exits, \
     CAST(run_open AS INTEGER) AS run_open, created_by, attempt, worker, device, resume_path, \
-    progress_json, warnings_json, labels_json";
+    progress_json, warnings_json, labels_json, search_id, trial, rung, pause_at";
 /// Columns of `checkpoints`, to insert.
 pub(super) const CHECKPOINT_COLUMNS: &str =
     "id, job_id, epoch, val_accuracy, path, is_best, created_at_ms, copy_path";
@@ -335,6 +337,23 @@ impl Store {
         .await
     }
 
+    /// A search's trial reached the epoch it waits at (fenced): RUNNING → PAUSED, its lease
+    /// ended; its search promotes it (queued again, to resume) or stops it.
+    pub async fn pause(&self, fence: Fence) -> StoreResult<()> {
+        self.write(async |c| {
+            let done = sqlx::query(
+                "UPDATE jobs SET state = 'PAUSED', run_open = FALSE, lease_expires_at_ms = NULL, \
+                 progress_json = NULL WHERE id = $1 AND attempt = $2 AND state = 'RUNNING'",
+            )
+            .bind(fence.job.to_string())
+            .bind(fence.attempt as i64)
+            .execute(c)
+            .await?;
+            fence.check(done.rows_affected())
+        })
+        .await
+    }
+
     /// Adds a warning to the job's (fenced; the newest [`MAX_WARNINGS`] are kept).
     pub async fn add_warning(&self, fence: Fence, message: &str) -> StoreResult<()> {
         self.write(async |c| {
@@ -362,12 +381,12 @@ impl Store {
         .await
     }
 
-    /// QUEUED → CANCELLED. False when the job was not queued (any more).
+    /// QUEUED or PAUSED → CANCELLED. False when the job was neither (any more).
     pub async fn cancel_queued(&self, id: Uuid) -> StoreResult<bool> {
         self.write(async |c| {
             let done = sqlx::query(
                 "UPDATE jobs SET state = 'CANCELLED', finished_at_ms = $2, \
-                 cancel_requested = TRUE WHERE id = $1 AND state = 'QUEUED'",
+                 cancel_requested = TRUE WHERE id = $1 AND state IN ('QUEUED', 'PAUSED')",
             )
             .bind(id.to_string())
             .bind(now_ms())
@@ -394,11 +413,12 @@ impl Store {
 }
 
 /// Inserts `job` on `c` (within the caller's transaction).
-async fn insert_job_on(c: &mut AnyConnection, job: &JobRow) -> Result<()> {
+pub(super) async fn insert_job_on(c: &mut AnyConnection, job: &JobRow) -> Result<()> {
     sqlx::query(
         "INSERT INTO jobs (id, state, preset, config_json, dataset_format, dataset_path, \
-         created_at_ms, epochs_total, created_by, labels_json) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+         created_at_ms, epochs_total, created_by, labels_json, search_id, trial, rung, \
+         pause_at, error, finished_at_ms) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
     )
     .bind(job.id.to_string())
     .bind(job.state.name())
@@ -410,6 +430,12 @@ async fn insert_job_on(c: &mut AnyConnection, job: &JobRow) -> Result<()> {
     .bind(job.epochs_total as i64)
     .bind(&job.created_by)
     .bind(models::labels_json(&job.labels)?)
+    .bind(job.search_id.map(|s| s.to_string()))
+    .bind(job.trial.map(i64::from))
+    .bind(i64::from(job.rung))
+    .bind(job.pause_at.map(i64::from))
+    .bind(&job.error)
+    .bind(job.finished_at_ms)
     .execute(c)
     .await?;
     Ok(())

@@ -36,11 +36,19 @@ pub enum JobState {
     Succeeded,
     Failed,
     Cancelled,
+    /// A search's trial waiting at its rung for a promotion (it keeps its checkpoints and
+    /// resumes from them when promoted).
+    Paused,
+    /// A search's trial its search ended without promoting (its checkpoints stay).
+    Stopped,
 }
 
 impl JobState {
     pub fn is_terminal(self) -> bool {
-        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+        matches!(
+            self,
+            Self::Succeeded | Self::Failed | Self::Cancelled | Self::Stopped
+        )
     }
 }
 
@@ -88,6 +96,13 @@ pub struct JobRow {
     pub warnings: Vec<String>,
     /// The model's class names (empty: not known yet, or a job from before they were stored).
     pub labels: Vec<String>,
+    /// The search this job is a trial of, and its number there.
+    pub search_id: Option<Uuid>,
+    pub trial: Option<u32>,
+    /// The ASHA rung the trial trains towards (0 outside ASHA).
+    pub rung: u32,
+    /// The epoch the trial waits at for a promotion (None: it trains to the end).
+    pub pause_at: Option<u32>,
 }
 
 /// A BOOLEAN column, selected as `CAST(… AS INTEGER)`.
@@ -130,6 +145,10 @@ impl JobRow {
             progress: None,
             warnings: Vec::new(),
             labels: Vec::new(),
+            search_id: None,
+            trial: None,
+            rung: 0,
+            pause_at: None,
         }
     }
 
@@ -186,6 +205,14 @@ impl JobRow {
                 .try_get::<Option<String>, _>("labels_json")?
                 .and_then(|l| serde_json::from_str(&l).ok())
                 .unwrap_or_default(),
+            search_id: r
+                .try_get::<Option<String>, _>("search_id")?
+                .as_deref()
+                .map(uuid)
+                .transpose()?,
+            trial: r.try_get::<Option<i64>, _>("trial")?.map(|t| t as u32),
+            rung: r.try_get::<i64, _>("rung")? as u32,
+            pause_at: r.try_get::<Option<i64>, _>("pause_at")?.map(|p| p as u32),
         })
     }
 }

@@ -79,9 +79,25 @@ pub(super) fn run_job<B: AutodiffBackend>(
         || matches!(&result, Err(e) if e.downcast_ref::<StoreError>().is_some_and(StoreError::is_lease_lost));
     drop(lease);
     match result {
-        Ok((Outcome::Abandoned, _)) => info!("job left to the worker that owns it now"),
+        Ok(Ended::Abandoned) => info!("job left to the worker that owns it now"),
         _ if lost => info!("job left to the worker that owns it now"),
-        Ok((Outcome::Completed, test_accuracy)) => {
+        Ok(Ended::Interrupted) if cancel.load(Ordering::SeqCst) => {
+            info!("job cancelled");
+            finish(ctx, inference, rx, fence, JobState::Cancelled, "", None)
+        }
+        Ok(Ended::Paused) => {
+            let what = "recording the trial's pause at its rung";
+            let write = || ctx.runtime.block_on(ctx.store.pause(fence));
+            match retry_fenced(ctx, inference, rx, what, write) {
+                Retried::Written(()) => {
+                    info!(epoch = ?job.pause_at, "trial paused at its rung");
+                    publish_state(ctx, id);
+                }
+                Retried::Lost => info!("job left to the worker that owns it now"),
+                Retried::Stopped => {}
+            }
+        }
+        Ok(Ended::Completed(test_accuracy)) => {
             info!(?test_accuracy, "job succeeded");
             finish(
                 ctx,
@@ -93,11 +109,7 @@ pub(super) fn run_job<B: AutodiffBackend>(
                 test_accuracy,
             )
         }
-        Ok((Outcome::Interrupted, _)) if cancel.load(Ordering::SeqCst) => {
-            info!("job cancelled");
-            finish(ctx, inference, rx, fence, JobState::Cancelled, "", None)
-        }
-        Ok((Outcome::Interrupted, _)) => {
+        Ok(Ended::Interrupted) => {
             // Shutdown: the job stays RUNNING; releasing the lease lets another worker
             // resume it at once (or this server on its next start).
             match ctx.runtime.block_on(ctx.store.release(fence)) {
@@ -111,6 +123,18 @@ pub(super) fn run_job<B: AutodiffBackend>(
             finish(ctx, inference, rx, fence, JobState::Failed, &message, None)
         }
     }
+}
+
+/// How a job's run ended, for the worker.
+enum Ended {
+    /// Trained to its end; the test accuracy.
+    Completed(Option<f64>),
+    /// A search's trial reached the epoch it waits at.
+    Paused,
+    /// Cancelled or shutting down.
+    Interrupted,
+    /// Another worker owns the job now.
+    Abandoned,
 }
 
 /// Where a claimed job starts: from the checkpoints the store committed for it, newest first
@@ -209,7 +233,7 @@ fn train_job<B: AutodiffBackend>(
     job: &JobRow,
     lease: &Lease,
     cancel: Arc<AtomicBool>,
-) -> anyhow::Result<(Outcome, Option<f64>)> {
+) -> anyhow::Result<Ended> {
     // A job another replica's admission let through, on a device without its precision.
     ctx.device
         .supports(job.config.precision)
@@ -250,7 +274,7 @@ fn train_job<B: AutodiffBackend>(
     let splits = match prepared {
         Ok(splits) => splits,
         // Cancelled or shutting down mid-download: not a failure.
-        Err(_) if stopped() => return Ok((Outcome::Interrupted, None)),
+        Err(_) if stopped() => return Ok(Ended::Interrupted),
         Err(e) => return Err(e),
     };
     let out = job_dir(&ctx.data_dir, id);
@@ -275,15 +299,22 @@ fn train_job<B: AutodiffBackend>(
     let label = ctx.device_label.as_str();
     let ckpts = RunDir(run.dir.clone()).checkpoints(run.attempt);
     let mut observer = JobObserver::<B>::new(ctx, id, lease, cancel, inference, rx, label)
-        .prunes(ckpts, config.keep_last);
+        .prunes(ckpts, config.keep_last)
+        .pauses_at(job.pause_at);
     let run = catch_unwind(AssertUnwindSafe(|| {
         train_run::<B>(&config, &splits, &run, device, &mut observer)
     }));
     let all_recorded = observer.close();
+    let paused = observer.paused && all_recorded;
     match run {
         // The job does not end before its epochs are recorded and its checkpoints stored.
-        Ok(Ok((Outcome::Completed, _))) if !all_recorded => Ok((Outcome::Interrupted, None)),
-        Ok(r) => r.map(|(outcome, summary)| (outcome, summary.test_accuracy)),
+        Ok(Ok((Outcome::Completed, _))) if !all_recorded => Ok(Ended::Interrupted),
+        Ok(Ok((Outcome::Interrupted, _))) if paused => Ok(Ended::Paused),
+        Ok(r) => r.map(|(outcome, summary)| match outcome {
+            Outcome::Completed => Ended::Completed(summary.test_accuracy),
+            Outcome::Interrupted => Ended::Interrupted,
+            Outcome::Abandoned => Ended::Abandoned,
+        }),
         Err(_) => Err(anyhow::anyhow!("training panicked (see the server log)")),
     }
 }

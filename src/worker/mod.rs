@@ -10,6 +10,7 @@ mod job;
 mod lease;
 mod models;
 mod observer;
+pub mod search;
 mod uploads;
 mod watch;
 
@@ -402,9 +403,14 @@ impl<B: AutodiffBackend> Worker<B> {
                 .block_on(ctx.store.claim(&ctx.replica_id, &device, lease_ms));
             match claim {
                 Ok(Some(claimed)) => {
+                    let search = claimed.job.as_ref().ok().and_then(|j| j.search_id);
                     self.training.store(true, Ordering::SeqCst);
                     job::run_job::<B>(ctx, &self.device, &mut self.inference, &self.rx, claimed);
                     self.training.store(false, Ordering::SeqCst);
+                    // Its trial paused or ended: the search decides what runs next.
+                    if let Some(search) = search {
+                        ctx.runtime.block_on(search::advance(&ctx.store, search));
+                    }
                 }
                 Ok(None) => {
                     // Idle: wait for a request, a wake-up, or the next look at the store (a

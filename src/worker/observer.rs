@@ -112,6 +112,10 @@ pub(super) struct JobObserver<'a, B: AutodiffBackend> {
     /// The run's checkpoints and how many epoch files it keeps: the artifact store is
     /// pruned like the disk.
     pruning: Option<(CheckpointDir, usize)>,
+    /// A search's trial stops at this epoch to wait for a promotion.
+    pause_at: Option<u32>,
+    /// It reached `pause_at` (its epoch recorded): the run stops there.
+    pub(super) paused: bool,
     _backend: std::marker::PhantomData<B>,
 }
 
@@ -198,7 +202,8 @@ impl<B: AutodiffBackend> TrainObserver<B> for JobObserver<'_, B> {
     }
 
     fn should_stop(&mut self) -> bool {
-        self.cancel.load(Ordering::SeqCst)
+        self.paused
+            || self.cancel.load(Ordering::SeqCst)
             || self.ctx.stop.load(Ordering::SeqCst)
             || self.lease.lost()
     }
@@ -245,6 +250,8 @@ impl<'a, B: AutodiffBackend> JobObserver<'a, B> {
                 .train_images_per_second
                 .with_label_values(&[label]),
             pruning: None,
+            pause_at: None,
+            paused: false,
             _backend: std::marker::PhantomData,
         }
     }
@@ -253,6 +260,12 @@ impl<'a, B: AutodiffBackend> JobObserver<'a, B> {
     /// prunes its disk.
     pub(super) fn prunes(mut self, ckpts: CheckpointDir, keep: usize) -> Self {
         self.pruning = Some((ckpts, keep));
+        self
+    }
+
+    /// Stops the run once epoch `epoch` is recorded (a search's trial at its rung).
+    pub(super) fn pauses_at(mut self, epoch: Option<u32>) -> Self {
+        self.pause_at = epoch;
         self
     }
 
@@ -297,6 +310,7 @@ impl<'a, B: AutodiffBackend> JobObserver<'a, B> {
         match retry_fenced(ctx, &mut *self.inference, self.rx, &what, write) {
             Retried::Written(()) => {
                 self.unrecorded = None;
+                self.paused = self.pause_at.is_some_and(|p| m.epoch as u32 >= p);
                 ctx.publish(self.job, JobUpdate::Epoch(m));
             }
             Retried::Lost => self.lease.mark_lost(),

@@ -15,6 +15,7 @@ mod hardening;
 mod import;
 mod model;
 mod replicas;
+mod search;
 mod server;
 mod server_auth;
 mod server_download;

@@ -38,7 +38,7 @@ struct Shapes {
 
 fn not_found(name: &str, why: impl std::fmt::Display) -> ApiError {
     ApiError::NotFound(format!(
-        "no model '{name}': {why} (models are job ids, checkpoint ids, or `{DEFAULT_MODEL}`)"
+        "no model '{name}': {why} (models are job ids, search ids, checkpoint ids, or `{DEFAULT_MODEL}`)"
     ))
 }
 
@@ -76,6 +76,8 @@ impl OipApi {
                 ));
             }
             let id = Uuid::parse_str(name).map_err(|_| not_found(name, "not a UUID"))?;
+            // A search stands for its best trial.
+            let id = crate::grpc::through_search(store, id).await?;
             if store.get_job(id).await?.is_some() {
                 let rows = store.list_checkpoints(id).await?;
                 let pick = match epoch {

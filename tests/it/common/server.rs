@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use tlb::proto::v1 as pb;
 use tlb::proto::v1::inference_service_client::InferenceServiceClient;
+use tlb::proto::v1::search_service_client::SearchServiceClient;
 use tlb::proto::v1::training_service_client::TrainingServiceClient;
 use tonic::transport::Channel;
 
@@ -101,6 +102,10 @@ impl Server {
 
     pub async fn training(&self) -> TrainingServiceClient<Channel> {
         TrainingServiceClient::new(self.channel().await)
+    }
+
+    pub async fn search(&self) -> SearchServiceClient<Channel> {
+        SearchServiceClient::new(self.channel().await)
     }
 
     /// ListModels.
