@@ -58,3 +58,12 @@ CREATE TABLE search_events (
     created_at_ms  BIGINT NOT NULL,
     PRIMARY KEY (search_id, seq)
 );
+
+-- Every epoch's metrics of every job, as recorded (fenced) with the job's latest: a search's
+-- trials' curves, from any replica. An epoch trained again after a crash replaces its row.
+CREATE TABLE job_epochs (
+    job_id        TEXT NOT NULL,
+    epoch         BIGINT NOT NULL,
+    metrics_json  TEXT NOT NULL,
+    PRIMARY KEY (job_id, epoch)
+);

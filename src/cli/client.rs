@@ -153,28 +153,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
             } as i32,
             ..Default::default()
         };
-        let local = std::path::Path::new(&a.dataset);
-        // `./x`, `../x` or `/x`: a folder here; a bare name is the server's.
-        let is_local = a.dataset.starts_with('.') || a.dataset.starts_with('/');
-        let dataset = if is_local && local.exists() {
-            let format = if a.format == "cifar10" && local.is_dir() && !has_cifar(local) {
-                "image-folder"
-            } else {
-                &a.format
-            };
-            let info = super::datasets::upload(&a.server, local, None, format).await?;
-            eprintln!("dataset {} ({} images)", info.name, info.images);
-            pb::Dataset {
-                id: info.name,
-                ..Default::default()
-            }
-        } else {
-            pb::Dataset {
-                format: a.format.clone(),
-                path: a.dataset.clone(),
-                ..Default::default()
-            }
-        };
+        let dataset = dataset_arg(&a.server, &a.dataset, &a.format).await?;
         let job_id = client
             .start_training(pb::StartTrainingRequest {
                 preset: a.preset.clone(),
@@ -190,6 +169,36 @@ pub fn train(a: TrainArgs) -> Result<()> {
             watch_job(&mut client, &job_id).await?;
         }
         Ok(())
+    })
+}
+
+/// The dataset a `--dataset` names: a folder or archive here (`./x`, `../x`, `/x`), uploaded
+/// first (or found there already); otherwise a folder under the server's datasets root.
+pub(super) async fn dataset_arg(
+    server: &ServerArg,
+    dataset: &str,
+    format: &str,
+) -> Result<pb::Dataset> {
+    let local = std::path::Path::new(dataset);
+    // `./x`, `../x` or `/x`: a folder here; a bare name is the server's.
+    let is_local = dataset.starts_with('.') || dataset.starts_with('/');
+    if is_local && local.exists() {
+        let format = if format == "cifar10" && local.is_dir() && !has_cifar(local) {
+            "image-folder"
+        } else {
+            format
+        };
+        let info = super::datasets::upload(server, local, None, format).await?;
+        eprintln!("dataset {} ({} images)", info.name, info.images);
+        return Ok(pb::Dataset {
+            id: info.name,
+            ..Default::default()
+        });
+    }
+    Ok(pb::Dataset {
+        format: format.to_string(),
+        path: dataset.to_string(),
+        ..Default::default()
     })
 }
 

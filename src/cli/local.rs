@@ -195,10 +195,14 @@ pub fn eval(a: EvalArgs) -> Result<()> {
 }
 
 pub fn plot(a: PlotArgs) -> Result<()> {
-    let path = if a.metrics.is_dir() {
-        a.metrics.join("metrics.jsonl")
+    let Some(metrics) = a.metrics else {
+        let search = a.search.as_deref().expect("--metrics or --search");
+        return super::search::plot(&a.server, search, &a.out);
+    };
+    let path = if metrics.is_dir() {
+        metrics.join("metrics.jsonl")
     } else {
-        a.metrics.clone()
+        metrics
     };
     plot_curves(&read_epochs(&path)?, &a.out)?;
     eprintln!("wrote {}", a.out.display());

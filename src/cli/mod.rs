@@ -7,6 +7,7 @@ mod datasets;
 mod local;
 mod models;
 mod parity;
+mod search;
 mod serve_bench;
 
 use std::path::PathBuf;
@@ -46,6 +47,9 @@ pub enum Command {
     Classify(client::ClassifyArgs),
     /// Fetch a per-chunk attention overlay PNG from the server.
     Attention(client::AttentionClientArgs),
+    /// Hyper-parameter searches on the server: start (with a live table), watch, show, ls,
+    /// cancel.
+    Search(search::SearchArgs),
     /// Your own data on the server: upload a folder or archive, list, show, delete.
     Datasets(datasets::DatasetsArgs),
     /// Add a model to the server from a `tlb export` safetensors file (ImportModel).
@@ -56,7 +60,7 @@ pub enum Command {
     TrainLocal(TrainLocalArgs),
     /// Accuracy and loss of a checkpoint on a dataset split.
     Eval(EvalArgs),
-    /// Plot loss/accuracy curves of a run as PNG.
+    /// Plot loss/accuracy curves of a run as PNG, or a search's trials (--search).
     Plot(PlotArgs),
     /// Render a checkpoint's per-chunk bottleneck attention over an image as PNG.
     AttentionLocal(AttentionArgs),
@@ -140,8 +144,14 @@ pub struct EvalArgs {
 #[derive(Args, Debug)]
 pub struct PlotArgs {
     /// A run directory or its metrics.jsonl.
+    #[arg(long, required_unless_present = "search", conflicts_with = "search")]
+    pub metrics: Option<PathBuf>,
+    /// A search on the server (--server): every trial's validation curve, those promoted
+    /// past their first rung highlighted.
     #[arg(long)]
-    pub metrics: PathBuf,
+    pub search: Option<String>,
+    #[command(flatten)]
+    pub server: client::ServerArg,
     #[arg(long, default_value = "curves.png")]
     pub out: PathBuf,
 }
@@ -234,6 +244,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Checkpoints(a) => client::checkpoints(a),
         Command::Classify(a) => client::classify(a),
         Command::Import(a) => models::import(a),
+        Command::Search(a) => search::run(a),
         Command::Datasets(a) => datasets::datasets(a),
         Command::Attention(a) => client::attention(a),
         Command::BenchServe(a) => serve_bench::serve_bench(a),

@@ -274,13 +274,36 @@ impl Store {
             .bind(fence.job.to_string())
             .bind(fence.attempt as i64)
             .bind(metrics.epoch as i64)
-            .bind(json)
+            .bind(&json)
             .bind(metrics.epochs_total as i64)
-            .execute(c)
+            .execute(&mut *c)
             .await?;
-            fence.check(done.rows_affected())
+            fence.check(done.rows_affected())?;
+            sqlx::query(
+                "INSERT INTO job_epochs (job_id, epoch, metrics_json) VALUES ($1, $2, $3) \
+                 ON CONFLICT (job_id, epoch) DO UPDATE SET metrics_json = excluded.metrics_json",
+            )
+            .bind(fence.job.to_string())
+            .bind(metrics.epoch as i64)
+            .bind(&json)
+            .execute(&mut *c)
+            .await?;
+            Ok(())
         })
         .await
+    }
+
+    /// The epochs a job recorded, in order (its curves).
+    pub async fn job_epochs(&self, job: Uuid) -> StoreResult<Vec<EpochMetrics>> {
+        let rows: Vec<(String,)> =
+            sqlx::query_as("SELECT metrics_json FROM job_epochs WHERE job_id = $1 ORDER BY epoch")
+                .bind(job.to_string())
+                .fetch_all(self.pool()?)
+                .await?;
+        Ok(rows
+            .iter()
+            .filter_map(|(m,)| serde_json::from_str(m).ok())
+            .collect())
     }
 
     /// Makes `path` (a checkpoint written mid-epoch) the one the job resumes from (fenced).

@@ -517,3 +517,109 @@ async fn a_search_survives_kill_9_of_a_replica_without_a_trial_or_promotion_twic
     .contains(&j.state)));
     drop(pg);
 }
+
+fn tlb(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tlb"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `tlb search start --asha` follows the search to its end (one line per event without a
+/// terminal, then the table); `show`, `ls` and `tlb plot --search` read it back; `cancel` of
+/// an ended search is refused with the server's words.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_starts_watches_shows_lists_and_plots_a_search() {
+    let dir = tempfile::tempdir().unwrap();
+    common::write_synthetic_cifar(&dir.path().join("datasets/synth"), 300, 50);
+    let server = Server::start(dir.path(), &[]);
+    let s = server.addr.as_str();
+    let (ok, out, err) = tlb(&[
+        "search",
+        "start",
+        "--server",
+        s,
+        "--preset",
+        "tiny",
+        "--dataset",
+        "synth",
+        "--space",
+        "lr=log_uniform(1e-3, 1e-2) r=[1,2]",
+        "--asha",
+        "--max-epochs",
+        "3",
+        "--max-trials",
+        "6",
+        "--max-concurrent",
+        "3",
+        "--seed",
+        "11",
+    ]);
+    assert!(ok, "{out}\n{err}");
+    let id = out.lines().next().unwrap().trim().to_string();
+    uuid::Uuid::parse_str(&id).unwrap();
+    for says in [
+        "trial 0 started: lr=",
+        "reported",
+        "promoted to rung 1 (3 epochs)",
+        "search ended: SUCCEEDED",
+    ] {
+        assert!(err.contains(says), "{says} missing:\n{err}");
+    }
+    // The final table: a headline and one row per trial, the best marked.
+    assert!(
+        out.contains(&format!("search {id}  SUCCEEDED  asha  trials 6/6")),
+        "{out}"
+    );
+    let rows: Vec<&str> = out
+        .lines()
+        .skip_while(|l| !l.starts_with("trial  state"))
+        .skip(1)
+        .collect();
+    assert_eq!(rows.len(), 6, "{out}");
+    assert_eq!(
+        rows.iter().filter(|r| r.ends_with(" *")).count(),
+        1,
+        "{out}"
+    );
+    let (ok, shown, err) = tlb(&["search", "show", "--server", s, &id]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        shown,
+        out.lines()
+            .skip(1)
+            .map(|l| format!("{l}\n"))
+            .collect::<String>()
+    );
+    let (ok, listed, _) = tlb(&["search", "ls", "--server", s]);
+    assert!(
+        ok && listed.starts_with(&format!("search {id}")),
+        "{listed}"
+    );
+    let png = dir.path().join("search.png");
+    let (ok, _, err) = tlb(&[
+        "plot",
+        "--server",
+        s,
+        "--search",
+        &id,
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let img = image::open(&png).unwrap().to_rgb8();
+    assert_eq!(img.dimensions(), (1000, 600));
+    // The best trial's curve is drawn in black; the others in grey or colour.
+    assert!(img.pixels().filter(|p| p.0 == [0, 0, 0]).count() > 500);
+    assert!(img.pixels().any(|p| p.0 == [170, 170, 170]));
+    let (ok, _, err) = tlb(&["search", "cancel", "--server", s, &id]);
+    assert!(
+        !ok && err.contains("FailedPrecondition") && err.contains("already ended"),
+        "{err}"
+    );
+}

@@ -12,7 +12,7 @@ mod tests;
 use serde::{Deserialize, Serialize};
 
 pub use asha::{best, decide, Decision, Status, TrialView};
-pub use space::{Assignment, Domain, Param, Space, Value};
+pub use space::{describe, Assignment, Domain, Param, Space, Value};
 
 use crate::engine::train::TrainConfig;
 

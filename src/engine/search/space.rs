@@ -140,6 +140,21 @@ pub struct Space {
 /// A trial's values, field by field.
 pub type Assignment = Vec<(String, Value)>;
 
+/// `field=value` items for people: drawn numbers to 5 significant digits.
+pub fn describe(values: &Assignment) -> String {
+    let items: Vec<String> = values
+        .iter()
+        .map(|(f, v)| match v {
+            Value::Float(x) => {
+                let rounded: f64 = format!("{x:.4e}").parse().unwrap_or(*x);
+                format!("{f}={rounded}")
+            }
+            v => format!("{f}={v}"),
+        })
+        .collect();
+    items.join(" ")
+}
+
 /// Most points a space without replacement draws from (a permutation of them is kept).
 const SHUFFLE_MAX: u64 = 1 << 16;
 

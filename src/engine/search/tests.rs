@@ -439,3 +439,27 @@ fn grid_and_random_searches_keep_max_concurrent_trials_going_and_end() {
     let d = decide(&s, &done);
     assert!(d.finished && d.start.is_empty() && d.promote.is_empty());
 }
+
+#[test]
+fn values_are_described_to_5_significant_digits_and_the_budget_is_synchronous_halvings() {
+    let v = vec![
+        ("lr".to_string(), Value::Float(0.003048860203201793)),
+        ("ffn_dropout".to_string(), Value::Float(0.2)),
+        ("r".to_string(), Value::Int(2)),
+        ("readout".to_string(), Value::Word("slow".into())),
+    ];
+    assert_eq!(
+        describe(&v),
+        "lr=0.0030489 ffn_dropout=0.2 r=2 readout=slow"
+    );
+    let s = |alg, n| spec("lr=log_uniform(1e-4,1e-2)", alg, n, 2);
+    assert_eq!(s(asha(1, 27, 3, 1), 27).budget_epochs(27), 81);
+    assert_eq!(s(asha(1, 9, 3, 1), 9).budget_epochs(9), 21);
+    // Two brackets: trials 0,2,4,… over 1,3,9; trials 1,3,5,… over 3,9.
+    // (⌊3/9⌋ = 0 of bracket 0 reach its top rung.)
+    assert_eq!(
+        s(asha(1, 9, 3, 2), 6).budget_epochs(9),
+        (3 + 2) + (3 * 3 + 6)
+    );
+    assert_eq!(s(Algorithm::Random, 5).budget_epochs(7), 35);
+}

@@ -8,7 +8,7 @@ use plotters::style::{register_font, FontStyle};
 
 use crate::engine::train::{read_epochs_text, EpochMetrics};
 
-fn ensure_font() {
+pub(super) fn ensure_font() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         // Embedded DejaVu: plots render the same on machines without system fonts.

@@ -1,9 +1,15 @@
 //! Search rows to protobuf messages, and a StartSearch request to a spec.
 
-use crate::engine::search::{Algorithm, Asha, Metric, Mode, SearchSpec, Space, SpecError};
-use crate::engine::train::TrainConfig;
+use std::collections::HashMap;
+
+use uuid::Uuid;
+
+use crate::engine::search::{
+    describe, Algorithm, Asha, Metric, Mode, SearchSpec, Space, SpecError,
+};
+use crate::engine::train::{EpochMetrics, TrainConfig};
 use crate::error::ApiError;
-use crate::grpc::convert::{job_state, timestamp};
+use crate::grpc::convert::{job_state, metrics, timestamp};
 use crate::proto::v1 as pb;
 use crate::store::{JobRow, SearchEvent, SearchReport, SearchRow, SearchState};
 
@@ -89,8 +95,14 @@ pub fn search_state(s: SearchState) -> pb::SearchState {
     }
 }
 
-/// A search and, with `trials` (GetSearch), its trials and their reports.
-pub fn search(s: &SearchRow, trials: &[JobRow], reports: Option<&[SearchReport]>) -> pb::Search {
+/// What GetSearch shows of each trial besides its job: its reports and its epochs.
+pub struct Detail {
+    pub reports: Vec<SearchReport>,
+    pub epochs: HashMap<Uuid, Vec<EpochMetrics>>,
+}
+
+/// A search and, with `detail` (GetSearch), its trials, their reports and curves.
+pub fn search(s: &SearchRow, trials: &[JobRow], detail: Option<&Detail>) -> pb::Search {
     let spec = &s.spec;
     let (algorithm, asha) = match spec.algorithm {
         Algorithm::Grid => (pb::SearchAlgorithm::Grid, None),
@@ -143,8 +155,8 @@ pub fn search(s: &SearchRow, trials: &[JobRow], reports: Option<&[SearchReport]>
             let r = spec.rungs(spec.bracket_of(b.trial), epochs);
             r.get(b.rung as usize).copied().unwrap_or(0)
         }),
-        trials: match reports {
-            Some(reports) => trials.iter().map(|t| trial(spec, t, reports)).collect(),
+        trials: match detail {
+            Some(detail) => trials.iter().map(|t| trial(spec, t, detail)).collect(),
             None => Vec::new(),
         },
         epochs_trained: trials.iter().map(|t| t.epochs_completed).sum(),
@@ -155,20 +167,16 @@ pub fn search(s: &SearchRow, trials: &[JobRow], reports: Option<&[SearchReport]>
     }
 }
 
-fn trial(spec: &SearchSpec, t: &JobRow, reports: &[SearchReport]) -> pb::Trial {
+fn trial(spec: &SearchSpec, t: &JobRow, detail: &Detail) -> pb::Trial {
     let n = t.trial.unwrap_or(0);
-    let values: Vec<String> = spec
-        .assignment(n)
-        .iter()
-        .map(|(f, v)| format!("{f}={v}"))
-        .collect();
     pb::Trial {
         trial: n,
         job_id: t.id.to_string(),
         state: job_state(t.state) as i32,
         rung: t.rung,
-        values: values.join(" "),
-        reports: reports
+        values: describe(&spec.assignment(n)),
+        reports: detail
+            .reports
             .iter()
             .filter(|r| r.trial == n)
             .map(|r| pb::TrialReport {
@@ -179,6 +187,11 @@ fn trial(spec: &SearchSpec, t: &JobRow, reports: &[SearchReport]) -> pb::Trial {
             .collect(),
         epochs_completed: t.epochs_completed,
         error: t.error.clone(),
+        epochs: detail
+            .epochs
+            .get(&t.id)
+            .map(|e| e.iter().map(metrics).collect())
+            .unwrap_or_default(),
     }
 }
 

@@ -56,12 +56,17 @@ impl SearchApi {
     async fn message(&self, s: &SearchRow, full: bool) -> Result<pb::Search, ApiError> {
         let store = &self.0.store;
         let trials = store.search_trials(s.id).await?;
-        let reports = if full {
-            Some(store.search_reports(s.id).await?)
-        } else {
-            None
+        if !full {
+            return Ok(convert::search(s, &trials, None));
+        }
+        let mut detail = convert::Detail {
+            reports: store.search_reports(s.id).await?,
+            epochs: Default::default(),
         };
-        Ok(convert::search(s, &trials, reports.as_deref()))
+        for t in &trials {
+            detail.epochs.insert(t.id, store.job_epochs(t.id).await?);
+        }
+        Ok(convert::search(s, &trials, Some(&detail)))
     }
 }
 

@@ -13,7 +13,7 @@ use sqlx::{AnyConnection, Row};
 use uuid::Uuid;
 
 use super::{EventKind, SearchRow, SearchState, SEARCH_COLUMNS};
-use crate::engine::search::{best, decide, SearchSpec, Status, TrialView};
+use crate::engine::search::{best, decide, describe, SearchSpec, Status, TrialView};
 use crate::engine::train::EpochMetrics;
 use crate::names::Named;
 use crate::store::rows::uuid;
@@ -275,12 +275,8 @@ pub(super) async fn advance(c: &mut AnyConnection, id: Uuid) -> Result<Option<Ad
     }
     for &trial in &d.start {
         let t = start(c, &search, trial).await?;
-        let values: Vec<String> = spec
-            .assignment(trial)
-            .iter()
-            .map(|(f, v)| format!("{f}={v}"))
-            .collect();
-        log.push(c, Ev::trial(EventKind::TrialStarted, &t, values.join(" ")))
+        let values = describe(&spec.assignment(trial));
+        log.push(c, Ev::trial(EventKind::TrialStarted, &t, values))
             .await?;
         if t.state == JobState::Failed {
             log.push(
