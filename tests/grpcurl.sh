@@ -107,6 +107,33 @@ check "tritonclient checks all pass" test "${oip_failed:-1}" = 0
 code=$("${G[@]}" -d '{"job_id":"nope"}' "$ADDR" tlb.v1.TrainingService/GetJob 2>&1 || true)
 check "a bad job id is InvalidArgument" grep -q "Code: InvalidArgument" <<<"$code"
 
+# --- A grid search of two trials: started, watched to its end, its best trial served under
+# the search's id; a bad space refused naming its field. ---
+check "reflection lists tlb.v1.SearchService" grep -qx tlb.v1.SearchService <<<"$services"
+bad=$("${G[@]}" -d '{"preset":"tiny","dataset":{"format":"cifar10","path":"cifar10-mini"},"space":"bogus=[1,2]"}' \
+    "$ADDR" tlb.v1.SearchService/StartSearch 2>&1 || true)
+check "StartSearch with an unknown field: InvalidArgument naming space.bogus" \
+    bash -c "grep -q InvalidArgument <<<'$bad' && grep -q 'space.bogus: not a searchable field' <<<'$bad'"
+grid='{"preset":"tiny","config":{"epochs":1},"dataset":{"format":"cifar10","path":"cifar10-mini"},
+       "space":"lr=[1e-3, 3e-3]","algorithm":"SEARCH_ALGORITHM_GRID","max_concurrent":2}'
+SEARCH=$("${G[@]}" -d "$grid" "$ADDR" tlb.v1.SearchService/StartSearch | json 'd["searchId"]')
+check "StartSearch returns a search id" test ${#SEARCH} -eq 36
+"${G[@]}" -max-time 300 -d "{\"search_id\":\"$SEARCH\"}" "$ADDR" tlb.v1.SearchService/WatchSearch \
+    >"$WORK/watch-search.json"
+started=$(grep -c '"TRIAL_STARTED"' "$WORK/watch-search.json" || true)
+check "WatchSearch streams both trials' starts (got $started)" test "$started" -eq 2
+last_kind=$(grep '"kind"' "$WORK/watch-search.json" | tail -1)
+check "WatchSearch ends with SEARCH_ENDED" grep -q SEARCH_ENDED <<<"$last_kind"
+"${G[@]}" -d "{\"search_id\":\"$SEARCH\"}" "$ADDR" tlb.v1.SearchService/GetSearch >"$WORK/search.json"
+sstate=$(json 'd["state"]' <"$WORK/search.json")
+check "the search succeeded (got $sstate)" test "$sstate" = SEARCH_STATE_SUCCEEDED
+best=$(json 'd["bestJobId"]' <"$WORK/search.json")
+by_search=$("${G[@]}" -d "{\"model\":\"$SEARCH\",\"images\":[{\"encoded\":\"$PNG\"}],\"top_k\":3}" "$ADDR" \
+    tlb.v1.InferenceService/Classify | json 'd["results"]')
+by_best=$("${G[@]}" -d "{\"model\":\"$best\",\"images\":[{\"encoded\":\"$PNG\"}],\"top_k\":3}" "$ADDR" \
+    tlb.v1.InferenceService/Classify | json 'd["results"]')
+check "Classify with the search id answers as its best trial" test "$by_search" = "$by_best"
+
 # --- Tokens and TLS: a server with --auth-tokens and TLS, another with mutual TLS. ---
 tests/make-certs.sh "$WORK/certs" >/dev/null
 ADMIN=grpcurl-admin-0123456789 TRAIN=grpcurl-train-0123456789 INFER=grpcurl-infer-0123456789
@@ -170,6 +197,9 @@ for who in none wrong infer train admin; do
         "$A" tlb.v1.TrainingService/StartTraining
     expect "$(ok_or_401 "$writes")" "[$who] CancelJob" "$tok" -d '{"job_id":"nope"}' \
         "$A" tlb.v1.TrainingService/CancelJob
+    expect "$(ok_or_401 "$writes")" "[$who] StartSearch" "$tok" -d '{"preset":"nope"}' \
+        "$A" tlb.v1.SearchService/StartSearch
+    expect "$(ok_or_401 OK)" "[$who] ListSearches" "$tok" "$A" tlb.v1.SearchService/ListSearches
 done
 plain=$("$GRPCURL" -plaintext -max-time 10 -import-path tests/proto \
     -proto grpc/health/v1/health.proto "$A" grpc.health.v1.Health/Check 2>&1 || true)

@@ -537,7 +537,11 @@ fn tlb(args: &[&str]) -> (bool, String, String) {
 async fn the_cli_starts_watches_shows_lists_and_plots_a_search() {
     let dir = tempfile::tempdir().unwrap();
     common::write_synthetic_cifar(&dir.path().join("datasets/synth"), 300, 50);
-    let server = Server::start(dir.path(), &[]);
+    let port = common::free_port();
+    let server = Server::start(
+        dir.path(),
+        &["--metrics-addr", &format!("127.0.0.1:{port}")],
+    );
     let s = server.addr.as_str();
     let (ok, out, err) = tlb(&[
         "search",
@@ -617,6 +621,20 @@ async fn the_cli_starts_watches_shows_lists_and_plots_a_search() {
     // The best trial's curve is drawn in black; the others in grey or colour.
     assert!(img.pixels().filter(|p| p.0 == [0, 0, 0]).count() > 500);
     assert!(img.pixels().any(|p| p.0 == [170, 170, 170]));
+    // Prometheus: the trials by state (2 of 6 promoted to the top rung), the promotions.
+    let metrics = ureq::get(&format!("http://127.0.0.1:{port}/metrics"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    for line in [
+        "tlb_search_trials{state=\"SUCCEEDED\"} 2",
+        "tlb_search_trials{state=\"STOPPED\"} 4",
+        "tlb_search_trials{state=\"RUNNING\"} 0",
+        "tlb_search_promotions_total 2",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from\n{metrics}");
+    }
     let (ok, _, err) = tlb(&["search", "cancel", "--server", s, &id]);
     assert!(
         !ok && err.contains("FailedPrecondition") && err.contains("already ended"),

@@ -196,8 +196,9 @@ impl SearchSpec {
 
     /// Checks every field's values (each choice, both ends of a range) on `base`, one field
     /// at a time, so that a value the config refuses is an argument error before anything
-    /// is queued.
-    pub fn check_on(&self, base: &TrainConfig) -> Result<(), SpecError> {
+    /// is queued; returns those configs (the machine's limits are judged on them next).
+    pub fn check_on(&self, base: &TrainConfig) -> Result<Vec<TrainConfig>, SpecError> {
+        let mut configs = Vec::new();
         for p in &self.space.params {
             for v in p.domain.corners() {
                 let mut config = base.clone();
@@ -209,9 +210,10 @@ impl SearchSpec {
                         format!("{v} makes an invalid config: {}: {}", e.field, e.message),
                     )
                 })?;
+                configs.push(config);
             }
         }
-        Ok(())
+        Ok(configs)
     }
 
     /// The epochs of each rung of `bracket` (one rung at the config's epochs outside ASHA).

@@ -186,7 +186,7 @@ fn trial_configs_take_their_values_and_bad_values_are_argument_errors() {
     assert_eq!(c.model.readout, crate::engine::model::Readout::LastFast);
     assert_eq!(c.epochs, 9);
     assert_eq!(c.max_minutes, 0.0);
-    s.check_on(&base).unwrap();
+    assert_eq!(s.check_on(&base).unwrap().len(), 4);
     let bad = spec("patch_size=[4,64]", Algorithm::Random, 5, 1);
     let e = bad.check_on(&base).unwrap_err();
     assert_eq!(e.field, "space.patch_size");

@@ -18,8 +18,11 @@ fn spec_error(e: SpecError) -> ApiError {
 }
 
 /// The request's spec, its defaults filled in and checked on `base` (every value a field
-/// may take must make a valid config).
-pub fn spec_of(r: &pb::StartSearchRequest, base: &TrainConfig) -> Result<SearchSpec, ApiError> {
+/// may take must make a valid config), and those configs.
+pub fn spec_of(
+    r: &pb::StartSearchRequest,
+    base: &TrainConfig,
+) -> Result<(SearchSpec, Vec<TrainConfig>), ApiError> {
     if r.space.trim().is_empty() {
         return Err(ApiError::field(
             "space",
@@ -82,8 +85,8 @@ pub fn spec_of(r: &pb::StartSearchRequest, base: &TrainConfig) -> Result<SearchS
         seed: r.seed.unwrap_or(base.seed),
     };
     spec.validate().map_err(spec_error)?;
-    spec.check_on(base).map_err(spec_error)?;
-    Ok(spec)
+    let corners = spec.check_on(base).map_err(spec_error)?;
+    Ok((spec, corners))
 }
 
 pub fn search_state(s: SearchState) -> pb::SearchState {

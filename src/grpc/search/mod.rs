@@ -88,9 +88,13 @@ impl SearchService for SearchApi {
             r.dataset.clone(),
         )
         .await?;
-        let spec = convert::spec_of(&r, &base.config)?;
-        // Only now the state of the machine: arguments are judged first.
+        let (spec, corners) = convert::spec_of(&r, &base.config)?;
+        // Only now the state of the machine: arguments are judged first. Each field's
+        // extremes must fit it too (a trial of the widest model, say).
         admit(&self.0, &base.config).await?;
+        for config in &corners {
+            self.0.admission.check(config)?;
+        }
         let row = SearchRow {
             id: Uuid::new_v4(),
             state: SearchState::Running,
