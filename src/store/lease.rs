@@ -196,4 +196,21 @@ impl Store {
         })
         .await
     }
+
+    /// A search's trial reached the epoch it waits at (fenced): RUNNING → PAUSED, its lease
+    /// ended; its search promotes it (queued again, to resume) or stops it.
+    pub async fn pause(&self, fence: Fence) -> StoreResult<()> {
+        self.write(async |c| {
+            let done = sqlx::query(
+                "UPDATE jobs SET state = 'PAUSED', run_open = FALSE, lease_expires_at_ms = NULL, \
+                 progress_json = NULL WHERE id = $1 AND attempt = $2 AND state = 'RUNNING'",
+            )
+            .bind(fence.job.to_string())
+            .bind(fence.attempt as i64)
+            .execute(c)
+            .await?;
+            fence.check(done.rows_affected())
+        })
+        .await
+    }
 }

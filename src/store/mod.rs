@@ -293,19 +293,6 @@ impl Store {
         .await
     }
 
-    /// The epochs a job recorded, in order (its curves).
-    pub async fn job_epochs(&self, job: Uuid) -> StoreResult<Vec<EpochMetrics>> {
-        let rows: Vec<(String,)> =
-            sqlx::query_as("SELECT metrics_json FROM job_epochs WHERE job_id = $1 ORDER BY epoch")
-                .bind(job.to_string())
-                .fetch_all(self.pool()?)
-                .await?;
-        Ok(rows
-            .iter()
-            .filter_map(|(m,)| serde_json::from_str(m).ok())
-            .collect())
-    }
-
     /// Makes `path` (a checkpoint written mid-epoch) the one the job resumes from (fenced).
     pub async fn commit_resume_point(&self, fence: Fence, path: &Path) -> StoreResult<()> {
         self.write(async |c| {
@@ -356,23 +343,6 @@ impl Store {
                 .await?;
             fence.check(u64::from(owned.is_some()))?;
             Ok(false)
-        })
-        .await
-    }
-
-    /// A search's trial reached the epoch it waits at (fenced): RUNNING → PAUSED, its lease
-    /// ended; its search promotes it (queued again, to resume) or stops it.
-    pub async fn pause(&self, fence: Fence) -> StoreResult<()> {
-        self.write(async |c| {
-            let done = sqlx::query(
-                "UPDATE jobs SET state = 'PAUSED', run_open = FALSE, lease_expires_at_ms = NULL, \
-                 progress_json = NULL WHERE id = $1 AND attempt = $2 AND state = 'RUNNING'",
-            )
-            .bind(fence.job.to_string())
-            .bind(fence.attempt as i64)
-            .execute(c)
-            .await?;
-            fence.check(done.rows_affected())
         })
         .await
     }

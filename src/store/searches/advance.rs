@@ -12,6 +12,7 @@ use anyhow::Result;
 use sqlx::{AnyConnection, Row};
 use uuid::Uuid;
 
+use super::log::{ended, Ev, Log};
 use super::{EventKind, SearchRow, SearchState, SEARCH_COLUMNS};
 use crate::engine::search::{best, decide, describe, SearchSpec, Status, TrialView};
 use crate::engine::train::EpochMetrics;
@@ -29,82 +30,6 @@ pub struct Advanced {
     pub ended: Option<SearchState>,
 }
 
-/// An event to log.
-pub(crate) struct Ev {
-    kind: EventKind,
-    trial: Option<u32>,
-    rung: Option<u32>,
-    epoch: Option<u32>,
-    metric: Option<f64>,
-    job_id: Option<Uuid>,
-    message: String,
-}
-
-impl Ev {
-    fn trial(kind: EventKind, trial: &Trial, message: impl Into<String>) -> Self {
-        Self {
-            kind,
-            trial: Some(trial.trial),
-            rung: Some(trial.rung),
-            epoch: None,
-            metric: None,
-            job_id: Some(trial.id),
-            message: message.into(),
-        }
-    }
-}
-
-pub(crate) fn ended(state: SearchState, message: &str) -> Ev {
-    Ev {
-        kind: EventKind::SearchEnded,
-        trial: None,
-        rung: None,
-        epoch: None,
-        metric: None,
-        job_id: None,
-        message: format!("{}: {message}", state.name()),
-    }
-}
-
-/// A search's event log, appended to under the search's lock.
-pub(crate) struct Log {
-    search: String,
-    seq: i64,
-}
-
-impl Log {
-    pub async fn open(c: &mut AnyConnection, id: Uuid) -> Result<Self> {
-        let search = id.to_string();
-        let (seq,): (i64,) =
-            sqlx::query_as("SELECT COALESCE(MAX(seq), 0) FROM search_events WHERE search_id = $1")
-                .bind(&search)
-                .fetch_one(&mut *c)
-                .await?;
-        Ok(Self { search, seq })
-    }
-
-    pub async fn push(&mut self, c: &mut AnyConnection, e: Ev) -> Result<()> {
-        self.seq += 1;
-        sqlx::query(
-            "INSERT INTO search_events (search_id, seq, kind, trial, rung, epoch, metric, job_id, \
-             message, created_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-        )
-        .bind(&self.search)
-        .bind(self.seq)
-        .bind(e.kind.name())
-        .bind(e.trial.map(i64::from))
-        .bind(e.rung.map(i64::from))
-        .bind(e.epoch.map(i64::from))
-        .bind(e.metric.filter(|m| m.is_finite()))
-        .bind(e.job_id.map(|j| j.to_string()))
-        .bind(e.message)
-        .bind(now_ms())
-        .execute(c)
-        .await?;
-        Ok(())
-    }
-}
-
 /// A trial as the advance reads it.
 struct Trial {
     id: Uuid,
@@ -113,6 +38,12 @@ struct Trial {
     state: JobState,
     metrics: Option<EpochMetrics>,
     error: String,
+}
+
+impl Trial {
+    fn event(&self, kind: EventKind, message: impl Into<String>) -> Ev {
+        Ev::trial(kind, self.trial, self.rung, self.id, message)
+    }
 }
 
 async fn trials(c: &mut AnyConnection, id: Uuid) -> Result<Vec<Trial>> {
@@ -178,117 +109,17 @@ pub(super) async fn advance(c: &mut AnyConnection, id: Uuid) -> Result<Option<Ad
     .fetch_one(&mut *c)
     .await?;
     let search = SearchRow::from_row(&row)?;
-    let spec = &search.spec;
     let mut trials = trials(c, id).await?;
-    let mut reports: HashMap<(u32, u32), Option<f64>> = HashMap::new();
-    for r in sqlx::query("SELECT trial, rung, metric FROM search_reports WHERE search_id = $1")
-        .bind(id.to_string())
-        .fetch_all(&mut *c)
-        .await?
-    {
-        let key = (
-            r.try_get::<i64, _>("trial")? as u32,
-            r.try_get::<i64, _>("rung")? as u32,
-        );
-        reports.insert(key, r.try_get("metric")?);
-    }
-    let stopped: HashSet<u32> = sqlx::query_as::<_, (i64,)>(
-        "SELECT trial FROM search_events WHERE search_id = $1 AND kind = 'TRIAL_STOPPED'",
-    )
-    .bind(id.to_string())
-    .fetch_all(&mut *c)
-    .await?
-    .into_iter()
-    .map(|(t,)| t as u32)
-    .collect();
-    let mut log = Log::open(c, id).await?;
-    let mut out = Advanced::default();
-    let mut views = Vec::with_capacity(trials.len());
-    for t in &mut trials {
-        let reached = matches!(t.state, JobState::Paused | JobState::Succeeded);
-        if reached && !reports.contains_key(&(t.trial, t.rung)) {
-            report(c, &mut log, spec, id, t).await?;
-            let metric = t.metrics.as_ref().map(|m| spec.metric_of(m));
-            reports.insert((t.trial, t.rung), metric);
-        }
-        let measured = reports.get(&(t.trial, t.rung)).copied().flatten().is_some();
-        if t.state == JobState::Paused && !measured {
-            // Nothing to rank it by: it cannot be promoted.
-            if move_job(c, t.id, JobState::Paused, JobState::Stopped).await? {
-                t.state = JobState::Stopped;
-                t.error = "no validation metric at its rung".into();
-            }
-        }
-        if t.state.is_terminal() && t.state != JobState::Succeeded && !stopped.contains(&t.trial) {
-            let why = match t.state {
-                JobState::Failed => format!("failed: {}", t.error),
-                JobState::Cancelled => "cancelled".into(),
-                _ => t.error.clone(),
-            };
-            log.push(c, Ev::trial(EventKind::TrialStopped, t, why))
-                .await?;
-            out.stopped += 1;
-        }
-        let status = match t.state {
-            JobState::Queued | JobState::Running => Status::Active,
-            JobState::Paused => Status::Paused,
-            JobState::Succeeded => Status::Done,
-            _ => Status::Ended,
-        };
-        let mut mine: Vec<(u32, f64)> = reports
-            .iter()
-            .filter(|((trial, _), m)| *trial == t.trial && m.is_some())
-            .map(|((_, rung), m)| (*rung, m.unwrap_or(f64::NAN)))
-            .collect();
-        mine.sort_by_key(|r| r.0);
-        views.push(TrialView {
-            trial: t.trial,
-            rung: t.rung,
-            status,
-            reports: mine,
-        });
-    }
-    let d = decide(spec, &views);
-    for &(trial, to) in &d.promote {
-        let t = trials
-            .iter_mut()
-            .find(|t| t.trial == trial)
-            .expect("a trial");
-        let pause = pause_at(spec, trial, to, search.base.epochs);
-        let done = sqlx::query(
-            "UPDATE jobs SET state = 'QUEUED', rung = $2, pause_at = $3 \
-             WHERE id = $1 AND state = 'PAUSED'",
-        )
-        .bind(t.id.to_string())
-        .bind(i64::from(to))
-        .bind(pause.map(i64::from))
-        .execute(&mut *c)
-        .await?;
-        if done.rows_affected() == 1 {
-            t.rung = to;
-            let target = spec.rungs(spec.bracket_of(trial), search.base.epochs as u32);
-            let mut e = Ev::trial(EventKind::TrialPromoted, t, "");
-            e.epoch = target.get(to as usize).copied();
-            log.push(c, e).await?;
-            out.promoted += 1;
-        }
-    }
-    for &trial in &d.start {
-        let t = start(c, &search, trial).await?;
-        let values = describe(&spec.assignment(trial));
-        log.push(c, Ev::trial(EventKind::TrialStarted, &t, values))
-            .await?;
-        if t.state == JobState::Failed {
-            log.push(
-                c,
-                Ev::trial(EventKind::TrialStopped, &t, format!("failed: {}", t.error)),
-            )
-            .await?;
-        }
-        trials.push(t);
-        out.started += 1;
-    }
-    let leader = best(spec, &views).and_then(|(trial, rung, metric)| {
+    let mut step = Step {
+        log: Log::open(c, id).await?,
+        search: &search,
+        out: Advanced::default(),
+    };
+    let views = step.observe(c, &mut trials).await?;
+    let d = decide(&search.spec, &views);
+    step.promote(c, &mut trials, &d.promote).await?;
+    step.start(c, &mut trials, &d.start).await?;
+    let leader = best(&search.spec, &views).and_then(|(trial, rung, metric)| {
         let t = trials.iter().find(|t| t.trial == trial)?;
         Some((t.id, trial, rung, metric))
     });
@@ -306,11 +137,171 @@ pub(super) async fn advance(c: &mut AnyConnection, id: Uuid) -> Result<Option<Ad
         .await?;
     }
     if d.finished {
+        step.conclude(c, &trials, leader.map(|l| (l.1, l.3)))
+            .await?;
+    }
+    Ok(Some(step.out))
+}
+
+/// One advance of a search, under its lock.
+struct Step<'a> {
+    log: Log,
+    search: &'a SearchRow,
+    out: Advanced,
+}
+
+impl Step<'_> {
+    /// Records the reports of trials that reached their rung, stops a waiting trial without a
+    /// figure, logs trials that ended on their own; the rule's view of every trial.
+    async fn observe(
+        &mut self,
+        c: &mut AnyConnection,
+        trials: &mut [Trial],
+    ) -> Result<Vec<TrialView>> {
+        let (id, spec) = (self.search.id, &self.search.spec);
+        let mut reports: HashMap<(u32, u32), Option<f64>> = HashMap::new();
+        for r in sqlx::query("SELECT trial, rung, metric FROM search_reports WHERE search_id = $1")
+            .bind(id.to_string())
+            .fetch_all(&mut *c)
+            .await?
+        {
+            let key = (
+                r.try_get::<i64, _>("trial")? as u32,
+                r.try_get::<i64, _>("rung")? as u32,
+            );
+            reports.insert(key, r.try_get("metric")?);
+        }
+        let stopped: HashSet<u32> = sqlx::query_as::<_, (i64,)>(
+            "SELECT trial FROM search_events WHERE search_id = $1 AND kind = 'TRIAL_STOPPED'",
+        )
+        .bind(id.to_string())
+        .fetch_all(&mut *c)
+        .await?
+        .into_iter()
+        .map(|(t,)| t as u32)
+        .collect();
+        let mut views = Vec::with_capacity(trials.len());
+        for t in trials.iter_mut() {
+            let reached = matches!(t.state, JobState::Paused | JobState::Succeeded);
+            if reached && !reports.contains_key(&(t.trial, t.rung)) {
+                report(c, &mut self.log, spec, id, t).await?;
+                let metric = t.metrics.as_ref().map(|m| spec.metric_of(m));
+                reports.insert((t.trial, t.rung), metric);
+            }
+            let measured = reports.get(&(t.trial, t.rung)).copied().flatten().is_some();
+            // Nothing to rank it by: it cannot be promoted.
+            if t.state == JobState::Paused
+                && !measured
+                && move_job(c, t.id, JobState::Paused, JobState::Stopped).await?
+            {
+                t.state = JobState::Stopped;
+                t.error = "no validation metric at its rung".into();
+            }
+            let ended = t.state.is_terminal() && t.state != JobState::Succeeded;
+            if ended && !stopped.contains(&t.trial) {
+                let why = match t.state {
+                    JobState::Failed => format!("failed: {}", t.error),
+                    JobState::Cancelled => "cancelled".into(),
+                    _ => t.error.clone(),
+                };
+                self.log
+                    .push(c, t.event(EventKind::TrialStopped, why))
+                    .await?;
+                self.out.stopped += 1;
+            }
+            let mut mine: Vec<(u32, f64)> = reports
+                .iter()
+                .filter_map(|(&(trial, rung), m)| (trial == t.trial).then_some((rung, (*m)?)))
+                .collect();
+            mine.sort_by_key(|r| r.0);
+            views.push(TrialView {
+                trial: t.trial,
+                rung: t.rung,
+                status: match t.state {
+                    JobState::Queued | JobState::Running => Status::Active,
+                    JobState::Paused => Status::Paused,
+                    JobState::Succeeded => Status::Done,
+                    _ => Status::Ended,
+                },
+                reports: mine,
+            });
+        }
+        Ok(views)
+    }
+
+    /// Queues waiting trials again towards their next rung (still waiting: a cancel did not
+    /// come between).
+    async fn promote(
+        &mut self,
+        c: &mut AnyConnection,
+        trials: &mut [Trial],
+        promote: &[(u32, u32)],
+    ) -> Result<()> {
+        let (spec, epochs) = (&self.search.spec, self.search.base.epochs);
+        for &(trial, to) in promote {
+            let t = trials
+                .iter_mut()
+                .find(|t| t.trial == trial)
+                .expect("a trial");
+            let done = sqlx::query(
+                "UPDATE jobs SET state = 'QUEUED', rung = $2, pause_at = $3 \
+                 WHERE id = $1 AND state = 'PAUSED'",
+            )
+            .bind(t.id.to_string())
+            .bind(i64::from(to))
+            .bind(pause_at(spec, trial, to, epochs).map(i64::from))
+            .execute(&mut *c)
+            .await?;
+            if done.rows_affected() == 1 {
+                t.rung = to;
+                let target = spec.rungs(spec.bracket_of(trial), epochs as u32);
+                let mut e = t.event(EventKind::TrialPromoted, "");
+                e.epoch = target.get(to as usize).copied();
+                self.log.push(c, e).await?;
+                self.out.promoted += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues new trials.
+    async fn start(
+        &mut self,
+        c: &mut AnyConnection,
+        trials: &mut Vec<Trial>,
+        start: &[u32],
+    ) -> Result<()> {
+        for &trial in start {
+            let t = insert_trial(c, self.search, trial).await?;
+            let values = describe(&self.search.spec.assignment(trial));
+            self.log
+                .push(c, t.event(EventKind::TrialStarted, values))
+                .await?;
+            if t.state == JobState::Failed {
+                let why = format!("failed: {}", t.error);
+                self.log
+                    .push(c, t.event(EventKind::TrialStopped, why))
+                    .await?;
+            }
+            trials.push(t);
+            self.out.started += 1;
+        }
+        Ok(())
+    }
+
+    /// Ends the search: its waiting trials stop; it succeeded when some trial reported
+    /// (`leader`: the best trial and its figure).
+    async fn conclude(
+        &mut self,
+        c: &mut AnyConnection,
+        trials: &[Trial],
+        leader: Option<(u32, f64)>,
+    ) -> Result<()> {
         for t in trials.iter().filter(|t| t.state == JobState::Paused) {
             if move_job(c, t.id, JobState::Paused, JobState::Stopped).await? {
-                let e = Ev::trial(EventKind::TrialStopped, t, "not promoted; the search ended");
-                log.push(c, e).await?;
-                out.stopped += 1;
+                let e = t.event(EventKind::TrialStopped, "not promoted; the search ended");
+                self.log.push(c, e).await?;
+                self.out.stopped += 1;
             }
         }
         let (state, why) = match leader {
@@ -323,20 +314,20 @@ pub(super) async fn advance(c: &mut AnyConnection, id: Uuid) -> Result<Option<Ad
         sqlx::query(
             "UPDATE searches SET state = $2, finished_at_ms = $3, error = $4 WHERE id = $1",
         )
-        .bind(id.to_string())
+        .bind(self.search.id.to_string())
         .bind(state.name())
         .bind(now_ms())
         .bind(&why)
         .execute(&mut *c)
         .await?;
         let message = match leader {
-            Some((_, trial, _, metric)) => format!("best trial {trial} ({metric:.4})"),
+            Some((trial, metric)) => format!("best trial {trial} ({metric:.4})"),
             None => why,
         };
-        log.push(c, ended(state, &message)).await?;
-        out.ended = Some(state);
+        self.log.push(c, ended(state, &message)).await?;
+        self.out.ended = Some(state);
+        Ok(())
     }
-    Ok(Some(out))
 }
 
 /// Records trial `t`'s report at its rung.
@@ -362,7 +353,7 @@ async fn report(
     .bind(now_ms())
     .execute(&mut *c)
     .await?;
-    let mut e = Ev::trial(EventKind::TrialReported, t, "");
+    let mut e = t.event(EventKind::TrialReported, "");
     e.epoch = Some(epoch);
     e.metric = metric;
     log.push(c, e).await
@@ -370,7 +361,7 @@ async fn report(
 
 /// Inserts trial `trial` of `search` as a queued job (failed at once when its values make
 /// an invalid config).
-async fn start(c: &mut AnyConnection, search: &SearchRow, trial: u32) -> Result<Trial> {
+async fn insert_trial(c: &mut AnyConnection, search: &SearchRow, trial: u32) -> Result<Trial> {
     let spec = &search.spec;
     let (config, error) = match spec.trial_config(&search.base, trial) {
         Ok(config) => (config, None),

@@ -3,6 +3,7 @@
 //! search does next, whichever replica runs it).
 
 mod advance;
+mod log;
 
 use anyhow::{Context, Result};
 use sqlx::any::AnyRow;
@@ -12,7 +13,7 @@ use uuid::Uuid;
 use super::rows::uuid;
 use super::{now_ms, readable, JobRow, JobState, Store, StoreResult, JOB_COLUMNS};
 use crate::engine::search::SearchSpec;
-use crate::engine::train::TrainConfig;
+use crate::engine::train::{EpochMetrics, TrainConfig};
 use crate::names::Named;
 
 pub use advance::Advanced;
@@ -263,6 +264,19 @@ impl Store {
         Ok(readable(&rows, |r| JobRow::from_row(r, &self.paths)))
     }
 
+    /// The epochs a job recorded, in order (its curves).
+    pub async fn job_epochs(&self, job: Uuid) -> StoreResult<Vec<EpochMetrics>> {
+        let rows: Vec<(String,)> =
+            sqlx::query_as("SELECT metrics_json FROM job_epochs WHERE job_id = $1 ORDER BY epoch")
+                .bind(job.to_string())
+                .fetch_all(self.pool()?)
+                .await?;
+        Ok(rows
+            .iter()
+            .filter_map(|(m,)| serde_json::from_str(m).ok())
+            .collect())
+    }
+
     /// A search's reports, by trial and rung.
     pub async fn search_reports(&self, id: Uuid) -> StoreResult<Vec<SearchReport>> {
         let rows = sqlx::query(
@@ -346,8 +360,8 @@ impl Store {
             .bind(&sid)
             .fetch_all(&mut *c)
             .await?;
-            let mut log = advance::Log::open(c, id).await?;
-            log.push(c, advance::ended(SearchState::Cancelled, "cancelled"))
+            let mut log = log::Log::open(c, id).await?;
+            log.push(c, log::ended(SearchState::Cancelled, "cancelled"))
                 .await?;
             Ok(Some(
                 running.iter().filter_map(|(r,)| uuid(r).ok()).collect(),

@@ -2,16 +2,18 @@
 //! hyper-parameter searches on a server; and the search plot of `tlb plot --search`.
 
 use std::io::IsTerminal;
-use std::path::Path;
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
 
+mod show;
+
 use super::client::{dataset_arg, runtime, status_err, Conn, ServerArg};
 use super::connect::channel;
-use crate::engine::viz::{plot_search, TrialCurve};
 use crate::proto::v1 as pb;
 use crate::proto::v1::search_service_client::SearchServiceClient;
+pub use show::plot;
+use show::{event_line, headline, search_state, table};
 
 #[derive(Args, Debug)]
 pub struct SearchArgs {
@@ -136,11 +138,11 @@ pub fn run(a: SearchArgs) -> Result<()> {
     })
 }
 
-async fn client(server: &ServerArg) -> Result<SearchServiceClient<Conn>> {
+pub(super) async fn client(server: &ServerArg) -> Result<SearchServiceClient<Conn>> {
     Ok(SearchServiceClient::new(channel(server).await?))
 }
 
-async fn get(client: &mut SearchServiceClient<Conn>, id: &str) -> Result<pb::Search> {
+pub(super) async fn get(client: &mut SearchServiceClient<Conn>, id: &str) -> Result<pb::Search> {
     Ok(client
         .get_search(pb::GetSearchRequest {
             search_id: id.to_string(),
@@ -260,124 +262,6 @@ async fn watch(client: &mut SearchServiceClient<Conn>, id: &str) -> Result<()> {
     Ok(())
 }
 
-fn search_state(state: i32) -> &'static str {
-    pb::SearchState::try_from(state).map_or("UNKNOWN", |s| {
-        s.as_str_name().trim_start_matches("SEARCH_STATE_")
-    })
-}
-
-fn job_state(state: i32) -> &'static str {
-    pb::JobState::try_from(state).map_or("UNKNOWN", |s| {
-        s.as_str_name().trim_start_matches("JOB_STATE_")
-    })
-}
-
-fn algorithm(a: i32) -> &'static str {
-    pb::SearchAlgorithm::try_from(a).map_or("?", |a| match a {
-        pb::SearchAlgorithm::Grid => "grid",
-        pb::SearchAlgorithm::Asha => "asha",
-        _ => "random",
-    })
-}
-
-fn metric_name(s: &pb::Search) -> &'static str {
-    if s.metric == pb::SearchMetric::ValLoss as i32 {
-        "val_loss"
-    } else {
-        "val_acc"
-    }
-}
-
-fn figure(s: &pb::Search, m: Option<f64>) -> String {
-    match m {
-        None => "-".into(),
-        Some(m) if s.metric == pb::SearchMetric::ValLoss as i32 => format!("{m:.4}"),
-        Some(m) => format!("{:.2}%", m * 100.0),
-    }
-}
-
-fn headline(s: &pb::Search) -> String {
-    let best = match (s.best_trial, s.best_metric) {
-        (Some(t), m) => format!(
-            "  best: trial {t} {} at {} epochs",
-            figure(s, m),
-            s.best_epochs
-        ),
-        _ => String::new(),
-    };
-    format!(
-        "search {}  {}  {}  trials {}/{}  epochs {}/{}{}",
-        s.search_id,
-        search_state(s.state),
-        algorithm(s.algorithm),
-        s.trials_started,
-        s.trials_total,
-        s.epochs_trained,
-        s.epochs_budget,
-        best
-    )
-}
-
-/// The search's headline and, with its trials, one row per trial.
-fn table(s: &pb::Search) -> String {
-    let mut out = headline(s) + "\n";
-    if s.trials.is_empty() {
-        return out;
-    }
-    out += &format!(
-        "{:>5}  {:<9}  {:>4}  {:>6}  {:>9}  values\n",
-        "trial",
-        "state",
-        "rung",
-        "epochs",
-        metric_name(s)
-    );
-    for t in &s.trials {
-        let latest = t
-            .reports
-            .iter()
-            .max_by_key(|r| r.rung)
-            .and_then(|r| r.metric);
-        let mark = if Some(t.trial) == s.best_trial {
-            " *"
-        } else {
-            ""
-        };
-        out += &format!(
-            "{:>5}  {:<9}  {:>4}  {:>6}  {:>9}  {}{}\n",
-            t.trial,
-            job_state(t.state),
-            t.rung,
-            t.epochs_completed,
-            figure(s, latest),
-            t.values,
-            mark
-        );
-    }
-    out
-}
-
-fn event_line(e: &pb::SearchEvent) -> String {
-    use pb::search_event::Kind;
-    let trial = e.trial.map_or(String::new(), |t| format!("trial {t}"));
-    match Kind::try_from(e.kind).unwrap_or(Kind::Unspecified) {
-        Kind::TrialStarted => format!("{trial} started: {}", e.message),
-        Kind::TrialReported => format!(
-            "{trial} reported {} at epoch {}",
-            e.metric.map_or("-".into(), |m| format!("{m:.4}")),
-            e.epoch.unwrap_or(0)
-        ),
-        Kind::TrialPromoted => format!(
-            "{trial} promoted to rung {} ({} epochs)",
-            e.rung.unwrap_or(0),
-            e.epoch.unwrap_or(0)
-        ),
-        Kind::TrialStopped => format!("{trial} stopped: {}", e.message),
-        Kind::SearchEnded => format!("search ended: {}", e.message),
-        _ => String::new(),
-    }
-}
-
 async fn list(a: ListArgs) -> Result<()> {
     let listed = client(&a.server)
         .await?
@@ -391,48 +275,5 @@ async fn list(a: ListArgs) -> Result<()> {
     for s in &listed.searches {
         println!("{}", headline(s));
     }
-    Ok(())
-}
-
-/// `tlb plot --search ID`: every trial's validation curve, those promoted highlighted.
-pub fn plot(server: &ServerArg, id: &str, out: &Path) -> Result<()> {
-    let s = runtime()?.block_on(async { get(&mut client(server).await?, id).await })?;
-    let loss = s.metric == pb::SearchMetric::ValLoss as i32;
-    let curves: Vec<TrialCurve> = s
-        .trials
-        .iter()
-        .map(|t| TrialCurve {
-            trial: t.trial,
-            points: t
-                .epochs
-                .iter()
-                .map(|m| {
-                    (
-                        m.epoch,
-                        if loss {
-                            m.val_loss
-                        } else {
-                            m.val_accuracy * 100.0
-                        },
-                    )
-                })
-                .collect(),
-            promoted: t.rung > 0,
-            best: Some(t.trial) == s.best_trial,
-        })
-        .collect();
-    let title = format!(
-        "search {} ({}, {} trials)",
-        &s.search_id[..8.min(s.search_id.len())],
-        algorithm(s.algorithm),
-        s.trials_started
-    );
-    let y = if loss {
-        "validation loss"
-    } else {
-        "validation accuracy %"
-    };
-    plot_search(&title, y, &curves, &s.rungs, out)?;
-    eprintln!("wrote {}", out.display());
     Ok(())
 }
