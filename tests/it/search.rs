@@ -461,7 +461,13 @@ async fn a_search_survives_kill_9_of_a_replica_without_a_trial_or_promotion_twic
         .collect();
     let mut search = servers[0].search().await;
     let mut training = servers[1].training().await;
-    let id = start(&mut search, asha_request(2)).await;
+    // Images of 32 pixels (64 tokens) instead of 16: epochs long enough to be caught running.
+    let mut request = asha_request(2);
+    request.config = Some(pb::TrainingConfig {
+        image_size: Some(32),
+        ..Default::default()
+    });
+    let id = start(&mut search, request).await;
     // Once a promotion has happened, kill the replica running a trial.
     let deadline = Instant::now() + Duration::from_secs(600);
     let victim = loop {
@@ -477,15 +483,21 @@ async fn a_search_survives_kill_9_of_a_replica_without_a_trial_or_promotion_twic
             .trials
             .iter()
             .find(|t| t.state == pb::JobState::Running as i32);
+        assert_eq!(
+            s.state,
+            pb::SearchState::Running as i32,
+            "ended before the kill: {s:?}"
+        );
         if let (true, Some(t)) = (promoted, running) {
             let job = get_job(&mut training, &t.job_id).await;
             if job.state == pb::JobState::Running as i32 && !job.worker.is_empty() {
-                break usize::from(job.worker == "b");
+                break (usize::from(job.worker == "b"), job.job_id);
             }
         }
         assert!(Instant::now() < deadline, "no promotion: {s:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
+    let (victim, killed_trial) = victim;
     servers[victim].signal_and_wait("KILL");
     let survivor = &servers[1 - victim];
     let mut search = survivor.search().await;
@@ -510,6 +522,10 @@ async fn a_search_survives_kill_9_of_a_replica_without_a_trial_or_promotion_twic
         .unwrap()
         .into_inner();
     assert_eq!(jobs.jobs.len(), 9, "one job per trial");
+    // The trial the kill interrupted was taken over (resumed), not started again.
+    let taken = jobs.jobs.iter().find(|j| j.job_id == killed_trial).unwrap();
+    assert!(taken.restarts >= 1, "{taken:?}");
+    assert_eq!(taken.worker, ["a", "b"][1 - victim]);
     assert!(jobs.jobs.iter().all(|j| [
         pb::JobState::Succeeded as i32,
         pb::JobState::Stopped as i32

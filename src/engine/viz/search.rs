@@ -47,6 +47,7 @@ pub fn plot_search(
         .configure_mesh()
         .x_desc("epoch")
         .y_desc(y_label)
+        .x_label_formatter(&|x| format!("{x:.0}"))
         .label_style(("sans-serif", 14))
         .draw()?;
     for &r in rungs.iter().filter(|&&r| f64::from(r) < x_max) {
