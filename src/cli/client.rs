@@ -49,7 +49,8 @@ pub struct JobsArgs {
     pub server: ServerArg,
     /// Show one job in full.
     pub job_id: Option<String>,
-    /// Only jobs in this state: queued, running, succeeded, failed, cancelled.
+    /// Only jobs in this state: queued, running, succeeded, failed, cancelled, paused (a
+    /// search's trial waiting at its rung), stopped (one its search ended without promoting).
     #[arg(long)]
     pub state: Option<String>,
     #[arg(long, default_value_t = 50)]
@@ -120,14 +121,19 @@ fn job_line(j: &pb::Job) -> String {
     } else {
         format!("  on {} {} (attempt {})", j.worker, j.device, j.attempt)
     };
+    let trial = match j.trial {
+        Some(n) if !j.search_id.is_empty() => format!("  trial {n} of search {}", j.search_id),
+        _ => String::new(),
+    };
     format!(
-        "{}  {:<9}  {:<9}  epochs {}/{}  val {}{}{}",
+        "{}  {:<9}  {:<9}  epochs {}/{}  val {}{}{}{}",
         j.job_id,
         state_name(j.state),
         j.preset,
         j.epochs_completed,
         j.epochs_total,
         val,
+        trial,
         ran_on,
         if j.error.is_empty() {
             String::new()

@@ -39,7 +39,7 @@ pub enum Command {
     Jobs(client::JobsArgs),
     /// Follow a job with a progress bar until it ends.
     Watch(client::JobArg),
-    /// Cancel a queued or running job.
+    /// Cancel a queued, running or paused job.
     Cancel(client::JobArg),
     /// List a job's checkpoints.
     Checkpoints(client::JobArg),

@@ -621,6 +621,16 @@ async fn the_cli_starts_watches_shows_lists_and_plots_a_search() {
         ok && listed.starts_with(&format!("search {id}")),
         "{listed}"
     );
+    // Trials are jobs: listed by state, each naming its search.
+    let (ok, stopped, err) = tlb(&["jobs", "--server", s, "--state", "stopped"]);
+    assert!(ok, "{err}");
+    assert_eq!(stopped.lines().count(), 4, "{stopped}");
+    assert!(
+        stopped
+            .lines()
+            .all(|l| l.contains(&format!(" of search {id}"))),
+        "{stopped}"
+    );
     let png = dir.path().join("search.png");
     let (ok, _, err) = tlb(&[
         "plot",
