@@ -1,4 +1,5 @@
-//! Compiles `proto/tlb/v1/*.proto` and `proto/inference/` (Open Inference Protocol) with a vendored protoc (no system package needed) and
+//! Compiles `proto/tlb/v1/*.proto`, `proto/inference/` (Open Inference Protocol) and
+//! `proto/tensorboard/` (event files) with a vendored protoc (no system package needed), and
 //! writes the descriptor set that server reflection serves.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -29,7 +30,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if feature("WGPU") || (feature("CUDA") && !feature("CUDA_FUSION")) {
         println!("cargo:rustc-cfg=cube_kernels");
     }
-    for p in protos {
+    // TensorBoard's event records and HParams plugin data (src/engine/tensorboard): plain
+    // messages, no services; google.protobuf.Value comes from prost-types.
+    let tensorboard = [
+        "proto/tensorboard/event.proto",
+        "proto/tensorboard/hparams.proto",
+    ];
+    let include = protoc_bin_vendored::include_path()?;
+    let files = tensorboard.map(std::path::PathBuf::from);
+    tonic_prost_build::configure()
+        .build_client(false)
+        .build_server(false)
+        .compile_protos(&files, &[std::path::PathBuf::from("proto"), include])?;
+    for p in protos.iter().chain(&tensorboard) {
         println!("cargo:rerun-if-changed={p}");
     }
     Ok(())

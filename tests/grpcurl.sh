@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Ops check with plain grpcurl and JSON, no .proto files: reflection, health, a training job
 # on cifar10-mini, Classify and GetAttention, the Open Inference Protocol (grpcurl and
-# tritonclient, tests/open_inference.py). Prints "grpcurl: N passed, M failed".
+# tritonclient, tests/open_inference.py), a search, TensorBoard's reader on the jobs' event
+# files (tests/tensorboard_check.py). Prints "grpcurl: N passed, M failed".
 #   TLB_SHARED_DATA  folder holding cifar10-mini/ (default ../shared/data)
 #   TLB_BIN          the tlb binary (default: target/debug/tlb, built if missing)
 set -euo pipefail
@@ -92,10 +93,10 @@ check "ModelInfer by grpcurl with typed UINT8 contents: 10 FP32 probabilities" t
 big=$("${G[@]}" -d "{\"model_name\":\"$JOB\",\"inputs\":[{\"name\":\"images\",\"datatype\":\"UINT8\",\"shape\":[1,1,1,3],\"contents\":{\"uint_contents\":[1,2,300]}}]}" "$ADDR" inference.GRPCInferenceService/ModelInfer 2>&1 || true)
 check "a typed element over 255 is InvalidArgument" grep -q "Code: InvalidArgument" <<<"$big"
 PYVENV="${TLB_PY_VENV:-target/py-venv}"
-if ! "$PYVENV/bin/python" -c 'import tritonclient.grpc, grpc_tools, PIL, numpy' 2>/dev/null; then
+if ! "$PYVENV/bin/python" -c 'import tritonclient.grpc, grpc_tools, PIL, numpy, tensorboard' 2>/dev/null; then
     [ -x "$PYVENV/bin/python" ] || python3 -m venv "$PYVENV"
     "$PYVENV/bin/pip" install --quiet --disable-pip-version-check \
-        'tritonclient[grpc]' grpcio-tools numpy pillow
+        'tritonclient[grpc]' grpcio-tools numpy pillow tensorboard
 fi
 mkdir -p "$WORK/stubs"
 "$PYVENV/bin/python" -m grpc_tools.protoc -I proto --python_out="$WORK/stubs" \
@@ -133,6 +134,11 @@ by_search=$("${G[@]}" -d "{\"model\":\"$SEARCH\",\"images\":[{\"encoded\":\"$PNG
 by_best=$("${G[@]}" -d "{\"model\":\"$best\",\"images\":[{\"encoded\":\"$PNG\"}],\"top_k\":3}" "$ADDR" \
     tlb.v1.InferenceService/Classify | json 'd["results"]')
 check "Classify with the search id answers as its best trial" test "$by_search" = "$by_best"
+
+# --- TensorBoard's own reader on the data dir: every job above (the trials too) is a run. ---
+"$PYVENV/bin/python" tests/tensorboard_check.py "$WORK/data" | tee "$WORK/tensorboard.log"
+tb_failed=$(sed -n 's/^tensorboard: [0-9]* passed, \([0-9]*\) failed$/\1/p' "$WORK/tensorboard.log")
+check "TensorBoard reads every job's event files (tests/tensorboard_check.py)" test "${tb_failed:-1}" = 0
 
 # --- Tokens and TLS: a server with --auth-tokens and TLS, another with mutual TLS. ---
 tests/make-certs.sh "$WORK/certs" >/dev/null

@@ -75,7 +75,12 @@ fn write_once(file: &Path) -> bool {
         .file_name()
         .map(|n| n.to_string_lossy())
         .unwrap_or_default();
-    !crate::engine::train::CheckpointDir::is_rewritten(&name)
+    !crate::engine::train::CheckpointDir::is_rewritten(&name) && !is_event_file(&name)
+}
+
+/// A TensorBoard event file: rewritten as it grows, and small, so never evicted from disk.
+fn is_event_file(name: &str) -> bool {
+    name.contains(crate::engine::tensorboard::FILE_MARK)
 }
 
 impl std::fmt::Debug for Artifacts {
@@ -210,8 +215,11 @@ impl Artifacts {
             }
             Err(e) => return Err(r.error(e, false)),
         }
-        r.cache.stored(file, len);
-        self.evict(r, file).await;
+        let name = file.file_name().map(|n| n.to_string_lossy());
+        if !name.is_some_and(|n| is_event_file(&n)) {
+            r.cache.stored(file, len);
+            self.evict(r, file).await;
+        }
         Ok(())
     }
 

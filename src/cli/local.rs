@@ -110,9 +110,13 @@ pub fn train_local(a: TrainLocalArgs) -> Result<()> {
         TrainEvent::Started {
             resumed_from_step,
             total_steps,
+            event_file,
         } => {
             bar.set_length(*total_steps as u64);
             bar.set_position(*resumed_from_step as u64);
+            if let Some(file) = event_file {
+                say(format!("tensorboard: {}", file.display()));
+            }
         }
         TrainEvent::Progress(p) => {
             bar.set_prefix(format!("{}", p.epoch + 1));

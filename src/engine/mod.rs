@@ -5,5 +5,6 @@ pub mod data;
 pub mod infer;
 pub mod model;
 pub mod search;
+pub mod tensorboard;
 pub mod train;
 pub mod viz;

@@ -7,6 +7,7 @@ mod images;
 mod import;
 mod inference;
 mod oip;
+mod paging;
 mod search;
 mod training;
 pub mod wire;
@@ -84,6 +85,26 @@ pub async fn within<T>(
     }
 }
 
+/// Refuses a cancel by a `train` token of what another caller started (`what` names it:
+/// "job" or "search", `whats` its plural); admins cancel anything, and a server without
+/// tokens lets everyone.
+fn may_cancel(
+    caller: Option<&crate::auth::Caller>,
+    (what, whats): (&str, &str),
+    id: uuid::Uuid,
+    owner: &str,
+) -> Result<(), tonic::Status> {
+    match caller {
+        Some(c) if c.role == crate::auth::Role::Train && c.name != owner => {
+            Err(tonic::Status::permission_denied(format!(
+                "role train may cancel only its own {whats}; {what} {id} was started by \
+                 '{owner}' (an admin token can cancel any {what})"
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// What the services share.
 #[derive(Clone)]
 pub struct AppState {
@@ -106,6 +127,14 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// Tells a job running on this replica to stop at once (a cancel stored in the job
+    /// store reaches it within a second wherever it runs).
+    pub(crate) fn stop_here(&self, job: &uuid::Uuid) {
+        if let Some(flag) = self.running.lock().expect("running jobs").get(job) {
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
     /// The checkpoint a model name stands for, as the store answered (remembered); while the
     /// store cannot be reached, the one it last stood for. Classify and the Open Inference
     /// Protocol both resolve names through it (`key` keeps their namespaces apart).

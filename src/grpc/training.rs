@@ -1,7 +1,6 @@
 //! `tlb.v1.TrainingService`.
 
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio_stream::{Stream, StreamExt as _};
@@ -10,7 +9,8 @@ use tracing::info;
 use uuid::Uuid;
 
 use super::convert;
-use super::AppState;
+use super::paging::Page;
+use super::{may_cancel, AppState};
 use crate::auth::{require, Caller, Role};
 use crate::datasets::upload::remote;
 use crate::engine::train::Preset;
@@ -21,9 +21,6 @@ use crate::proto::v1::training_service_server::TrainingService;
 use crate::store::{JobRow, JobState};
 use crate::worker::{local_dataset, Watched, Watcher};
 
-/// Default and largest ListJobs page.
-const PAGE_DEFAULT: usize = 50;
-const PAGE_MAX: usize = 500;
 /// How long CancelJob waits for a running job to stop before answering.
 const CANCEL_WAIT: Duration = Duration::from_secs(30);
 
@@ -169,16 +166,6 @@ pub(super) async fn admit(
     Ok(())
 }
 
-pub(super) fn parse_page_token(token: &str) -> Result<Option<(i64, String)>, ApiError> {
-    if token.is_empty() {
-        return Ok(None);
-    }
-    let bad = || ApiError::field("page_token", "not a token from a ListJobs response");
-    let (ms, id) = token.split_once(':').ok_or_else(bad)?;
-    let id = Uuid::parse_str(id).map_err(|_| bad())?;
-    Ok(Some((ms.parse().map_err(|_| bad())?, id.to_string())))
-}
-
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -233,25 +220,14 @@ impl TrainingService for TrainingApi {
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
         let r = request.into_inner();
         let state = convert::state_filter(r.state)?;
-        let size = match r.page_size as usize {
-            0 => PAGE_DEFAULT,
-            n => n.min(PAGE_MAX),
-        };
-        let after = parse_page_token(&r.page_token)?;
+        let page = Page::of(r.page_size, &r.page_token)?;
         let mut rows = self
             .0
             .store
-            .list_jobs(state, size + 1, after)
+            .list_jobs(state, page.fetch(), page.after.clone())
             .await
             .map_err(ApiError::from)?;
-        let next_page_token = if rows.len() > size {
-            rows.truncate(size);
-            rows.last()
-                .map(|j| format!("{}:{}", j.created_at_ms, j.id))
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let next_page_token = page.cut(&mut rows, |j| (j.created_at_ms, j.id));
         Ok(Response::new(pb::ListJobsResponse {
             jobs: rows.iter().map(convert::job).collect(),
             next_page_token,
@@ -263,15 +239,12 @@ impl TrainingService for TrainingApi {
         request: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
         let job = self.job(&request.get_ref().job_id).await?;
-        if let Some(caller) = Caller::of(&request) {
-            if caller.role == Role::Train && caller.name != job.created_by {
-                return Err(Status::permission_denied(format!(
-                    "role train may cancel only its own jobs; job {} was started by '{}' \
-                     (an admin token can cancel any job)",
-                    job.id, job.created_by
-                )));
-            }
-        }
+        may_cancel(
+            Caller::of(&request),
+            ("job", "jobs"),
+            job.id,
+            &job.created_by,
+        )?;
         let store = &self.0.store;
         if job.state.is_terminal() {
             return Err(ApiError::FailedPrecondition(format!(
@@ -290,9 +263,7 @@ impl TrainingService for TrainingApi {
         // Stored first: the worker running it, here or on another replica, picks it up
         // (within a second there).
         store.request_cancel(job.id).await.map_err(ApiError::from)?;
-        if let Some(flag) = self.0.running.lock().expect("running jobs").get(&job.id) {
-            flag.store(true, Ordering::SeqCst);
-        }
+        self.0.stop_here(&job.id);
         info!(job = %job.id, "cancelling running job");
         if !self.watcher().until_ended(job.id, CANCEL_WAIT).await {
             info!(job = %job.id, "cancel requested; the job is still stopping");
@@ -337,33 +308,5 @@ impl TrainingService for TrainingApi {
         Ok(Response::new(pb::ListCheckpointsResponse {
             checkpoints: rows.iter().map(convert::checkpoint).collect(),
         }))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn page_tokens_are_what_list_jobs_hands_out_or_refused_by_field() {
-        assert_eq!(parse_page_token("").unwrap(), None);
-        let id = Uuid::new_v4();
-        assert_eq!(
-            parse_page_token(&format!("1733390000123:{id}")).unwrap(),
-            Some((1733390000123, id.to_string()))
-        );
-        for bad in [
-            "1733390000123",
-            "x:00000000-0000-0000-0000-000000000000",
-            &format!(":{id}"),
-            "17:not-a-uuid",
-            &format!("{id}:17"),
-        ] {
-            let e = parse_page_token(bad).unwrap_err();
-            assert!(
-                matches!(&e, ApiError::InvalidArgument(m) if m.starts_with("page_token: ")),
-                "{bad}: {e:?}"
-            );
-        }
     }
 }

@@ -250,15 +250,7 @@ impl Store {
             sqlx::query_as("SELECT state, COUNT(*) FROM jobs GROUP BY state")
                 .fetch_all(self.pool()?)
                 .await?;
-        Ok(JobState::iter()
-            .map(|s| {
-                let n = rows
-                    .iter()
-                    .find(|(name, _)| name == s.name())
-                    .map_or(0, |r| r.1);
-                (s, n)
-            })
-            .collect())
+        Ok(every_state(&rows))
     }
 
     /// Records an epoch's metrics (fenced), and the epochs the run trains when it says (a
@@ -449,4 +441,17 @@ pub fn redact(url: &str) -> String {
 /// Where a job's run directory lives under the data dir.
 pub fn job_dir(data_dir: &Path, id: Uuid) -> PathBuf {
     data_dir.join("jobs").join(id.to_string())
+}
+
+/// A count for every job state, 0 where `(state name, count)` rows name none.
+fn every_state(rows: &[(String, i64)]) -> Vec<(JobState, i64)> {
+    JobState::iter()
+        .map(|s| {
+            let n = rows
+                .iter()
+                .find(|(name, _)| name == s.name())
+                .map_or(0, |r| r.1);
+            (s, n)
+        })
+        .collect()
 }

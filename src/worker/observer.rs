@@ -116,6 +116,8 @@ pub(super) struct JobObserver<'a, B: AutodiffBackend> {
     pause_at: Option<u32>,
     /// It reached `pause_at` (its epoch recorded): the run stops there.
     pub(super) paused: bool,
+    /// The attempt's TensorBoard event file, copied to the artifact store as it grows.
+    event_file: Option<PathBuf>,
     _backend: std::marker::PhantomData<B>,
 }
 
@@ -138,6 +140,7 @@ impl<B: AutodiffBackend> TrainObserver<B> for JobObserver<'_, B> {
             TrainEvent::Epoch(m) => {
                 self.unrecorded = Some(m.clone());
                 self.record_epoch();
+                self.publish_log();
             }
             // A checkpoint of an epoch the store has not recorded would let a resume skip
             // that epoch's record: it stays uncommitted (the job resumes before it).
@@ -197,7 +200,8 @@ impl<B: AutodiffBackend> TrainObserver<B> for JobObserver<'_, B> {
                 );
                 job_warning(ctx, self.lease.fence, &message);
             }
-            TrainEvent::Started { .. } | TrainEvent::Finished(_) => {}
+            TrainEvent::Started { event_file, .. } => self.event_file = event_file.clone(),
+            TrainEvent::Finished(_) => self.publish_log(),
         }
     }
 
@@ -252,6 +256,7 @@ impl<'a, B: AutodiffBackend> JobObserver<'a, B> {
             pruning: None,
             pause_at: None,
             paused: false,
+            event_file: None,
             _backend: std::marker::PhantomData,
         }
     }
@@ -292,6 +297,22 @@ impl<'a, B: AutodiffBackend> JobObserver<'a, B> {
         });
         if let Err(e) = pruned {
             warn!(error = %e, job = %self.job, "pruning old checkpoints in the artifact store");
+        }
+    }
+
+    /// Uploads the attempt's TensorBoard event file to the artifact store (a no-op without
+    /// one), while the job is this attempt's. A failure is logged; the next epoch's upload
+    /// carries what this one missed.
+    fn publish_log(&self) {
+        let ctx = self.ctx;
+        let Some(file) = &self.event_file else {
+            return;
+        };
+        if !ctx.artifacts.is_remote() || !self.lease.still_owned() {
+            return;
+        }
+        if let Err(e) = ctx.runtime.block_on(ctx.artifacts.publish(file)) {
+            warn!(error = %e, file = %file.display(), "publishing the TensorBoard event file");
         }
     }
 

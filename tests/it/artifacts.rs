@@ -86,6 +86,24 @@ async fn replicas_with_no_shared_disk_take_over_through_object_storage() {
     );
     // Everything the survivor wrote is in S3 too, byte for byte.
     assert_all_stored(&s3, roots[other].path(), "runs", &job);
+    // The TensorBoard event files of both attempts are in S3, the survivor's as it ended.
+    let logs = tlb::engine::tensorboard::event_files(
+        &roots[other].path().join(format!("data/jobs/{job}")),
+    );
+    assert_eq!(logs.len(), 1, "{logs:?}");
+    let name = logs[0].file_name().unwrap().to_string_lossy().into_owned();
+    let key = format!("runs/jobs/{job}/{name}");
+    assert_eq!(
+        s3.stored(BUCKET, &key),
+        std::fs::read(&logs[0]).ok(),
+        "{key}"
+    );
+    let stored = s3.event_files(BUCKET, &format!("runs/jobs/{job}"));
+    assert_eq!(stored.len(), 2, "one per attempt: {stored:?}");
+    assert!(
+        stored.iter().any(|n| n.ends_with(".attempt-1")),
+        "{stored:?}"
+    );
 
     // The same job, uninterrupted, on the survivor: the same weights, bit for bit.
     let reference = start_job(&mut client, request()).await;

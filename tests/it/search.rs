@@ -43,6 +43,16 @@ fn asha_request(max_concurrent: u32) -> pb::StartSearchRequest {
 /// The epochs ASHA may train for 9 trials over rungs 1, 3, 9: 9·1 + 3·2 + 1·6.
 const BUDGET: u32 = 21;
 
+async fn get_search(client: &mut SearchServiceClient<Channel>, id: &str) -> pb::Search {
+    client
+        .get_search(pb::GetSearchRequest {
+            search_id: id.to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 async fn start(client: &mut SearchServiceClient<Channel>, r: pb::StartSearchRequest) -> String {
     client.start_search(r).await.unwrap().into_inner().search_id
 }
@@ -157,13 +167,7 @@ async fn an_asha_search_promotes_by_the_rule_within_its_budget_and_serves_its_be
     assert_eq!(*k.last().unwrap(), Kind::SearchEnded);
     assert_eq!(check_asha_log(&events, 9, 3), [3, 1]);
 
-    let s = search
-        .get_search(pb::GetSearchRequest {
-            search_id: id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let s = get_search(&mut search, &id).await;
     assert_eq!(s.state, pb::SearchState::Succeeded as i32, "{s:?}");
     assert_eq!((s.trials_total, s.trials_started), (9, 9));
     assert_eq!(s.rungs, [1, 3, 9]);
@@ -365,13 +369,7 @@ async fn a_search_cancelled_while_trials_run_cancels_them_all() {
     // Two trials queued at once (max_concurrent), one of them running on the one device.
     let deadline = Instant::now() + Duration::from_secs(120);
     let running = loop {
-        let s = search
-            .get_search(pb::GetSearchRequest {
-                search_id: id.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let s = get_search(&mut search, &id).await;
         assert_eq!(s.trials_started, 2, "{s:?}");
         if let Some(t) = s
             .trials
@@ -406,13 +404,7 @@ async fn a_search_cancelled_while_trials_run_cancels_them_all() {
     // Every trial ends cancelled; the running one checkpointed first; no new trial starts.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let s = search
-            .get_search(pb::GetSearchRequest {
-                search_id: id.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let s = get_search(&mut search, &id).await;
         assert_eq!(s.trials_started, 2);
         if s.trials
             .iter()
@@ -430,11 +422,7 @@ async fn a_search_cancelled_while_trials_run_cancels_them_all() {
         .into_inner();
     assert!(!ckpts.checkpoints.is_empty());
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let s = search
-        .get_search(pb::GetSearchRequest { search_id: id })
-        .await
-        .unwrap()
-        .into_inner();
+    let s = get_search(&mut search, &id).await;
     assert_eq!(
         (s.trials_started, s.state),
         (2, pb::SearchState::Cancelled as i32)
@@ -471,13 +459,7 @@ async fn a_search_survives_kill_9_of_a_replica_without_a_trial_or_promotion_twic
     // Once a promotion has happened, kill the replica running a trial.
     let deadline = Instant::now() + Duration::from_secs(600);
     let victim = loop {
-        let s = search
-            .get_search(pb::GetSearchRequest {
-                search_id: id.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let s = get_search(&mut search, &id).await;
         let promoted = s.trials.iter().any(|t| t.rung > 0);
         let running = s
             .trials
@@ -503,11 +485,7 @@ async fn a_search_survives_kill_9_of_a_replica_without_a_trial_or_promotion_twic
     let mut search = survivor.search().await;
     let events = watch_to_end(&mut search, &id, Duration::from_secs(900)).await;
     assert_eq!(check_asha_log(&events, 9, 3), [3, 1]);
-    let s = search
-        .get_search(pb::GetSearchRequest { search_id: id })
-        .await
-        .unwrap()
-        .into_inner();
+    let s = get_search(&mut search, &id).await;
     assert_eq!(s.state, pb::SearchState::Succeeded as i32, "{s:?}");
     assert!(
         s.epochs_trained <= BUDGET,

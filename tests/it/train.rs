@@ -113,6 +113,104 @@ mod resume {
         assert_eq!(full.best_val_accuracy, resumed.best_val_accuracy);
     }
 
+    /// The events of an event file, read back whole.
+    fn events(path: &Path) -> Vec<tlb::engine::tensorboard::proto::Event> {
+        use prost::Message;
+        let bytes = std::fs::read(path).unwrap();
+        tlb::engine::tensorboard::record::records(&bytes)
+            .into_iter()
+            .map(|r| tlb::engine::tensorboard::proto::Event::decode(r).unwrap())
+            .collect()
+    }
+
+    /// The values of `tag` in `events`, with their steps.
+    fn scalars(events: &[tlb::engine::tensorboard::proto::Event], tag: &str) -> Vec<(i64, f32)> {
+        use tlb::engine::tensorboard::proto::{event::What, summary::value::Value};
+        events
+            .iter()
+            .filter_map(|e| match &e.what {
+                Some(What::Summary(s)) => {
+                    s.value
+                        .iter()
+                        .find(|v| v.tag == tag)
+                        .and_then(|v| match v.value {
+                            Some(Value::SimpleValue(x)) => Some((e.step, x)),
+                            _ => None,
+                        })
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// TensorBoard's view of a resumed run: an event file per run, the second opening with
+    /// a START one step past the checkpoint it resumed from (TensorBoard drops what an
+    /// earlier attempt logged from that step on); the epoch scalars of both equal
+    /// metrics.jsonl, with an attention picture per epoch; a fresh run in the directory
+    /// removes the older run's files.
+    #[test]
+    fn a_resumed_run_logs_a_second_event_file_from_past_its_checkpoint() {
+        use tlb::engine::tensorboard::proto::{event::What, summary::value::Value};
+        use tlb::engine::tensorboard::{event_files, ATTENTION_TAG};
+        let _serial = super::serial();
+        let tmp = tempfile::tempdir().unwrap();
+        let splits = data(&tmp.path().join("data"));
+        let device = cpu_device();
+        let mut cfg = config();
+        cfg.batch_size = 4; // steps enough for a few step points per epoch
+        cfg.epochs = 1;
+        let run = tmp.path().join("run");
+        train::<CpuAutodiff>(&cfg, &splits, &run, &device, false, &mut quiet()).unwrap();
+        cfg.epochs = 2;
+        train::<CpuAutodiff>(&cfg, &splits, &run, &device, true, &mut quiet()).unwrap();
+        let files = event_files(&run);
+        assert_eq!(files.len(), 2, "{files:?}");
+        let (first, second) = (events(&files[0]), events(&files[1]));
+        let per_epoch = splits.train.len().div_ceil(cfg.batch_size) as i64;
+        assert!(
+            matches!(&second[1].what, Some(What::SessionLog(l)) if l.status == 1),
+            "{:?}",
+            second[1]
+        );
+        assert_eq!(second[1].step, per_epoch + 1);
+
+        let epochs = tlb::engine::viz::read_epochs(&run.join("metrics.jsonl")).unwrap();
+        let logged: Vec<(i64, f32)> = [&first, &second]
+            .iter()
+            .flat_map(|e| scalars(e, "epoch/val_accuracy"))
+            .collect();
+        let want: Vec<(i64, f32)> = epochs
+            .iter()
+            .map(|m| (m.epoch as i64 * per_epoch, m.val_accuracy as f32))
+            .collect();
+        assert_eq!(logged, want);
+        let steps = scalars(&first, "step/loss");
+        assert!(per_epoch >= 20, "{per_epoch} steps per epoch");
+        assert_eq!(steps.len() as i64, per_epoch / 10, "{steps:?}");
+        let pictures: Vec<(i32, i32, bool)> = [&first, &second]
+            .iter()
+            .flat_map(|e| e.iter())
+            .filter_map(|e| match &e.what {
+                Some(What::Summary(s)) => s.value.iter().find(|v| v.tag == ATTENTION_TAG),
+                _ => None,
+            })
+            .map(|v| match &v.value {
+                Some(Value::Image(i)) => (
+                    i.width,
+                    i.height,
+                    i.encoded_image_string.starts_with(b"\x89PNG"),
+                ),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(pictures, [(256, 128, true), (256, 128, true)]);
+        assert_eq!(scalars(&second, "final/best_val_accuracy").len(), 1);
+
+        cfg.epochs = 1;
+        train::<CpuAutodiff>(&cfg, &splits, &run, &device, false, &mut quiet()).unwrap();
+        assert_eq!(event_files(&run).len(), 1, "the older run's files are gone");
+    }
+
     /// Stops the run after `n` optimiser steps, as a cancel or a shutdown would.
     struct StopAfter(usize, usize);
     impl TrainObserver<CpuAutodiff> for StopAfter {

@@ -87,6 +87,8 @@ pub enum TrainEvent {
     Started {
         resumed_from_step: usize,
         total_steps: usize,
+        /// This attempt's TensorBoard event file.
+        event_file: Option<PathBuf>,
     },
     Progress(Progress),
     Epoch(EpochMetrics),

@@ -3,7 +3,6 @@
 mod convert;
 
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio_stream::Stream;
@@ -11,9 +10,10 @@ use tonic::{Request, Response, Status};
 use tracing::info;
 use uuid::Uuid;
 
-use super::training::{admit, base_of, parse_page_token};
-use super::AppState;
-use crate::auth::{Caller, Role};
+use super::paging::Page;
+use super::training::{admit, base_of};
+use super::{may_cancel, AppState};
+use crate::auth::Caller;
 use crate::error::{parse_uuid, ApiError};
 use crate::names::Named;
 use crate::proto::v1 as pb;
@@ -23,8 +23,6 @@ use crate::worker::search::advance;
 
 /// How often a WatchSearch stream looks for new events.
 const WATCH_EVERY: Duration = Duration::from_millis(500);
-const PAGE_DEFAULT: usize = 50;
-const PAGE_MAX: usize = 500;
 
 pub struct SearchApi(pub AppState);
 
@@ -52,20 +50,14 @@ impl SearchApi {
             .ok_or_else(|| ApiError::NotFound(format!("no search with id {id}")))
     }
 
-    /// The search with its trials (and their reports, when `full`).
-    async fn message(&self, s: &SearchRow, full: bool) -> Result<pb::Search, ApiError> {
+    /// The search with its trials, their reports and curves.
+    async fn message(&self, s: &SearchRow) -> Result<pb::Search, ApiError> {
         let store = &self.0.store;
         let trials = store.search_trials(s.id).await?;
-        if !full {
-            return Ok(convert::search(s, &trials, None));
-        }
-        let mut detail = convert::Detail {
+        let detail = convert::Detail {
             reports: store.search_reports(s.id).await?,
-            epochs: Default::default(),
+            epochs: store.search_epochs(s.id).await?,
         };
-        for t in &trials {
-            detail.epochs.insert(t.id, store.job_epochs(t.id).await?);
-        }
         Ok(convert::search(s, &trials, Some(&detail)))
     }
 }
@@ -125,7 +117,7 @@ impl SearchService for SearchApi {
         request: Request<pb::GetSearchRequest>,
     ) -> Result<Response<pb::Search>, Status> {
         let s = self.row(&request.get_ref().search_id).await?;
-        Ok(Response::new(self.message(&s, true).await?))
+        Ok(Response::new(self.message(&s).await?))
     }
 
     async fn list_searches(
@@ -133,29 +125,20 @@ impl SearchService for SearchApi {
         request: Request<pb::ListSearchesRequest>,
     ) -> Result<Response<pb::ListSearchesResponse>, Status> {
         let r = request.into_inner();
-        let size = match r.page_size as usize {
-            0 => PAGE_DEFAULT,
-            n => n.min(PAGE_MAX),
-        };
-        let after = parse_page_token(&r.page_token)?;
+        let page = Page::of(r.page_size, &r.page_token)?;
         let mut rows = self
             .0
             .store
-            .list_searches(size + 1, after)
+            .list_searches(page.fetch(), page.after.clone())
             .await
             .map_err(ApiError::from)?;
-        let next_page_token = if rows.len() > size {
-            rows.truncate(size);
-            rows.last()
-                .map(|s| format!("{}:{}", s.created_at_ms, s.id))
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
-        let mut searches = Vec::with_capacity(rows.len());
-        for s in &rows {
-            searches.push(self.message(s, false).await?);
-        }
+        let next_page_token = page.cut(&mut rows, |s| (s.created_at_ms, s.id));
+        let ids: Vec<Uuid> = rows.iter().map(|s| s.id).collect();
+        let mut trials = self.0.store.trials_of(&ids).await.map_err(ApiError::from)?;
+        let searches = rows
+            .iter()
+            .map(|s| convert::search(s, &trials.remove(&s.id).unwrap_or_default(), None))
+            .collect();
         Ok(Response::new(pb::ListSearchesResponse {
             searches,
             next_page_token,
@@ -167,15 +150,12 @@ impl SearchService for SearchApi {
         request: Request<pb::CancelSearchRequest>,
     ) -> Result<Response<pb::Search>, Status> {
         let s = self.row(&request.get_ref().search_id).await?;
-        if let Some(caller) = Caller::of(&request) {
-            if caller.role == Role::Train && caller.name != s.created_by {
-                return Err(Status::permission_denied(format!(
-                    "role train may cancel only its own searches; search {} was started by '{}' \
-                     (an admin token can cancel any search)",
-                    s.id, s.created_by
-                )));
-            }
-        }
+        may_cancel(
+            Caller::of(&request),
+            ("search", "searches"),
+            s.id,
+            &s.created_by,
+        )?;
         let Some(running) = self
             .0
             .store
@@ -192,13 +172,11 @@ impl SearchService for SearchApi {
         };
         // Running trials stop within a second wherever they run; here at once.
         for job in &running {
-            if let Some(flag) = self.0.running.lock().expect("running jobs").get(job) {
-                flag.store(true, Ordering::SeqCst);
-            }
+            self.0.stop_here(job);
         }
         info!(search = %s.id, running = running.len(), "search cancelled");
         let s = self.row(&s.id.to_string()).await?;
-        Ok(Response::new(self.message(&s, true).await?))
+        Ok(Response::new(self.message(&s).await?))
     }
 
     type WatchSearchStream = EventStream;
@@ -208,7 +186,7 @@ impl SearchService for SearchApi {
         request: Request<pb::WatchSearchRequest>,
     ) -> Result<Response<Self::WatchSearchStream>, Status> {
         let first = self.row(&request.get_ref().search_id).await?;
-        let snapshot = self.message(&first, true).await?;
+        let snapshot = self.message(&first).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let store = self.0.store.clone();
         let mut shutdown = self.0.shutdown.clone();
@@ -239,7 +217,7 @@ impl SearchService for SearchApi {
                     let ended = e.kind == EventKind::SearchEnded;
                     if ended {
                         if let Ok(Some(s)) = store.get_search(id).await {
-                            message.search = api.message(&s, true).await.ok();
+                            message.search = api.message(&s).await.ok();
                         }
                     }
                     if tx.send(Ok(message)).await.is_err() || ended {

@@ -5,6 +5,8 @@
 mod advance;
 mod log;
 
+use std::collections::HashMap;
+
 use anyhow::{Context, Result};
 use sqlx::any::AnyRow;
 use sqlx::Row;
@@ -255,26 +257,49 @@ impl Store {
 
     /// A search's trials, by number.
     pub async fn search_trials(&self, id: Uuid) -> StoreResult<Vec<JobRow>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {JOB_COLUMNS} FROM jobs WHERE search_id = $1 ORDER BY trial"
-        ))
+        Ok(self.trials_of(&[id]).await?.remove(&id).unwrap_or_default())
+    }
+
+    /// The trials of several searches (a page of ListSearches), by search, each by number.
+    pub async fn trials_of(&self, ids: &[Uuid]) -> StoreResult<HashMap<Uuid, Vec<JobRow>>> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let marks: Vec<String> = (1..=ids.len()).map(|i| format!("${i}")).collect();
+        let sql = format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE search_id IN ({}) ORDER BY trial",
+            marks.join(", ")
+        );
+        let mut query = sqlx::query(&sql);
+        for id in ids {
+            query = query.bind(id.to_string());
+        }
+        let rows = query.fetch_all(self.pool()?).await?;
+        let mut by_search: HashMap<Uuid, Vec<JobRow>> = HashMap::new();
+        for job in readable(&rows, |r| JobRow::from_row(r, &self.paths)) {
+            if let Some(search) = job.search_id {
+                by_search.entry(search).or_default().push(job);
+            }
+        }
+        Ok(by_search)
+    }
+
+    /// The epochs each trial of a search recorded (their curves), by job, each in order.
+    pub async fn search_epochs(&self, id: Uuid) -> StoreResult<HashMap<Uuid, Vec<EpochMetrics>>> {
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT e.job_id, e.metrics_json FROM job_epochs e JOIN jobs j ON j.id = e.job_id \
+             WHERE j.search_id = $1 ORDER BY e.job_id, e.epoch",
+        )
         .bind(id.to_string())
         .fetch_all(self.pool()?)
         .await?;
-        Ok(readable(&rows, |r| JobRow::from_row(r, &self.paths)))
-    }
-
-    /// The epochs a job recorded, in order (its curves).
-    pub async fn job_epochs(&self, job: Uuid) -> StoreResult<Vec<EpochMetrics>> {
-        let rows: Vec<(String,)> =
-            sqlx::query_as("SELECT metrics_json FROM job_epochs WHERE job_id = $1 ORDER BY epoch")
-                .bind(job.to_string())
-                .fetch_all(self.pool()?)
-                .await?;
-        Ok(rows
-            .iter()
-            .filter_map(|(m,)| serde_json::from_str(m).ok())
-            .collect())
+        let mut by_job: HashMap<Uuid, Vec<EpochMetrics>> = HashMap::new();
+        for (job, metrics) in &rows {
+            if let (Ok(job), Ok(m)) = (uuid(job), serde_json::from_str(metrics)) {
+                by_job.entry(job).or_default().push(m);
+            }
+        }
+        Ok(by_job)
     }
 
     /// A search's reports, by trial and rung.
@@ -317,15 +342,7 @@ impl Store {
         )
         .fetch_all(self.pool()?)
         .await?;
-        Ok(<JobState as strum::IntoEnumIterator>::iter()
-            .map(|s| {
-                let n = rows
-                    .iter()
-                    .find(|(name, _)| name == s.name())
-                    .map_or(0, |r| r.1);
-                (s, n)
-            })
-            .collect())
+        Ok(super::every_state(&rows))
     }
 
     /// RUNNING → CANCELLED, with its queued and waiting trials; its running trials are asked

@@ -89,13 +89,22 @@ impl S3 {
     /// The names of the `.ckpt` objects directly under `prefix` in `bucket`, sorted, read
     /// from the server's disk.
     pub fn names(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        self.names_where(bucket, prefix, |n| n.ends_with(".ckpt"))
+    }
+
+    /// The TensorBoard event files stored under `prefix`, by name.
+    pub fn event_files(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        self.names_where(bucket, prefix, |n| n.contains("tfevents"))
+    }
+
+    fn names_where(&self, bucket: &str, prefix: &str, keep: impl Fn(&str) -> bool) -> Vec<String> {
         let dir = self.root.path().join(bucket).join(prefix);
         let mut names: Vec<String> = std::fs::read_dir(dir)
             .into_iter()
             .flatten()
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.ends_with(".ckpt"))
+            .filter(|n| keep(n))
             .collect();
         names.sort();
         names

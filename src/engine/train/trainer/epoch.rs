@@ -16,6 +16,7 @@ use super::start::RunState;
 use super::{grad_sum, snapshot, step_seed, Gate};
 use crate::engine::data::{Batch, EpochPlan, Loader};
 use crate::engine::model::Tlb;
+use crate::engine::tensorboard::{attention_png, STEP_EVERY};
 
 /// How an epoch's training ended.
 pub(super) enum EpochEnd<B: AutodiffBackend> {
@@ -81,6 +82,15 @@ impl<B: AutodiffBackend, O: Optimizer<Tlb<B>, B>> RunState<'_, B, O> {
             seen += n;
             let ips = seen as f64 / epoch_start.elapsed().as_secs_f64().max(1e-9);
             let remaining = self.total_steps.saturating_sub(self.meta.global_step) as f64;
+            let global_step = self.meta.global_step;
+            if let Some(tb) = self
+                .tb
+                .as_mut()
+                .filter(|_| global_step.is_multiple_of(STEP_EVERY))
+            {
+                let (loss, accuracy) = (step_loss / n as f64, step_correct as f64 / n as f64);
+                tb.step(global_step as u64, loss, accuracy, lr, ips)?;
+            }
             gate.event(&TrainEvent::Progress(Progress {
                 epoch,
                 step_in_epoch: self.meta.step_in_epoch,
@@ -179,6 +189,10 @@ impl<B: AutodiffBackend, O: Optimizer<Tlb<B>, B>> RunState<'_, B, O> {
         let val_accuracy = metrics.val_accuracy;
         gate.check()?;
         self.files.append_epoch(self.run.attempt, &metrics)?;
+        if let Some(tb) = &mut self.tb {
+            let picture = attention_png(&valid, &self.splits.val, &self.config.model, self.device);
+            tb.epoch(self.meta.global_step as u64, &metrics, picture)?;
+        }
         gate.event(&TrainEvent::Epoch(metrics));
         let meta = &mut self.meta;
         meta.epoch += 1;
@@ -269,6 +283,9 @@ impl<B: AutodiffBackend, O: Optimizer<Tlb<B>, B>> RunState<'_, B, O> {
         };
         gate.check()?;
         self.files.append_metrics(&summary)?;
+        if let Some(tb) = &mut self.tb {
+            tb.finish(self.meta.global_step as u64, &summary)?;
+        }
         gate.event(&TrainEvent::Finished(summary.clone()));
         Ok((Outcome::Completed, summary))
     }

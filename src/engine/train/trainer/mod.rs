@@ -67,6 +67,12 @@ pub fn train_run<B: AutodiffBackend>(
     match epochs(&mut s, &mut gate) {
         // The job is another worker's now: nothing more was written.
         Err(e) if e.is::<Abandoned>() => Ok((Outcome::Abandoned, partial(&s.meta, s.started))),
+        Err(e) => {
+            if let Some(tb) = &mut s.tb {
+                tb.failed();
+            }
+            Err(e)
+        }
         ended => ended,
     }
 }
@@ -81,6 +87,7 @@ fn epochs<B: AutodiffBackend, O: Optimizer<Tlb<B>, B>>(
     gate.event(&TrainEvent::Started {
         resumed_from_step: s.meta.global_step,
         total_steps: s.total_steps,
+        event_file: s.tb.as_ref().map(|tb| tb.path().to_path_buf()),
     });
     s.started = Instant::now();
     while s.meta.epoch < s.epochs {

@@ -18,6 +18,7 @@ use super::super::Skipped;
 use super::{Gate, Run};
 use crate::engine::data::{mix64, Splits};
 use crate::engine::model::{with_rng_lock, Tlb};
+use crate::engine::tensorboard::{event_files, RunLog};
 
 /// Everything a run carries from epoch to epoch.
 pub(super) struct RunState<'r, B: AutodiffBackend, O> {
@@ -44,6 +45,8 @@ pub(super) struct RunState<'r, B: AutodiffBackend, O> {
     /// `max_minutes` in seconds, when set.
     pub budget: Option<f64>,
     pub started: Instant,
+    /// This attempt's TensorBoard event file, once the run's files are open.
+    pub tb: Option<RunLog>,
 }
 
 /// The model, optimiser and position the run starts from: the newest intact checkpoint
@@ -114,6 +117,7 @@ pub(super) fn resume_or_start<'r, B: AutodiffBackend>(
         total_steps: steps_per_epoch * epochs,
         budget,
         started: Instant::now(),
+        tb: None,
     })
 }
 
@@ -155,7 +159,10 @@ fn remove_older_run(ckpts: &CheckpointDir, files: &RunDir) -> Result<()> {
         ckpts.best_path(),
         ckpts.interrupted_path(),
         files.metrics_path(),
-    ] {
+    ]
+    .into_iter()
+    .chain(event_files(&files.0))
+    {
         let _ = std::fs::remove_file(p);
     }
     Ok(())
@@ -182,12 +189,20 @@ impl<B: AutodiffBackend, O> RunState<'_, B, O> {
         self.model.as_ref().expect("the run's model")
     }
 
-    /// The run's first writes: where this attempt starts in `metrics.jsonl`, and the config.
+    /// The run's first writes: where this attempt starts in `metrics.jsonl`, the config, and
+    /// the attempt's TensorBoard event file.
     pub fn open_files(&mut self, gate: &mut Gate<'_, B>) -> Result<()> {
         gate.check()?;
         self.files
             .start_metrics(self.run.attempt, self.meta.epoch)?;
-        write_json(&self.run.dir.join("config.json"), self.config)
+        write_json(&self.run.dir.join("config.json"), self.config)?;
+        let suffix = self
+            .run
+            .attempt
+            .map_or_else(|| "local".to_string(), |a| format!("attempt-{a}"));
+        let step = self.meta.global_step as u64;
+        self.tb = Some(RunLog::open(&self.run.dir, &suffix, step, self.config)?);
+        Ok(())
     }
 
     /// The best model so far, as of the checkpoint resumed from (`best.ckpt` may be newer
