@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 pub use super::connect::{channel, Conn, ServerArg};
+use super::job_view::{job_detail, job_line, state_name};
 use crate::proto::v1 as pb;
 use crate::proto::v1::inference_service_client::InferenceServiceClient;
 use crate::proto::v1::training_service_client::TrainingServiceClient;
@@ -103,44 +104,6 @@ pub(super) fn runtime() -> Result<tokio::runtime::Runtime> {
 
 pub(super) fn status_err(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", s.code(), s.message())
-}
-
-fn state_name(state: i32) -> &'static str {
-    pb::JobState::try_from(state).map_or("UNKNOWN", |s| {
-        s.as_str_name().trim_start_matches("JOB_STATE_")
-    })
-}
-
-fn job_line(j: &pb::Job) -> String {
-    let val = j
-        .latest_metrics
-        .as_ref()
-        .map_or("-".into(), |m| format!("{:.2}%", m.val_accuracy * 100.0));
-    let ran_on = if j.worker.is_empty() {
-        String::new()
-    } else {
-        format!("  on {} {} (attempt {})", j.worker, j.device, j.attempt)
-    };
-    let trial = match j.trial {
-        Some(n) if !j.search_id.is_empty() => format!("  trial {n} of search {}", j.search_id),
-        _ => String::new(),
-    };
-    format!(
-        "{}  {:<9}  {:<9}  epochs {}/{}  val {}{}{}{}",
-        j.job_id,
-        state_name(j.state),
-        j.preset,
-        j.epochs_completed,
-        j.epochs_total,
-        val,
-        trial,
-        ran_on,
-        if j.error.is_empty() {
-            String::new()
-        } else {
-            format!("  error: {}", j.error)
-        }
-    )
 }
 
 pub fn train(a: TrainArgs) -> Result<()> {
@@ -313,7 +276,7 @@ pub fn jobs(a: JobsArgs) -> Result<()> {
                 .await
                 .map_err(status_err)?
                 .into_inner();
-            println!("{job:#?}");
+            println!("{}", job_detail(&job));
             return Ok(());
         }
         let state = match &a.state {

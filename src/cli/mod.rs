@@ -4,6 +4,7 @@ mod bench;
 mod client;
 mod connect;
 mod datasets;
+mod job_view;
 mod local;
 mod models;
 mod parity;

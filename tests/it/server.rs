@@ -433,6 +433,20 @@ async fn cli_client_subcommands() {
         ok && out.contains(&job) && out.contains("SUCCEEDED"),
         "{out}"
     );
+    // One job in full: its fields a line each, its config as JSON.
+    let (ok, out, _) = client(&server, &["jobs", &job]);
+    assert!(ok && out.starts_with(&job), "{out}");
+    for field in [
+        "  preset ",
+        "  epochs ",
+        "  latest ",
+        "  test ",
+        "  finished ",
+        "  config",
+    ] {
+        assert!(out.contains(field), "{field}: {out}");
+    }
+    assert!(out.contains("\"lr\":") && !out.contains("Job {"), "{out}");
     let (ok, out, _) = client(&server, &["checkpoints", &job]);
     assert!(ok && out.contains("best"), "{out}");
 
