@@ -6,8 +6,9 @@
 //! database), `artifacts` (where checkpoints live: the data dir, or S3), `datasets`
 //! (resolution and download), `admission` (whether a new job fits the machine); `engine`
 //! (model, data, training, inference, pictures). Beneath them all, used by any: `error`
-//! (request errors and their gRPC codes), `names` (enums named by strings) and `metrics` (the
-//! Prometheus registry every layer records into, and the tower layer that counts RPCs).
+//! (request errors and their gRPC codes), `names` (enums named by strings), `host` (this
+//! machine's name) and `metrics` (the Prometheus registry every layer records into, and the
+//! tower layer that counts RPCs).
 
 pub mod admission;
 pub mod artifacts;
@@ -17,6 +18,7 @@ pub mod datasets;
 pub mod engine;
 pub mod error;
 pub mod grpc;
+pub mod host;
 pub mod metrics;
 pub mod names;
 pub mod proto;

@@ -75,12 +75,15 @@ fn write_once(file: &Path) -> bool {
         .file_name()
         .map(|n| n.to_string_lossy())
         .unwrap_or_default();
-    !crate::engine::train::CheckpointDir::is_rewritten(&name) && !is_event_file(&name)
+    !crate::engine::train::CheckpointDir::is_rewritten(&name) && !is_event_file(file)
 }
 
 /// A TensorBoard event file: rewritten as it grows, and small, so never evicted from disk.
-fn is_event_file(name: &str) -> bool {
-    name.contains(crate::engine::tensorboard::FILE_MARK)
+fn is_event_file(file: &Path) -> bool {
+    file.file_name().is_some_and(|n| {
+        n.to_string_lossy()
+            .contains(crate::engine::tensorboard::FILE_MARK)
+    })
 }
 
 impl std::fmt::Debug for Artifacts {
@@ -215,8 +218,7 @@ impl Artifacts {
             }
             Err(e) => return Err(r.error(e, false)),
         }
-        let name = file.file_name().map(|n| n.to_string_lossy());
-        if !name.is_some_and(|n| is_event_file(&n)) {
+        if !is_event_file(file) {
             r.cache.stored(file, len);
             self.evict(r, file).await;
         }

@@ -8,19 +8,12 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
+use crate::host::host_name;
+
 /// Holds the data dir's lock until dropped.
 #[derive(Debug)]
 pub struct DataDirLock {
     _file: File,
-}
-
-/// This host's name, for the lock file and its error message.
-pub fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "unknown".into())
 }
 
 impl DataDirLock {

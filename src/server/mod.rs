@@ -228,7 +228,11 @@ fn replica_id(args: &ServeArgs) -> Result<String> {
             anyhow::bail!("--replica-id must be 1 to 128 characters")
         }
         Some(id) => Ok(id.clone()),
-        None => Ok(format!("{}-{}", lock::host_name(), std::process::id())),
+        None => Ok(format!(
+            "{}-{}",
+            crate::host::host_name(),
+            std::process::id()
+        )),
     }
 }
 

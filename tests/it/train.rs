@@ -113,16 +113,6 @@ mod resume {
         assert_eq!(full.best_val_accuracy, resumed.best_val_accuracy);
     }
 
-    /// The events of an event file, read back whole.
-    fn events(path: &Path) -> Vec<tlb::engine::tensorboard::proto::Event> {
-        use prost::Message;
-        let bytes = std::fs::read(path).unwrap();
-        tlb::engine::tensorboard::record::records(&bytes)
-            .into_iter()
-            .map(|r| tlb::engine::tensorboard::proto::Event::decode(r).unwrap())
-            .collect()
-    }
-
     /// The values of `tag` in `events`, with their steps.
     fn scalars(events: &[tlb::engine::tensorboard::proto::Event], tag: &str) -> Vec<(i64, f32)> {
         use tlb::engine::tensorboard::proto::{event::What, summary::value::Value};
@@ -151,7 +141,7 @@ mod resume {
     #[test]
     fn a_resumed_run_logs_a_second_event_file_from_past_its_checkpoint() {
         use tlb::engine::tensorboard::proto::{event::What, summary::value::Value};
-        use tlb::engine::tensorboard::{event_files, ATTENTION_TAG};
+        use tlb::engine::tensorboard::{event_files, read_events, ATTENTION_TAG};
         let _serial = super::serial();
         let tmp = tempfile::tempdir().unwrap();
         let splits = data(&tmp.path().join("data"));
@@ -165,7 +155,10 @@ mod resume {
         train::<CpuAutodiff>(&cfg, &splits, &run, &device, true, &mut quiet()).unwrap();
         let files = event_files(&run);
         assert_eq!(files.len(), 2, "{files:?}");
-        let (first, second) = (events(&files[0]), events(&files[1]));
+        let (first, second) = (
+            read_events(&files[0]).unwrap(),
+            read_events(&files[1]).unwrap(),
+        );
         let per_epoch = splits.train.len().div_ceil(cfg.batch_size) as i64;
         assert!(
             matches!(&second[1].what, Some(What::SessionLog(l)) if l.status == 1),

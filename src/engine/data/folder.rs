@@ -33,6 +33,15 @@ pub fn rgb_to_planar(img: &image::RgbImage, side: usize) -> Vec<u8> {
     out
 }
 
+/// A planar RGB8 `side × side` image (as stored) back as an RGB image.
+pub fn planar_to_rgb(planar: &[u8], side: usize) -> image::RgbImage {
+    let plane = side * side;
+    image::RgbImage::from_fn(side as u32, side as u32, |x, y| {
+        let i = y as usize * side + x as usize;
+        image::Rgb([planar[i], planar[plane + i], planar[2 * plane + i]])
+    })
+}
+
 fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
     let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| DataError::io(dir, e))?

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 pub use augment::{Augmenter, CropFlip, Taps};
 pub use cifar::{cifar_hint, read_test, read_train, write_cifar10, CifarKind, PIXELS, SIDE};
-pub use folder::{decode_planar, read_image_folder, rgb_to_planar};
+pub use folder::{decode_planar, planar_to_rgb, read_image_folder, rgb_to_planar};
 pub use loader::{mix64, rng_for, Batch, EpochPlan, Loader};
 pub use set::{DataError, ImageSet, Split, Splits};
 

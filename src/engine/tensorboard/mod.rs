@@ -209,20 +209,23 @@ impl EventWriter {
     }
 }
 
+/// The host's name as a file-name part: letters, digits and `-` only.
 fn hostname() -> String {
-    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
-        .unwrap_or_default();
-    let name: String = name
-        .trim()
+    crate::host::host_name()
         .chars()
         .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
-        .collect();
-    if name.is_empty() {
-        "tlb".into()
-    } else {
-        name
-    }
+        .collect()
+}
+
+/// The events of an event file, up to its last whole record.
+pub fn read_events(path: &Path) -> Result<Vec<Event>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    record::records(&bytes)
+        .into_iter()
+        .map(|r| {
+            Event::decode(r).with_context(|| format!("decoding an event in {}", path.display()))
+        })
+        .collect()
 }
 
 /// The event files in `dir`, in the order TensorBoard reads them.

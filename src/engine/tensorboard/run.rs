@@ -8,11 +8,10 @@ use std::path::Path;
 
 use anyhow::Result;
 use burn::tensor::backend::Backend;
-use image::{Rgb, RgbImage};
 use prost_types::value::Kind;
 
 use super::{EventWriter, Status};
-use crate::engine::data::Split;
+use crate::engine::data::{planar_to_rgb, Split};
 use crate::engine::infer::{attention_maps, eval_batch};
 use crate::engine::model::{Tlb, TlbConfig};
 use crate::engine::train::{EpochMetrics, FinalMetrics, TrainConfig};
@@ -163,11 +162,7 @@ pub fn attention_png<B: Backend>(
         device,
     );
     let scores = token_scores(&maps.weights, maps.dims);
-    let plane = side * side;
-    let rgb = RgbImage::from_fn(side as u32, side as u32, |x, y| {
-        let i = y as usize * side + x as usize;
-        Rgb([planar[i], planar[plane + i], planar[2 * plane + i]])
-    });
+    let rgb = planar_to_rgb(planar, side);
     let picture = attention_picture(&rgb, &scores, config.grid_size(), PICTURE_SIDE, true);
     Some(Picture {
         width: picture.width(),

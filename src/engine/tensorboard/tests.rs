@@ -5,14 +5,6 @@ use super::proto::hparams::{h_params_plugin_data::Data, HParamsPluginData};
 use super::proto::summary::value::Value as Kind;
 use super::*;
 
-fn read_events(path: &Path) -> Vec<Event> {
-    let bytes = std::fs::read(path).unwrap();
-    record::records(&bytes)
-        .into_iter()
-        .map(|r| Event::decode(r).unwrap())
-        .collect()
-}
-
 #[test]
 fn an_event_file_holds_what_was_written_in_order() {
     let dir = tempfile::tempdir().unwrap();
@@ -30,7 +22,7 @@ fn an_event_file_holds_what_was_written_in_order() {
         "{name}"
     );
 
-    let events = read_events(&path);
+    let events = read_events(&path).unwrap();
     assert_eq!(events.len(), 4);
     assert_eq!(
         events[0].what,
@@ -86,7 +78,7 @@ fn hyper_parameters_are_the_configs_fields_in_the_hparams_plugins_format() {
     let mut w = EventWriter::create(dir.path(), "attempt-1").unwrap();
     w.hparams(hp.clone(), "ckpts").unwrap();
     w.session_end(Status::Success).unwrap();
-    let events = read_events(w.path());
+    let events = read_events(w.path()).unwrap();
     let plugin = |e: &Event| {
         let Some(What::Summary(s)) = &e.what else {
             panic!("{e:?}")
