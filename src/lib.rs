@@ -19,6 +19,7 @@ pub mod engine;
 pub mod error;
 pub mod grpc;
 pub mod host;
+pub mod http;
 pub mod metrics;
 pub mod names;
 pub mod proto;

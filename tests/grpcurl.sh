@@ -2,7 +2,9 @@
 # Ops check with plain grpcurl and JSON, no .proto files: reflection, health, a training job
 # on cifar10-mini, Classify and GetAttention, the Open Inference Protocol (grpcurl and
 # tritonclient, tests/open_inference.py), a search, TensorBoard's reader on the jobs' event
-# files (tests/tensorboard_check.py). Prints "grpcurl: N passed, M failed".
+# files (tests/tensorboard_check.py); the HTTP face (tests/http_check.py: REST inference,
+# /v1 JSON, bad input; the dashboard in headless Chromium, tests/dashboard_check.py; tokens
+# and TLS with curl). Prints "grpcurl: N passed, M failed".
 #   TLB_SHARED_DATA  folder holding cifar10-mini/ (default ../shared/data)
 #   TLB_BIN          the tlb binary (default: target/debug/tlb, built if missing)
 set -euo pipefail
@@ -15,8 +17,8 @@ source tests/lib.sh
 [ -d "$DATA/cifar10-mini" ] || { echo "no $DATA/cifar10-mini (set TLB_SHARED_DATA)"; exit 1; }
 
 WORK=$(mktemp -d)
-"$TLB" serve --addr 127.0.0.1:0 --data-dir "$WORK/data" --datasets-root "$DATA" \
-    >"$WORK/stdout" 2>"$WORK/server.log" &
+"$TLB" serve --addr 127.0.0.1:0 --http-addr 127.0.0.1:0 --data-dir "$WORK/data" \
+    --datasets-root "$DATA" >"$WORK/stdout" 2>"$WORK/server.log" &
 PID=$!
 trap 'kill $PID 2>/dev/null; wait $PID 2>/dev/null; rm -rf "$WORK"' EXIT
 
@@ -27,6 +29,7 @@ for _ in $(seq 100); do
     sleep 0.1
 done
 ADDR=$(sed -n 's/^tlb listening on //p' "$WORK/stdout")
+HTTP=$(sed -n 's/^tlb http listening on //p' "$WORK/stdout")
 [ -n "$ADDR" ] || { cat "$WORK/server.log"; exit 1; }
 G=("$GRPCURL" -plaintext -max-time 60)
 
@@ -93,10 +96,10 @@ check "ModelInfer by grpcurl with typed UINT8 contents: 10 FP32 probabilities" t
 big=$("${G[@]}" -d "{\"model_name\":\"$JOB\",\"inputs\":[{\"name\":\"images\",\"datatype\":\"UINT8\",\"shape\":[1,1,1,3],\"contents\":{\"uint_contents\":[1,2,300]}}]}" "$ADDR" inference.GRPCInferenceService/ModelInfer 2>&1 || true)
 check "a typed element over 255 is InvalidArgument" grep -q "Code: InvalidArgument" <<<"$big"
 PYVENV="${TLB_PY_VENV:-target/py-venv}"
-if ! "$PYVENV/bin/python" -c 'import tritonclient.grpc, grpc_tools, PIL, numpy, tensorboard' 2>/dev/null; then
+if ! "$PYVENV/bin/python" -c 'import tritonclient.grpc, tritonclient.http, grpc_tools, PIL, numpy, tensorboard, requests, selenium' 2>/dev/null; then
     [ -x "$PYVENV/bin/python" ] || python3 -m venv "$PYVENV"
     "$PYVENV/bin/pip" install --quiet --disable-pip-version-check \
-        'tritonclient[grpc]' grpcio-tools numpy pillow tensorboard
+        'tritonclient[grpc,http]' grpcio-tools numpy pillow tensorboard requests selenium
 fi
 mkdir -p "$WORK/stubs"
 "$PYVENV/bin/python" -m grpc_tools.protoc -I proto --python_out="$WORK/stubs" \
@@ -104,6 +107,16 @@ mkdir -p "$WORK/stubs"
 "$PYVENV/bin/python" tests/open_inference.py "$ADDR" "$JOB" "$WORK/stubs" | tee "$WORK/oip.log"
 oip_failed=$(sed -n 's/^open-inference: [0-9]* passed, \([0-9]*\) failed$/\1/p' "$WORK/oip.log")
 check "tritonclient checks all pass" test "${oip_failed:-1}" = 0
+
+# --- The HTTP face of the same server: REST inference against gRPC, /v1 JSON, bad input. ---
+"$PYVENV/bin/python" tests/http_check.py "$HTTP" "$ADDR" "$JOB" "$DATA" | tee "$WORK/http.log"
+http_failed=$(sed -n 's/^http: [0-9]* passed, \([0-9]*\) failed$/\1/p' "$WORK/http.log")
+check "HTTP face checks all pass (tests/http_check.py)" test "${http_failed:-1}" = 0
+# --- The dashboard in headless Chromium, against a server of its own with tokens;
+# screenshots of each view under target/dashboard/. ---
+"$PYVENV/bin/python" tests/dashboard_check.py "$TLB" "$DATA" target/dashboard | tee "$WORK/dashboard.log"
+dash_failed=$(sed -n 's/^dashboard: [0-9]* passed, \([0-9]*\) failed$/\1/p' "$WORK/dashboard.log")
+check "dashboard checks all pass in headless Chromium (tests/dashboard_check.py)" test "${dash_failed:-1}" = 0
 
 code=$("${G[@]}" -d '{"job_id":"nope"}' "$ADDR" tlb.v1.TrainingService/GetJob 2>&1 || true)
 check "a bad job id is InvalidArgument" grep -q "Code: InvalidArgument" <<<"$code"
@@ -154,12 +167,14 @@ start_server() { # start_server NAME FLAGS... : sets ADDR_<NAME>
         sleep 0.1
     done
     printf -v "ADDR_$1" '%s' "$(sed -n 's/^tlb listening on //p' "$WORK/stdout-$1")"
+    printf -v "HTTP_$1" '%s' "$(sed -n 's/^tlb http listening on //p' "$WORK/stdout-$1")"
 }
 PIDS=()
 trap 'kill $PID "${PIDS[@]}" 2>/dev/null; wait $PID "${PIDS[@]}" 2>/dev/null; rm -rf "$WORK"' EXIT
 C="$WORK/certs"
-start_server tls --tls-cert "$C/server.pem" --tls-key "$C/server.key"
-start_server mtls --tls-cert "$C/server.pem" --tls-key "$C/server.key" --tls-client-ca "$C/ca.pem"
+start_server tls --tls-cert "$C/server.pem" --tls-key "$C/server.key" --http-addr 127.0.0.1:0
+start_server mtls --tls-cert "$C/server.pem" --tls-key "$C/server.key" --tls-client-ca "$C/ca.pem" \
+    --http-addr 127.0.0.1:0
 T=("$GRPCURL" -max-time 30 -cacert "$C/ca.pem")
 
 code_of() { # code_of TOKEN ARGS... : OK, or the gRPC code grpcurl reports
@@ -178,12 +193,15 @@ expect() { # expect WANT NAME TOKEN ARGS...
     got=$(code_of "${@:3}")
     check "$name: $want (got ${got:-a transport error})" test "$got" = "$want"
 }
+token_of() { # token_of WHO : the token a caller of that kind sends (none: no header)
+    case $1 in
+    none) echo "" ;; wrong) echo not-a-valid-token-000000 ;;
+    infer) echo "$INFER" ;; train) echo "$TRAIN" ;; admin) echo "$ADMIN" ;;
+    esac
+}
 A=$ADDR_tls
 for who in none wrong infer train admin; do
-    case $who in
-    none) tok="" ;; wrong) tok=not-a-valid-token-000000 ;;
-    infer) tok=$INFER ;; train) tok=$TRAIN ;; admin) tok=$ADMIN ;;
-    esac
+    tok=$(token_of "$who")
     anon=$([ "$who" = none ] || [ "$who" = wrong ] && echo yes || echo no)
     ok_or_401() { [ "$anon" = yes ] && echo Unauthenticated || echo "$1"; }
     # Health without reflection (which needs a token), as a probe would call it.
@@ -214,6 +232,46 @@ expect OK "mTLS with a client certificate" "$INFER" -cert "$C/client.pem" -key "
     "$ADDR_mtls" tlb.v1.TrainingService/ListJobs
 nocert=$(code_of "$INFER" "$ADDR_mtls" tlb.v1.TrainingService/ListJobs)
 check "mTLS without a client certificate fails (got ${nocert:-a handshake error})" test "$nocert" != OK
+
+# The HTTP face of the same servers: the same tokens, roles and TLS (curl).
+hcode() { # hcode TOKEN METHOD URL CURL_ARGS... : the HTTP status (000: no answer)
+    local tok=$1 method=$2 url=$3 auth=()
+    shift 3
+    [ -n "$tok" ] && auth=(-H "authorization: Bearer $tok")
+    curl -s -o /dev/null -w '%{http_code}' --max-time 30 --cacert "$C/ca.pem" "${auth[@]}" \
+        -X "$method" "$@" "$url" || true
+}
+hexpect() { # hexpect WANT NAME TOKEN METHOD PATH CURL_ARGS...
+    local want=$1 name=$2 got
+    got=$(hcode "$3" "$4" "https://$HTTP_tls$5" "${@:6}")
+    check "HTTP $name: $want (got $got)" test "$got" = "$want"
+}
+J=(-H 'content-type: application/json')
+for who in none wrong infer train admin; do
+    tok=$(token_of "$who")
+    anon=$([ "$who" = none ] || [ "$who" = wrong ] && echo yes || echo no)
+    or401() { [ "$anon" = yes ] && echo 401 || echo "$1"; }
+    hexpect 200 "[$who] /healthz (open)" "$tok" GET /healthz
+    hexpect 200 "[$who] the dashboard (open: it holds no data)" "$tok" GET /
+    hexpect "$(or401 200)" "[$who] GET /v1/jobs" "$tok" GET /v1/jobs
+    hexpect "$(or401 200)" "[$who] GET /v2/health/ready" "$tok" GET /v2/health/ready
+    writes=$([ "$who" = infer ] && echo 403 || echo 400)
+    hexpect "$(or401 "$writes")" "[$who] POST /v1/jobs" "$tok" POST /v1/jobs "${J[@]}" -d '{"preset":"nope"}'
+    hexpect "$(or401 "$writes")" "[$who] POST /v1/jobs/ID/cancel" "$tok" POST /v1/jobs/nope/cancel
+    export=$([ "$who" = admin ] && echo 404 || echo 403)
+    hexpect "$(or401 "$export")" "[$who] GET /v1/models/ID/export (admin only)" "$tok" GET \
+        "/v1/models/$(cat /proc/sys/kernel/random/uuid)/export"
+done
+who=$(curl -s --cacert "$C/ca.pem" -H "authorization: Bearer $TRAIN" "https://$HTTP_tls/v1/whoami")
+check "HTTP whoami names the token's holder and role" grep -q '"name":"alice","role":"train"' <<<"$who"
+plain=$(hcode "" GET "http://$HTTP_tls/healthz")
+check "HTTP: plaintext to the TLS face gets no answer (got $plain)" test "$plain" != 200
+h2=$(curl -s -o /dev/null -w '%{http_version}' --cacert "$C/ca.pem" "https://$HTTP_tls/healthz")
+check "HTTP/2 over TLS (ALPN) (got $h2)" test "$h2" = 2
+mtls=$(hcode "$INFER" GET "https://$HTTP_mtls/v1/jobs" --cert "$C/client.pem" --key "$C/client.key")
+check "HTTP mTLS with a client certificate: 200 (got $mtls)" test "$mtls" = 200
+nocert=$(hcode "$INFER" GET "https://$HTTP_mtls/v1/jobs")
+check "HTTP mTLS without a client certificate: refused (got $nocert)" test "$nocert" != 200
 
 echo "grpcurl: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

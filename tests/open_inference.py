@@ -9,9 +9,7 @@ Prints "ok NAME" / "FAIL NAME", the figures, then "open-inference: N passed, M f
 """
 
 import io
-import statistics
 import sys
-import time
 import uuid
 
 import grpc
@@ -20,23 +18,12 @@ import tritonclient.grpc as tg
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
+from tally import check, finish, latency_figures
+
 ADDR, JOB, STUBS = sys.argv[1:4]
 sys.path.insert(0, STUBS)
 from tlb.v1 import inference_pb2 as pb  # noqa: E402
 from tlb.v1 import inference_pb2_grpc as pb_grpc  # noqa: E402
-
-passed = failed = 0
-
-
-def check(name, ok, detail=""):
-    global passed, failed
-    if ok:
-        passed += 1
-        print(f"ok   {name}")
-    else:
-        failed += 1
-        print(f"FAIL {name} {detail}")
-
 
 def status_of(call):
     """The gRPC status name and message a call fails with, or ("OK", "")."""
@@ -197,15 +184,6 @@ check("the server serves on", client.is_server_ready())
 
 
 # --- Figures: ModelInfer vs Classify, same server, interleaved ---
-def timed(call, n):
-    out = []
-    for _ in range(n):
-        t = time.perf_counter()
-        call()
-        out.append(time.perf_counter() - t)
-    return out
-
-
 batch = rng.integers(0, 256, size=(64, 32, 32, 3), dtype=np.uint8)
 big = tg.InferInput("images", list(batch.shape), "UINT8")
 big.set_data_from_numpy(batch)
@@ -213,26 +191,11 @@ raw64 = [raw(i) for i in batch]
 single = tg.InferInput("images", [1, 32, 32, 3], "UINT8")
 single.set_data_from_numpy(batch[:1])
 raw1 = [raw(batch[0])]
-calls = {
+latency_figures({
     "ModelInfer": (lambda: client.infer(JOB, [big]), lambda: client.infer(JOB, [single])),
     "Classify": (
         lambda: tlb.Classify(pb.ClassifyRequest(model=JOB, images=raw64, top_k=1)),
         lambda: tlb.Classify(pb.ClassifyRequest(model=JOB, images=raw1, top_k=1)),
     ),
-}
-for many, one_call in calls.values():  # warm-up
-    many()
-    one_call()
-rounds = {k: ([], []) for k in calls}
-for _ in range(10):
-    for name, (many, one_call) in calls.items():
-        rounds[name][0].extend(timed(many, 2))
-        rounds[name][1].extend(timed(one_call, 20))
-for name, (many, ones) in rounds.items():
-    ones.sort()
-    ips = 64 / statistics.median(many)
-    p50, p99 = ones[len(ones) // 2] * 1e3, ones[int(len(ones) * 0.99)] * 1e3
-    print(f"figure {name}: batch 64 {ips:.0f} images/s; batch 1 p50 {p50:.2f} ms p99 {p99:.2f} ms")
-
-print(f"open-inference: {passed} passed, {failed} failed")
-sys.exit(1 if failed else 0)
+})
+finish("open-inference")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What the tests need from the system, installed when it is missing: Prometheus and promtool
 # (metrics), openssl (TLS certificates), PostgreSQL (replicas, store), nginx (the load
-# balancer of tests/replicas.sh), Mesa's lavapipe (the wgpu backend's tests, no GPU needed). As root it installs the Debian packages; otherwise it fails,
+# balancer of tests/replicas.sh), Mesa's lavapipe (the wgpu backend's tests, no GPU needed),
+# Chromium and its WebDriver (the dashboard's tests, headless), curl (the HTTP face's). As root it installs the Debian packages; otherwise it fails,
 # naming them. Used by the README's test command and by .ci/run, so a newcomer runs what CI
 # runs instead of a green run with the PostgreSQL, nginx and Prometheus tests skipped.
 set -euo pipefail
@@ -12,6 +13,9 @@ command -v openssl >/dev/null || missing+=(openssl)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
 command -v unshare >/dev/null || missing+=(util-linux)
+command -v curl >/dev/null || missing+=(curl)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+[ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
 # The GPU code path without a GPU: Mesa's lavapipe (software Vulkan) and the Vulkan loader.
 ls /usr/share/vulkan/icd.d/lvp_icd.*.json >/dev/null 2>&1 || missing+=(mesa-vulkan-drivers)
 ldconfig -p 2>/dev/null | grep -q 'libvulkan\.so\.1' || missing+=(libvulkan1)

@@ -17,6 +17,8 @@ from tensorboard.backend.event_processing import event_accumulator as ea
 from tensorboard.backend.event_processing import event_multiplexer
 from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 
+from tally import check, finish
+
 EPOCH_TAGS = {
     "epoch/train_loss": "train_loss",
     "epoch/train_accuracy": "train_accuracy",
@@ -30,18 +32,6 @@ EPOCH_TAGS = {
 STEP_EVERY = 10
 ATTENTION_TAG = "attention/validation_image_0"
 KEEP_ALL = {ea.SCALARS: 0, ea.IMAGES: 0, ea.TENSORS: 0}
-
-passed = failed = 0
-
-
-def check(name, ok):
-    global passed, failed
-    print(("ok   " if ok else "FAIL ") + name)
-    if ok:
-        passed += 1
-    else:
-        failed += 1
-
 
 def close(a, b):
     return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-7)
@@ -191,8 +181,7 @@ def main():
         check_run(mux, data_dir, run)
     check_cut(data_dir, jobs[0])
     check_server(data_dir, jobs)
-    print(f"tensorboard: {passed} passed, {failed} failed")
-    sys.exit(1 if failed else 0)
+    finish("tensorboard")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@
 //! |---|---|
 //! | `admin` | everything (also cancel anyone's job, start a job that downloads its dataset) |
 //! | `train` | StartTraining, CancelJob of its own jobs, and all that `infer` may |
-//! | `infer` | InferenceService, GetJob, ListJobs, WatchJob, ListCheckpoints, reflection |
+//! | `infer` | InferenceService (not ImportModel, ExportModel), GetJob, ListJobs, WatchJob, ListCheckpoints, ListEpochs, reflection |
 //!
 //! The layer puts the [`Caller`] into the request's extensions for the handlers (who started
 //! a job; whether it may cancel one). Tokens are never logged.
@@ -229,6 +229,7 @@ fn needs(path: &str) -> Need {
         "/tlb.v1.SearchService/StartSearch" => Need::Role(Role::Train, "StartSearch"),
         "/tlb.v1.SearchService/CancelSearch" => Need::Role(Role::Train, "CancelSearch"),
         "/tlb.v1.InferenceService/ImportModel" => Need::Role(Role::Train, "ImportModel"),
+        "/tlb.v1.InferenceService/ExportModel" => Need::Role(Role::Admin, "ExportModel"),
         "/tlb.v1.DatasetService/UploadDataset" => Need::Role(Role::Train, "UploadDataset"),
         "/tlb.v1.DatasetService/DeleteDataset" => Need::Role(Role::Train, "DeleteDataset"),
         _ => Need::AnyToken,
@@ -241,15 +242,21 @@ fn authorize<B>(tokens: &Tokens, req: &http::Request<B>) -> Result<Option<Caller
     if need == Need::Open {
         return Ok(None);
     }
-    let header = req
-        .headers()
-        .get(http::header::AUTHORIZATION)
-        .ok_or_else(|| {
-            Status::unauthenticated(
-                "no token: send the header `authorization: Bearer TOKEN` (tlb --token, grpcurl \
+    let caller = identify(tokens, req.headers())?;
+    if let Need::Role(role, what) = need {
+        require(Some(&caller), role, what)?;
+    }
+    Ok(Some(caller))
+}
+
+/// The caller whose bearer token the headers carry (the HTTP face's `whoami` asks too).
+pub fn identify(tokens: &Tokens, headers: &http::HeaderMap) -> Result<Caller, Status> {
+    let header = headers.get(http::header::AUTHORIZATION).ok_or_else(|| {
+        Status::unauthenticated(
+            "no token: send the header `authorization: Bearer TOKEN` (tlb --token, grpcurl \
                  -H 'authorization: Bearer TOKEN')",
-            )
-        })?;
+        )
+    })?;
     let token = header
         .to_str()
         .ok()
@@ -258,14 +265,10 @@ fn authorize<B>(tokens: &Tokens, req: &http::Request<B>) -> Result<Option<Caller
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, token)| token.trim())
         .ok_or_else(|| Status::unauthenticated("the authorization header is not `Bearer TOKEN`"))?;
-    let caller = tokens
+    tokens
         .current()
         .lookup(token)
-        .ok_or_else(|| Status::unauthenticated("unknown token"))?;
-    if let Need::Role(role, what) = need {
-        require(Some(&caller), role, what)?;
-    }
-    Ok(Some(caller))
+        .ok_or_else(|| Status::unauthenticated("unknown token"))
 }
 
 /// The tower layer: `None` tokens lets everything through.
@@ -429,6 +432,10 @@ mod tests {
         assert_eq!(
             needs("/tlb.v1.InferenceService/ImportModel"),
             Need::Role(Role::Train, "ImportModel")
+        );
+        assert_eq!(
+            needs("/tlb.v1.InferenceService/ExportModel"),
+            Need::Role(Role::Admin, "ExportModel")
         );
     }
 }

@@ -120,6 +120,7 @@ pub fn job(j: &JobRow) -> pb::Job {
         warnings: j.warnings.clone(),
         search_id: j.search_id.map(|s| s.to_string()).unwrap_or_default(),
         trial: j.trial,
+        best_val_accuracy: j.best_val_accuracy,
     }
 }
 

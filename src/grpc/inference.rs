@@ -28,7 +28,7 @@ impl InferenceApi {
 
     /// A job id (its best checkpoint), a search id (its best trial's), a checkpoint id, or empty (the default model); while
     /// the store cannot be reached, the checkpoint the name last stood for.
-    async fn resolve_model(&self, model: &str) -> Result<ModelRef, ApiError> {
+    pub(super) async fn resolve_model(&self, model: &str) -> Result<ModelRef, ApiError> {
         let answer = self.lookup_model(model).await;
         let row = self.0.remembered(&format!("tlb.v1/{model}"), answer)?;
         self.model_ref(&row).await
@@ -140,6 +140,15 @@ impl InferenceService for InferenceApi {
         request: Request<Streaming<pb::ImportModelRequest>>,
     ) -> Result<Response<pb::ModelInfo>, Status> {
         self.import(request).await.map(Response::new)
+    }
+
+    type ExportModelStream = super::export::ExportStream;
+
+    async fn export_model(
+        &self,
+        request: Request<pb::ExportModelRequest>,
+    ) -> Result<Response<Self::ExportModelStream>, Status> {
+        Ok(Response::new(self.export(&request.get_ref().model).await?))
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod convert;
 mod datasets;
+mod export;
 mod images;
 mod import;
 mod inference;

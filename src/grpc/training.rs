@@ -309,4 +309,20 @@ impl TrainingService for TrainingApi {
             checkpoints: rows.iter().map(convert::checkpoint).collect(),
         }))
     }
+
+    async fn list_epochs(
+        &self,
+        request: Request<pb::ListEpochsRequest>,
+    ) -> Result<Response<pb::ListEpochsResponse>, Status> {
+        let job = self.job(&request.get_ref().job_id).await?;
+        let rows = self
+            .0
+            .store
+            .job_epochs(job.id)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(pb::ListEpochsResponse {
+            epochs: rows.iter().map(convert::metrics).collect(),
+        }))
+    }
 }

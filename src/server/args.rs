@@ -69,6 +69,11 @@ pub struct ServeArgs {
     /// start jobs and use the device).
     #[arg(long, env = "TLB_INSECURE_NO_AUTH", value_parser = clap::builder::BoolishValueParser::new())]
     pub insecure_no_auth: bool,
+    /// Serve the HTTP face on ADDR (e.g. 127.0.0.1:8080): the dashboard at `/`, tlb.v1 as
+    /// JSON under `/v1`, the Open Inference Protocol's REST binding under `/v2`, an open
+    /// `/healthz`; with the gRPC port's TLS settings and tokens. Unset: off.
+    #[arg(long, env = "TLB_HTTP_ADDR")]
+    pub http_addr: Option<SocketAddr>,
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464). Unset: off.
     #[arg(long, env = "TLB_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,

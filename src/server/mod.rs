@@ -24,6 +24,7 @@ use crate::grpc::{
     wire::RequestBytesLayer, AppState, DatasetApi, InferenceApi, OipApi, OnlyOpenInference,
     SearchApi, TrainingApi, MAX_MESSAGE_BYTES,
 };
+use crate::http::GrpcStack;
 use crate::metrics::RpcMetricsLayer;
 use crate::proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::proto::v1::dataset_service_server::DatasetServiceServer;
@@ -126,6 +127,36 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
     // Searches advance from any replica (their trials end on any).
     crate::worker::search::spawn_sweeper(state.store.clone(), state.shutdown.clone());
 
+    // One stack for the gRPC port and the HTTP face: tokens, roles, metrics, limits.
+    let layers = tower::ServiceBuilder::new()
+        .layer(tower::util::MapResponseLayer::new(
+            oversize_is_resource_exhausted as fn(_) -> _,
+        ))
+        .layer(RpcMetricsLayer)
+        .layer(AuthLayer {
+            tokens: tokens.clone(),
+        })
+        .layer(RequestBytesLayer::new(
+            usize::try_from(args.max_request_bytes_in_flight).unwrap_or(usize::MAX),
+        ));
+    let routes = services.routes(health_service);
+    if let Some(addr) = args.http_addr {
+        let grpc = GrpcStack::new(layers.service(routes.clone()));
+        let face = crate::http::Face::new(grpc, tokens)?;
+        let tls = match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => Some(crate::http::tls::server_config(
+                cert,
+                key,
+                args.tls_client_ca.as_deref(),
+            )?),
+            _ => None,
+        };
+        let bound =
+            crate::http::serve(addr, crate::http::router(face), tls, state.shutdown.clone())
+                .await?;
+        println!("tlb http listening on {bound}");
+    }
+
     let listener = tokio::net::TcpListener::bind(args.addr)
         .await
         .with_context(|| format!("binding {}", args.addr))?;
@@ -152,22 +183,8 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
     }
     builder
         .trace_fn(|req| tracing::info_span!("rpc", method = %req.uri().path()))
-        .layer(tower::util::MapResponseLayer::new(
-            oversize_is_resource_exhausted,
-        ))
-        .layer(RpcMetricsLayer)
-        .layer(AuthLayer { tokens })
-        .layer(RequestBytesLayer::new(
-            usize::try_from(args.max_request_bytes_in_flight).unwrap_or(usize::MAX),
-        ))
-        .add_service(services.training)
-        .add_service(services.search)
-        .add_service(services.inference)
-        .add_service(services.datasets)
-        .add_service(services.open_inference)
-        .add_service(health_service)
-        .add_service(services.reflection_v1)
-        .add_service(services.reflection_v1alpha)
+        .layer(layers)
+        .add_routes(routes)
         .serve_with_incoming_shutdown(
             // No Nagle: small responses would otherwise wait for the client's delayed ACK.
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
@@ -208,12 +225,14 @@ async fn stopping(
 /// The token table (reloaded on SIGHUP), after the loopback rule: no tokens only on a
 /// loopback address unless the operator accepts the risk.
 fn authentication(args: &ServeArgs) -> Result<Option<Tokens>> {
-    if args.auth_tokens.is_none() && !args.addr.ip().is_loopback() && !args.insecure_no_auth {
+    let exposed = std::iter::once(args.addr)
+        .chain(args.http_addr)
+        .find(|a| !a.ip().is_loopback());
+    if let (None, Some(addr), false) = (&args.auth_tokens, exposed, args.insecure_no_auth) {
         anyhow::bail!(
-            "refusing to serve {} without authentication: anyone who can reach it could start \
-             jobs and use the device. Give --auth-tokens FILE (see the README), listen on a \
-             loopback address, or pass --insecure-no-auth to accept the risk",
-            args.addr
+            "refusing to serve {addr} without authentication: anyone who can reach it could \
+             start jobs and use the device. Give --auth-tokens FILE (see the README), listen on \
+             a loopback address, or pass --insecure-no-auth to accept the risk"
         );
     }
     let tokens = args.auth_tokens.as_deref().map(Tokens::load).transpose()?;
@@ -365,6 +384,32 @@ struct Services<R1, R2> {
     open_inference: OnlyOpenInference<GrpcInferenceServiceServer<OipApi>>,
     reflection_v1: tonic_reflection::server::v1::ServerReflectionServer<R1>,
     reflection_v1alpha: tonic_reflection::server::v1alpha::ServerReflectionServer<R2>,
+}
+
+impl<R1, R2> Services<R1, R2>
+where
+    R1: tonic_reflection::server::v1::ServerReflection,
+    R2: tonic_reflection::server::v1alpha::ServerReflection,
+{
+    /// Every service, health included, as one set of routes.
+    fn routes(
+        self,
+        health: tonic_health::pb::health_server::HealthServer<
+            impl tonic_health::pb::health_server::Health,
+        >,
+    ) -> tonic::service::Routes {
+        let mut routes = tonic::service::Routes::builder();
+        routes
+            .add_service(self.training)
+            .add_service(self.search)
+            .add_service(self.inference)
+            .add_service(self.datasets)
+            .add_service(self.open_inference)
+            .add_service(health)
+            .add_service(self.reflection_v1)
+            .add_service(self.reflection_v1alpha);
+        routes.routes()
+    }
 }
 
 fn services(

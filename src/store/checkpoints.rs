@@ -1,6 +1,9 @@
-//! Checkpoint rows: recorded by a job's run (fenced), read for resumes and inference.
+//! Checkpoint rows: recorded by a job's run (fenced), read for resumes and inference; and a
+//! job's recorded epochs (its curves).
 
 use uuid::Uuid;
+
+use crate::engine::train::EpochMetrics;
 
 use super::{
     readable, CheckpointRow, Fence, Store, StoreResult, BEST_CHECKPOINTS, CHECKPOINT_COLUMNS,
@@ -8,6 +11,19 @@ use super::{
 };
 
 impl Store {
+    /// The epochs a job recorded, in order (rows that no longer parse are skipped).
+    pub async fn job_epochs(&self, job_id: Uuid) -> StoreResult<Vec<EpochMetrics>> {
+        let rows: Vec<(String,)> =
+            sqlx::query_as("SELECT metrics_json FROM job_epochs WHERE job_id = $1 ORDER BY epoch")
+                .bind(job_id.to_string())
+                .fetch_all(self.pool()?)
+                .await?;
+        Ok(rows
+            .iter()
+            .filter_map(|(json,)| serde_json::from_str(json).ok())
+            .collect())
+    }
+
     /// Records an epoch checkpoint (fenced): the job resumes from it from now on, and a new
     /// best takes the best flag from the older ones. Rows whose files were pruned are dropped
     /// (the best one stays: its copy). A saved checkpoint is progress: the job's unclean exits

@@ -66,6 +66,10 @@ pub(super) const JOB_COLUMNS: &str =
     CAST(cancel_requested AS INTEGER) AS cancel_requested, unclean_exits, \
     CAST(run_open AS INTEGER) AS run_open, created_by, attempt, worker, device, resume_path, \
     progress_json, warnings_json, labels_json, search_id, trial, rung, pause_at";
+/// The validation accuracy of a job's best checkpoint, beside [`JOB_COLUMNS`] where jobs are
+/// read (not in RETURNING clauses: a subquery there is not portable).
+pub(super) const BEST_VAL_ACCURACY: &str = "(SELECT c.val_accuracy FROM checkpoints c \
+     WHERE c.id = jobs.best_checkpoint_id) AS best_val_accuracy";
 /// Columns of `checkpoints`, to insert.
 pub(super) const CHECKPOINT_COLUMNS: &str =
     "id, job_id, epoch, val_accuracy, path, is_best, created_at_ms, copy_path";
@@ -214,10 +218,12 @@ impl Store {
     }
 
     pub async fn get_job(&self, id: Uuid) -> StoreResult<Option<JobRow>> {
-        let row = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"))
-            .bind(id.to_string())
-            .fetch_optional(self.pool()?)
-            .await?;
+        let row = sqlx::query(&format!(
+            "SELECT {JOB_COLUMNS}, {BEST_VAL_ACCURACY} FROM jobs WHERE id = $1"
+        ))
+        .bind(id.to_string())
+        .fetch_optional(self.pool()?)
+        .await?;
         Ok(row.map(|r| JobRow::from_row(&r, &self.paths)).transpose()?)
     }
 
@@ -230,7 +236,7 @@ impl Store {
     ) -> StoreResult<Vec<JobRow>> {
         let (cursor_ms, cursor_id) = after.unwrap_or((i64::MAX, String::new()));
         let rows = sqlx::query(&format!(
-            "SELECT {JOB_COLUMNS} FROM jobs \
+            "SELECT {JOB_COLUMNS}, {BEST_VAL_ACCURACY} FROM jobs \
              WHERE ($1 = '' OR state = $1) \
                AND (created_at_ms < $2 OR (created_at_ms = $2 AND ($3 = '' OR id < $3))) \
              ORDER BY created_at_ms DESC, id DESC LIMIT $4"

@@ -200,6 +200,17 @@ async fn conformance(store: Store, files: &Path) {
         (j.best_checkpoint_id, j.unclean_exits, j.resume_path),
         (Some(c2.id), 0, Some(c2.path.clone()))
     );
+    // The job reads with its best checkpoint's accuracy, and its recorded epochs in order.
+    assert!(c2.val_accuracy.is_some());
+    assert_eq!(j.best_val_accuracy, c2.val_accuracy);
+    let listed = store.list_jobs(None, 10, None).await.unwrap();
+    let row = listed.iter().find(|r| r.id == jobs[2].id).unwrap();
+    assert_eq!(row.best_val_accuracy, c2.val_accuracy);
+    let epochs = store.job_epochs(jobs[2].id).await.unwrap();
+    assert_eq!(
+        epochs.last().map(|e| (e.epoch, e.train_loss)),
+        Some((1, 0.5))
+    );
     let mid = files.join("last.a2.ckpt");
     store.commit_resume_point(fence, &mid).await.unwrap();
     let j = store.get_job(jobs[2].id).await.unwrap().unwrap();

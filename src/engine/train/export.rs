@@ -138,6 +138,12 @@ pub fn export_safetensors<B: Backend>(
     labels: &[String],
     path: &Path,
 ) -> Result<()> {
+    write_atomic(path, &safetensors_bytes(model, labels)?)
+}
+
+/// `model` as the bytes of a safetensors file (f32, little-endian), the same for the same
+/// weights: what `tlb export` writes and ExportModel sends.
+pub fn safetensors_bytes<B: Backend>(model: &Tlb<B>, labels: &[String]) -> Result<Vec<u8>> {
     let tensors = named_tensors(model);
     let bytes: Vec<Vec<u8>> = tensors
         .iter()
@@ -158,7 +164,7 @@ pub fn export_safetensors<B: Backend>(
     ]);
     let mut data = safetensors::serialize(views, Some(metadata))?;
     sort_header(&mut data)?;
-    write_atomic(path, &data)
+    Ok(data)
 }
 
 /// Rewrites the JSON header of a safetensors file with its keys sorted (same length: the

@@ -13,7 +13,9 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use super::rows::uuid;
-use super::{now_ms, readable, JobRow, JobState, Store, StoreResult, JOB_COLUMNS};
+use super::{
+    now_ms, readable, JobRow, JobState, Store, StoreResult, BEST_VAL_ACCURACY, JOB_COLUMNS,
+};
 use crate::engine::search::SearchSpec;
 use crate::engine::train::{EpochMetrics, TrainConfig};
 use crate::names::Named;
@@ -267,7 +269,8 @@ impl Store {
         }
         let marks: Vec<String> = (1..=ids.len()).map(|i| format!("${i}")).collect();
         let sql = format!(
-            "SELECT {JOB_COLUMNS} FROM jobs WHERE search_id IN ({}) ORDER BY trial",
+            "SELECT {JOB_COLUMNS}, {BEST_VAL_ACCURACY} FROM jobs WHERE search_id IN ({}) \
+             ORDER BY trial",
             marks.join(", ")
         );
         let mut query = sqlx::query(&sql);
