@@ -10,7 +10,8 @@ use super::{AttentionArgs, DataArgs, EvalArgs, ExportArgs, PlotArgs, TrainLocalA
 use crate::engine::data::{decode_planar, DatasetSpec, Splits};
 use crate::engine::infer::{attention_maps, eval_batch, STORE_SIDE};
 use crate::engine::train::{
-    evaluate, export_safetensors, train, Checkpoint, FnObserver, Preset, TrainConfig, TrainEvent,
+    checkpoint_safetensors, evaluate, train, write_atomic, Checkpoint, FnObserver, Preset,
+    TrainConfig, TrainEvent,
 };
 use crate::engine::viz::{attention_picture, plot_curves, read_epochs, token_scores};
 use crate::with_backend;
@@ -249,11 +250,7 @@ pub fn attention(a: AttentionArgs) -> Result<()> {
 }
 
 pub fn export(a: ExportArgs) -> Result<()> {
-    let ckpt = Checkpoint::read(&a.checkpoint)?;
-    let labels = ckpt.meta.class_names.clone();
-    let device = crate::engine::backend::cpu_device();
-    let model = ckpt.into_model::<crate::engine::backend::Cpu>(&device)?;
-    export_safetensors(&model, &labels, &a.out)?;
+    write_atomic(&a.out, &checkpoint_safetensors(&a.checkpoint)?)?;
     eprintln!("wrote {}", a.out.display());
     Ok(())
 }

@@ -7,8 +7,7 @@ use tonic::Status;
 
 use super::inference::InferenceApi;
 use crate::datasets::upload::sha256_hex;
-use crate::engine::backend::{cpu_device, Cpu};
-use crate::engine::train::{safetensors_bytes, Checkpoint};
+use crate::engine::train::checkpoint_safetensors;
 use crate::error::ApiError;
 use crate::proto::v1 as pb;
 
@@ -23,15 +22,10 @@ impl InferenceApi {
         let model = self.resolve_model(model).await?;
         let id = model.checkpoint_id;
         let file = model.file().to_path_buf();
-        let bytes = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<u8>> {
-            let ckpt = Checkpoint::read(&file)?;
-            let labels = ckpt.meta.class_names.clone();
-            let model = ckpt.into_model::<Cpu>(&cpu_device())?;
-            safetensors_bytes(&model, &labels)
-        })
-        .await
-        .map_err(|e| ApiError::internal(e.into()))?
-        .map_err(ApiError::internal)?;
+        let bytes = tokio::task::spawn_blocking(move || checkpoint_safetensors(&file))
+            .await
+            .map_err(|e| ApiError::internal(e.into()))?
+            .map_err(ApiError::internal)?;
         let sha256 = sha256_hex(bytes.as_slice()).map_err(|e| ApiError::internal(e.into()))?;
         let header = pb::ExportModelHeader {
             model: id.to_string(),

@@ -41,9 +41,8 @@ impl Bridge {
         headers: &http::HeaderMap,
     ) -> Result<Bytes, Status> {
         let mut reply = self.call(path, message, headers).await?;
-        let mut frames = Frames::default();
         let mut first = None;
-        while let Some(frame) = reply.next_message(&mut frames).await? {
+        while let Some(frame) = reply.next_message().await? {
             first.get_or_insert(frame);
         }
         first.ok_or_else(|| Status::internal(format!("{path} answered no message")))
@@ -100,6 +99,7 @@ impl Bridge {
         }
         Ok(Reply {
             body: response.into_body(),
+            frames: Frames::default(),
             done: false,
         })
     }
@@ -108,6 +108,8 @@ impl Bridge {
 /// A call's answer body: messages, then trailers.
 struct Reply {
     body: tonic::body::Body,
+    /// What has arrived of the body and not been handed out yet.
+    frames: Frames,
     done: bool,
 }
 
@@ -135,9 +137,9 @@ impl Frames {
 
 impl Reply {
     /// The next message, `None` after an OK status, the status when it is an error.
-    async fn next_message(&mut self, frames: &mut Frames) -> Result<Option<Bytes>, Status> {
+    async fn next_message(&mut self) -> Result<Option<Bytes>, Status> {
         loop {
-            if let Some(message) = frames.take() {
+            if let Some(message) = self.frames.take() {
                 return Ok(Some(message));
             }
             if self.done {
@@ -145,14 +147,14 @@ impl Reply {
             }
             let Some(frame) = self.body.frame().await else {
                 self.done = true;
-                if !frames.buf.is_empty() {
+                if !self.frames.buf.is_empty() {
                     return Err(Status::internal("the answer ended inside a message"));
                 }
                 return Ok(None);
             };
             let frame = frame?;
             match frame.into_data() {
-                Ok(data) => frames.buf.extend_from_slice(&data),
+                Ok(data) => self.frames.buf.extend_from_slice(&data),
                 Err(frame) => {
                     if let Some(trailers) = frame.trailers_ref() {
                         self.done = true;
@@ -172,10 +174,9 @@ impl Reply {
 fn message_stream(mut reply: Reply) -> impl Stream<Item = Result<Bytes, Status>> + Send + 'static {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     tokio::spawn(async move {
-        let mut frames = Frames::default();
         loop {
             let next = tokio::select! {
-                next = reply.next_message(&mut frames) => next,
+                next = reply.next_message() => next,
                 _ = tx.closed() => break,
             };
             let item = match next {

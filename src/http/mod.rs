@@ -64,7 +64,7 @@ pub fn router(face: Face) -> axum::Router {
 
 /// Open: for load balancers and probes (and the dashboard's version and login prompt).
 async fn healthz(State(face): State<Face>) -> Response {
-    rest::json_response(
+    json_response(
         http::StatusCode::OK,
         json!({
             "status": "ok",
@@ -78,10 +78,10 @@ async fn healthz(State(face): State<Face>) -> Response {
 async fn whoami(State(face): State<Face>, headers: HeaderMap) -> Response {
     let Some(tokens) = &face.tokens else {
         let body = json!({ "name": "", "role": "admin", "authenticated": false });
-        return rest::json_response(http::StatusCode::OK, body);
+        return json_response(http::StatusCode::OK, body);
     };
     match identify(tokens, &headers) {
-        Ok(c) => rest::json_response(
+        Ok(c) => json_response(
             http::StatusCode::OK,
             json!({ "name": c.name, "role": c.role.name(), "authenticated": true }),
         ),
@@ -97,16 +97,44 @@ async fn declared_size(request: axum::extract::Request, next: axum::middleware::
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     match declared {
-        Some(n) if n > MAX_BODY_BYTES as u64 => too_large(&format!("{n} bytes")),
+        Some(n) if n > MAX_BODY_BYTES as u64 => {
+            rest::error_response(&too_large(&format!("{n} bytes")))
+        }
         _ => next.run(request).await,
     }
 }
 
-/// 413 for a body over [`MAX_BODY_BYTES`], as JSON (`what` says how large it was).
-pub fn too_large(what: &str) -> Response {
-    rest::error_response(&Status::resource_exhausted(format!(
+/// A body over [`MAX_BODY_BYTES`] (`what` says how large it was): 413 once mapped.
+pub fn too_large(what: &str) -> Status {
+    Status::resource_exhausted(format!(
         "the request body: {what}; the limit is {MAX_BODY_BYTES} bytes"
-    )))
+    ))
+}
+
+/// A JSON answer.
+pub fn json_response(code: http::StatusCode, json: serde_json::Value) -> Response {
+    (
+        code,
+        [(http::header::CONTENT_TYPE, "application/json")],
+        json.to_string(),
+    )
+        .into_response()
+}
+
+/// The request's content type as sent, and its media type in lower case without parameters
+/// (`application/json; charset=utf-8` → `application/json`); `None` when it has none.
+pub fn media_type(headers: &HeaderMap) -> Option<(&str, String)> {
+    let sent = headers
+        .get(http::header::CONTENT_TYPE)?
+        .to_str()
+        .unwrap_or("");
+    let essence = sent
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    Some((sent, essence))
 }
 
 async fn not_found(uri: http::Uri) -> Response {

@@ -10,13 +10,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
 use prost::Message;
-use serde_json::{json, Value};
+use serde_json::json;
 use tonic::codegen::http::{self, HeaderMap, StatusCode};
 use tonic::Status;
 
 use super::bridge::http_status_of;
 use super::tensors::{infer_request, infer_response, BINARY_HEADER};
-use super::Face;
+use super::{json_response, too_large, Face};
 use crate::proto::inference as oip;
 
 const SERVICE: &str = "/inference.GRPCInferenceService";
@@ -40,22 +40,7 @@ pub fn routes() -> axum::Router<Face> {
 
 /// `{"error": message}` with the status's HTTP code.
 pub fn error(status: &Status) -> Response {
-    let body = json!({ "error": status.message() });
-    (
-        http_status_of(status),
-        [(http::header::CONTENT_TYPE, "application/json")],
-        body.to_string(),
-    )
-        .into_response()
-}
-
-fn json_ok(code: StatusCode, body: Value) -> Response {
-    (
-        code,
-        [(http::header::CONTENT_TYPE, "application/json")],
-        body.to_string(),
-    )
-        .into_response()
+    json_response(http_status_of(status), json!({ "error": status.message() }))
 }
 
 /// Calls `method` with `request`; the decoded answer.
@@ -80,7 +65,7 @@ fn readiness(field: &str, yes: bool) -> Response {
     } else {
         StatusCode::BAD_REQUEST
     };
-    json_ok(code, json!({ field: yes }))
+    json_response(code, json!({ field: yes }))
 }
 
 async fn live(State(face): State<Face>, headers: HeaderMap) -> Response {
@@ -114,7 +99,7 @@ async fn ready(State(face): State<Face>, headers: HeaderMap) -> Response {
 async fn server_metadata(State(face): State<Face>, headers: HeaderMap) -> Response {
     let request = oip::ServerMetadataRequest {};
     match call::<_, oip::ServerMetadataResponse>(&face, "ServerMetadata", request, &headers).await {
-        Ok(r) => json_ok(
+        Ok(r) => json_response(
             StatusCode::OK,
             json!({ "name": r.name, "version": r.version, "extensions": r.extensions }),
         ),
@@ -139,7 +124,7 @@ async fn model_metadata(State(face): State<Face>, path: ModelPath, headers: Head
                     .map(|t| json!({ "name": t.name, "datatype": t.datatype, "shape": t.shape }))
                     .collect::<Vec<_>>()
             };
-            json_ok(
+            json_response(
                 StatusCode::OK,
                 json!({
                     "name": r.name,
@@ -171,13 +156,7 @@ async fn infer(
 ) -> Response {
     let body = match body {
         Ok(b) => b,
-        Err(r) => {
-            return error(&Status::resource_exhausted(format!(
-                "the request body: {}; the limit is {} bytes",
-                r.body_text(),
-                super::MAX_BODY_BYTES
-            )))
-        }
+        Err(r) => return error(&too_large(&r.body_text())),
     };
     let (name, version) = name_and_version(path);
     let run = async {
@@ -186,7 +165,7 @@ async fn infer(
         infer_response(answer, &binary)
     };
     match run.await {
-        Ok((json, None)) => json_ok(StatusCode::OK, json),
+        Ok((json, None)) => json_response(StatusCode::OK, json),
         Ok((json, Some(tail))) => {
             let head = json.to_string();
             let mut bytes = head.clone().into_bytes();

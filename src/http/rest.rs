@@ -13,14 +13,16 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::MethodRouter;
 use bytes::Bytes;
 use prost::Message as _;
-use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor, SerializeOptions};
+use prost_reflect::{
+    DescriptorPool, DynamicMessage, MessageDescriptor, ReflectMessage, SerializeOptions,
+};
 use serde_json::{Map, Value};
 use tokio_stream::StreamExt as _;
 use tonic::codegen::http::{self, HeaderMap};
 use tonic::Status;
 
 use super::bridge::{code_name, http_status_of};
-use super::Face;
+use super::{json_response, media_type, Face};
 
 /// Where a route's request message comes from, besides the path.
 #[derive(Clone, Copy)]
@@ -105,7 +107,7 @@ fn unary(
                         body: Result<Bytes, BytesRejection>| async move {
         let body = match body {
             Ok(b) => b,
-            Err(r) => return super::too_large(&r.body_text()),
+            Err(r) => return error_response(&super::too_large(&r.body_text())),
         };
         let call = async {
             let (path, request, output) =
@@ -288,14 +290,10 @@ fn json_body(headers: &HeaderMap, body: &[u8]) -> Result<Map<String, Value>, Sta
     if body.is_empty() {
         return Ok(Map::new());
     }
-    let content_type = headers
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let essence = content_type.split(';').next().unwrap_or("").trim();
-    if !essence.eq_ignore_ascii_case("application/json") {
+    let (sent, essence) = media_type(headers).unwrap_or_default();
+    if essence != "application/json" {
         return Err(Status::invalid_argument(format!(
-            "content-type: the body must be application/json, not '{content_type}'"
+            "content-type: the body must be application/json, not '{sent}'"
         )));
     }
     match serde_json::from_slice(body) {
@@ -307,18 +305,27 @@ fn json_body(headers: &HeaderMap, body: &[u8]) -> Result<Map<String, Value>, Sta
 
 /// The response message as JSON, default values written out.
 fn json_of(output: &MessageDescriptor, answer: Bytes) -> Result<Value, Status> {
-    let message = DynamicMessage::decode(output.clone(), answer)
-        .map_err(|e| Status::internal(format!("decoding {}: {e}", output.name())))?;
+    to_json(&decode(output, answer)?)
+}
+
+fn decode(output: &MessageDescriptor, answer: Bytes) -> Result<DynamicMessage, Status> {
+    DynamicMessage::decode(output.clone(), answer)
+        .map_err(|e| Status::internal(format!("decoding {}: {e}", output.name())))
+}
+
+fn to_json(message: &DynamicMessage) -> Result<Value, Status> {
     let options = SerializeOptions::new().skip_default_fields(false);
     message
         .serialize_with_options(serde_json::value::Serializer, &options)
-        .map_err(|e| Status::internal(format!("writing {} as JSON: {e}", output.name())))
+        .map_err(|e| {
+            let name = message.descriptor().name().to_string();
+            Status::internal(format!("writing {name} as JSON: {e}"))
+        })
 }
 
 fn event_of(output: &MessageDescriptor, answer: Bytes) -> Result<Event, Status> {
-    let json = json_of(output, answer.clone())?;
-    let message = DynamicMessage::decode(output.clone(), answer)
-        .map_err(|e| Status::internal(format!("decoding {}: {e}", output.name())))?;
+    let message = decode(output, answer)?;
+    let json = to_json(&message)?;
     // A oneof's set field names the event and is its data (JobEvent); otherwise the kind.
     let set = output
         .oneofs()
@@ -350,15 +357,6 @@ pub fn status_json(status: &Status) -> Value {
         "status": code_name(status.code()),
         "message": status.message(),
     })
-}
-
-pub fn json_response(code: http::StatusCode, json: Value) -> Response {
-    (
-        code,
-        [(http::header::CONTENT_TYPE, "application/json")],
-        json.to_string(),
-    )
-        .into_response()
 }
 
 /// A gRPC error as an HTTP answer: its mapped status and the status as JSON.

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use tonic::codegen::http::{self, HeaderMap};
+use tonic::codegen::http::HeaderMap;
 use tonic::Status;
 
 use crate::proto::inference as oip;
@@ -175,20 +175,13 @@ pub fn infer_request(
 
 /// The body is JSON, or JSON and binary tensors; a form or text is refused.
 fn check_content_type(headers: &HeaderMap) -> Result<(), Status> {
-    let Some(v) = headers.get(http::header::CONTENT_TYPE) else {
+    let Some((sent, essence)) = super::media_type(headers) else {
         return Ok(());
     };
-    let v = v.to_str().unwrap_or("");
-    let essence = v
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
     match essence.as_str() {
         "application/json" | "application/octet-stream" | "" => Ok(()),
         _ => Err(invalid(format!(
-            "content-type: '{v}' is not application/json or application/octet-stream"
+            "content-type: '{sent}' is not application/json or application/octet-stream"
         ))),
     }
 }
@@ -419,7 +412,10 @@ mod tests {
         assert!(extra.message().contains("1 bytes follow"), "{extra:?}");
         headers.insert(BINARY_HEADER, "99999".parse().unwrap());
         assert!(infer_request(&headers, head.into(), "m".into(), "".into()).is_err());
-        headers.insert(http::header::CONTENT_TYPE, "text/plain".parse().unwrap());
+        headers.insert(
+            tonic::codegen::http::header::CONTENT_TYPE,
+            "text/plain".parse().unwrap(),
+        );
         let typed = infer_request(&headers, head.into(), "m".into(), "".into()).unwrap_err();
         assert!(typed.message().starts_with("content-type:"), "{typed:?}");
     }

@@ -1,5 +1,5 @@
-//! What `tlb serve` opens besides the gRPC services: the TLS settings, the Prometheus
-//! endpoint, and the SIGHUP reload of the token file.
+//! What `tlb serve` opens besides the gRPC services: the TLS settings, the HTTP face, the
+//! Prometheus endpoint, and the SIGHUP reload of the token file.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -76,6 +76,31 @@ pub(super) async fn serve_metrics(
             tracing::error!(error = %e, "metrics server stopped");
         }
     });
+    Ok(())
+}
+
+/// Serves the HTTP face on `--http-addr`, when set: over `grpc` (the gRPC port's own stack),
+/// with the gRPC port's certificate, key and client CA. Prints where it listens.
+pub(super) async fn serve_http(
+    args: &ServeArgs,
+    grpc: crate::http::GrpcStack,
+    tokens: Option<Tokens>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    let Some(addr) = args.http_addr else {
+        return Ok(());
+    };
+    let face = crate::http::Face::new(grpc, tokens)?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(crate::http::tls::server_config(
+            cert,
+            key,
+            args.tls_client_ca.as_deref(),
+        )?),
+        _ => None,
+    };
+    let bound = crate::http::serve(addr, crate::http::router(face), tls, shutdown).await?;
+    println!("tlb http listening on {bound}");
     Ok(())
 }
 

@@ -33,7 +33,7 @@ use crate::proto::v1::search_service_server::SearchServiceServer;
 use crate::proto::v1::training_service_server::TrainingServiceServer;
 use crate::store::Store;
 use crate::worker::{WorkerContext, WorkerHandle};
-use endpoints::{reload_on_sighup, serve_metrics, tls_config};
+use endpoints::{reload_on_sighup, serve_http, serve_metrics, tls_config};
 use lock::DataDirLock;
 
 pub use args::ServeArgs;
@@ -140,22 +140,8 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
             usize::try_from(args.max_request_bytes_in_flight).unwrap_or(usize::MAX),
         ));
     let routes = services.routes(health_service);
-    if let Some(addr) = args.http_addr {
-        let grpc = GrpcStack::new(layers.service(routes.clone()));
-        let face = crate::http::Face::new(grpc, tokens)?;
-        let tls = match (&args.tls_cert, &args.tls_key) {
-            (Some(cert), Some(key)) => Some(crate::http::tls::server_config(
-                cert,
-                key,
-                args.tls_client_ca.as_deref(),
-            )?),
-            _ => None,
-        };
-        let bound =
-            crate::http::serve(addr, crate::http::router(face), tls, state.shutdown.clone())
-                .await?;
-        println!("tlb http listening on {bound}");
-    }
+    let grpc = GrpcStack::new(layers.service(routes.clone()));
+    serve_http(&args, grpc, tokens, state.shutdown.clone()).await?;
 
     let listener = tokio::net::TcpListener::bind(args.addr)
         .await

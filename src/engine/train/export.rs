@@ -141,8 +141,18 @@ pub fn export_safetensors<B: Backend>(
     write_atomic(path, &safetensors_bytes(model, labels)?)
 }
 
+/// A checkpoint file's model, read on the CPU, as safetensors bytes: what `tlb export` writes
+/// and ExportModel sends.
+pub fn checkpoint_safetensors(path: &Path) -> Result<Vec<u8>> {
+    let ckpt = super::Checkpoint::read(path)?;
+    let labels = ckpt.meta.class_names.clone();
+    let model =
+        ckpt.into_model::<crate::engine::backend::Cpu>(&crate::engine::backend::cpu_device())?;
+    safetensors_bytes(&model, &labels)
+}
+
 /// `model` as the bytes of a safetensors file (f32, little-endian), the same for the same
-/// weights: what `tlb export` writes and ExportModel sends.
+/// weights.
 pub fn safetensors_bytes<B: Backend>(model: &Tlb<B>, labels: &[String]) -> Result<Vec<u8>> {
     let tensors = named_tensors(model);
     let bytes: Vec<Vec<u8>> = tensors

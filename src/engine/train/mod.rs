@@ -25,7 +25,7 @@ pub use events::{
     ChannelObserver, EpochMetrics, FinalMetrics, FnObserver, Outcome, Progress, SavedKind,
     TrainEvent, TrainObserver,
 };
-pub use export::{export_safetensors, named_tensors, safetensors_bytes, NamedTensor};
+pub use export::{checkpoint_safetensors, export_safetensors, named_tensors, NamedTensor};
 pub use import::{import_safetensors, ImportError, Imported, MAX_HEADER_BYTES};
 pub use memory::{human_bytes, param_count, Footprint};
 pub use run_dir::{read_epochs_text, RunDir};
